@@ -1,0 +1,1 @@
+"""vggprice's Prefect flows: they orchestrate; the work lives in ``tasks``."""

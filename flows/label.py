@@ -1,0 +1,30 @@
+"""Label flow: synthetic prices for a dataset version, with train-only scaling."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.labels import PriceRule, label_prices
+from tasks.settings import load_settings
+from tasks.storage import open_store
+
+
+@flow(name="label")
+def label_flow(
+    dataset_version: str,
+    store: str | None = None,
+    rule: PriceRule | None = None,
+    seed: int = 0,
+) -> dict:
+    """Write (or find) prices.parquet and scaling.json; returns the labels version and URIs."""
+    settings = load_settings(store=store)
+    result = label_prices(settings.store, dataset_version, rule or PriceRule(), seed)
+    s = open_store(settings.store, settings)
+    return {
+        "dataset_version": dataset_version,
+        "labels_version": result["labels_version"],
+        "prices_uri": s.uri_for(result["prefix"] + "prices.parquet"),
+        "scaling_uri": s.uri_for(result["prefix"] + "scaling.json"),
+        "scaling": {k: result["scaling"][k] for k in ("min", "max", "fit_on")},
+        "skipped": result["skipped"],
+    }

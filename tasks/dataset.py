@@ -1,0 +1,335 @@
+"""Fashion-MNIST: find the IDX files, parse them strictly, write Parquet shards.
+
+Shards hold ``image_id`` (stable: ``train-00000``), ``label`` and ``image``:
+each image as lossless PNG bytes, so the dataset's own shards are valid input
+for scoring and any tool that reads Parquet + PNG can open them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from prefect import task
+
+from tasks import __version__
+from tasks.runtime import TASK_RETRIES, get_logger
+from tasks.settings import default_cache_dir
+from tasks.storage import ObjectNotFound, Store, dataset_prefix
+
+FILES = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+SPLITS = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+MIRRORS = (
+    "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+KERAS_DIR = Path.home() / ".keras" / "datasets" / "fashion-mnist"
+SHARD_ROWS = 10_000
+N_CLASSES = 10
+FORMAT = "vggprice-fashion-mnist-v1"  # bump when the shard layout changes
+SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int8()), ("image", pa.binary())])
+
+IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+
+
+class DatasetError(ValueError):
+    """A source file is missing, corrupt or inconsistent; the message names it."""
+
+
+# --- IDX -----------------------------------------------------------------------
+
+
+def _decompress(path: Path, raw: bytes) -> bytes:
+    if not raw:
+        raise DatasetError(f"{path}: empty file")
+    if raw[:2] != b"\x1f\x8b":
+        return raw  # plain, uncompressed IDX
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as err:
+        raise DatasetError(f"{path}: truncated or corrupt gzip ({err})") from None
+
+
+def _header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ...]:
+    need = 4 + 4 * ndim
+    if len(data) < need:
+        raise DatasetError(f"{path}: file too short for an IDX header ({len(data)} bytes)")
+    got = int.from_bytes(data[:4], "big")
+    if got != magic:
+        raise DatasetError(f"{path}: wrong magic number 0x{got:08x}, expected 0x{magic:08x}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = need + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        raise DatasetError(
+            f"{path}: header says {dims} ({expected} bytes) but the file has {len(data)} bytes"
+        )
+    return dims
+
+
+def parse_idx_images(path: Path, raw: bytes) -> np.ndarray:
+    data = _decompress(path, raw)
+    n, rows, cols = _header(path, data, IMAGES_MAGIC, 3)
+    if rows == 0 or cols == 0:
+        raise DatasetError(f"{path}: image dimensions {rows}x{cols}")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def parse_idx_labels(path: Path, raw: bytes) -> np.ndarray:
+    data = _decompress(path, raw)
+    _header(path, data, LABELS_MAGIC, 1)
+    labels = np.frombuffer(data, dtype=np.uint8, offset=8)
+    if labels.size and labels.max() >= N_CLASSES:
+        raise DatasetError(f"{path}: label {labels.max()} outside 0..{N_CLASSES - 1}")
+    return labels
+
+
+def read_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_name, labels_name = SPLITS[split]
+    images_path, labels_path = source / images_name, source / labels_name
+    images = parse_idx_images(images_path, images_path.read_bytes())
+    labels = parse_idx_labels(labels_path, labels_path.read_bytes())
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
+    return images, labels
+
+
+# --- where the files come from ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    directory: Path
+    how: str  # "explicit", "env", "debian", "keras-cache", "download"
+    sha256: dict[str, str]
+    verified: bool
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _has_files(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in FILES)
+
+
+def _download(dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    log = get_logger()
+    for name, digest in FILES.items():
+        target = dest / name
+        if target.is_file() and sha256_file(target) == digest:
+            continue
+        last_err: Exception | None = None
+        for mirror in MIRRORS:
+            try:
+                with urllib.request.urlopen(mirror + name, timeout=30) as resp:
+                    body = resp.read()
+            except OSError as err:
+                last_err = err
+                continue
+            if hashlib.sha256(body).hexdigest() != digest:
+                last_err = DatasetError(f"{mirror}{name}: SHA-256 mismatch")
+                continue
+            tmp = target.with_name(target.name + ".part")
+            tmp.write_bytes(body)
+            os.replace(tmp, target)
+            log.info("downloaded %s from %s", name, mirror)
+            break
+        else:
+            raise DatasetError(
+                f"cannot download {name} ({last_err}); install the Debian package "
+                "dataset-fashion-mnist or pass --source DIR"
+            )
+
+
+def find_source(explicit: str | os.PathLike | None = None, allow_download: bool = True) -> Source:
+    """The first place that has all four files: --source, $FASHION_MNIST_DIR,
+    the Debian package, the Keras cache, then a download from the public mirrors."""
+    candidates: list[tuple[Path, str]] = []
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not _has_files(path):
+            missing = [n for n in FILES if not (path / n).is_file()]
+            raise DatasetError(f"{path}: missing {', '.join(missing)}")
+        candidates.append((path, "explicit"))
+    else:
+        if env := os.environ.get("FASHION_MNIST_DIR"):
+            candidates.append((Path(env).expanduser(), "env"))
+        candidates += [(DEBIAN_DIR, "debian"), (KERAS_DIR, "keras-cache")]
+        found = [(p, how) for p, how in candidates if _has_files(p)]
+        if not found:
+            if not allow_download:
+                raise DatasetError(
+                    "Fashion-MNIST not found: pass --source DIR, set FASHION_MNIST_DIR, or "
+                    "apt-get install dataset-fashion-mnist"
+                )
+            cache = default_cache_dir() / "fashion-mnist"
+            _download(cache)
+            found = [(cache, "download")]
+        candidates = found[:1]
+    directory, how = candidates[0]
+    digests = {name: sha256_file(directory / name) for name in FILES}
+    verified = digests == FILES
+    if not verified:
+        bad = [n for n in FILES if digests[n] != FILES[n]]
+        get_logger().warning(
+            "%s: %s do not match the published SHA-256; recorded as unverified",
+            directory,
+            ", ".join(bad),
+        )
+    return Source(directory, how, digests, verified)
+
+
+def dataset_version(source: Source) -> str:
+    """Derived from the source content only: same bytes, same version."""
+    h = hashlib.sha256(FORMAT.encode())
+    for name in sorted(source.sha256):
+        h.update(f"{name}:{source.sha256[name]}\n".encode())
+    return "fm-" + h.hexdigest()[:16]
+
+
+# --- shards --------------------------------------------------------------------
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png_batch(blobs: list[bytes]) -> np.ndarray:
+    """PNG bytes from our own shards back to uint8 (n, h, w)."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in blobs])
+
+
+def shard_table(split: str, start: int, images: np.ndarray, labels: np.ndarray) -> pa.Table:
+    ids = [f"{split}-{start + i:05d}" for i in range(len(images))]
+    pngs = [encode_png(img) for img in images]
+    return pa.table(
+        {"image_id": ids, "label": labels.astype(np.int8), "image": pngs}, schema=SCHEMA
+    )
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def read_manifest(store: Store, version: str) -> dict | None:
+    try:
+        return store.get_json(dataset_prefix(version) + "manifest.json")
+    except ObjectNotFound:
+        return None
+
+
+def ingest(store: Store, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
+    """Write the dataset's shards and, last, its manifest. Idempotent by version."""
+    version = dataset_version(source)
+    prefix = dataset_prefix(version)
+    log = get_logger()
+    existing = read_manifest(store, version)
+    if existing is not None:
+        log.info("dataset %s already in %s; nothing rewritten", version, store.uri)
+        return existing | {"skipped": True}
+
+    # Parse and check everything before the first write.
+    splits = {split: read_split(source.directory, split) for split in SPLITS}
+    manifest_splits = {}
+    for split, (images, labels) in splits.items():
+        shards = []
+        for i, start in enumerate(range(0, len(images), shard_rows)):
+            stop = start + shard_rows
+            body = table_bytes(shard_table(split, start, images[start:stop], labels[start:stop]))
+            key = f"{prefix}{split}/part-{i:05d}.parquet"
+            store.put_bytes(key, body)
+            shards.append(
+                {
+                    "key": key,
+                    "rows": len(images[start:stop]),
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                }
+            )
+        manifest_splits[split] = {
+            "rows": len(images),
+            "image_shape": list(images.shape[1:]),
+            "label_counts": np.bincount(labels, minlength=N_CLASSES).tolist(),
+            "shards": shards,
+        }
+        log.info("wrote %s: %d rows in %d shards", split, len(images), len(shards))
+
+    manifest = {
+        "dataset": "fashion-mnist",
+        "version": version,
+        "format": FORMAT,
+        "source": {
+            "how": source.how,
+            "directory": str(source.directory),
+            "verified": source.verified,
+            "files": {
+                name: {"sha256": digest, "verified": FILES.get(name) == digest}
+                for name, digest in source.sha256.items()
+            },
+        },
+        "splits": manifest_splits,
+        "schema": {f.name: str(f.type) for f in SCHEMA},
+        "image_encoding": "png",
+        "created_by": {"package": "vggprice", "version": __version__},
+    }
+    store.put_json(prefix + "manifest.json", manifest)  # last: marks the version complete
+    return manifest | {"skipped": False}
+
+
+def load_split(
+    store: Store, version: str, split: str, columns: list[str] | None = None
+) -> pa.Table:
+    """All shards of one split as one table (in image_id order)."""
+    manifest = read_manifest(store, version)
+    if manifest is None:
+        raise DatasetError(
+            f"{store.uri_for(dataset_prefix(version) + 'manifest.json')}: no such dataset version"
+        )
+    tables = [
+        pq.read_table(io.BytesIO(store.get_bytes(s["key"])), columns=columns)
+        for s in manifest["splits"][split]["shards"]
+    ]
+    return pa.concat_tables(tables)
+
+
+# --- Prefect task wrappers: retries and logging around the plain functions -------
+
+
+@task(name="ingest-dataset", **TASK_RETRIES)
+def ingest_dataset(store_uri: str, source: str | None = None) -> dict:
+    """Find the IDX files, verify them, and write the dataset version to the store."""
+    from tasks.storage import open_store
+
+    src = find_source(source)
+    manifest = ingest(open_store(store_uri), src)
+    return manifest

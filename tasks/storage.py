@@ -1,0 +1,413 @@
+"""The object store: the one module that knows URIs, paths and boto3.
+
+Two backends behind one interface: a local directory (the embedded default)
+and S3 (any S3-compatible endpoint). Everything else in vggprice passes keys
+such as ``datasets/fashion-mnist/<v>/manifest.json`` and bytes or tables.
+
+Writes are atomic. Locally a temp file in the same directory is renamed over
+the target; on S3 an object only appears after a single PUT or a completed
+multipart upload. A reader never sees half an object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.settings import Settings, load_settings
+
+TMP_PREFIX = ".tmp-"
+
+
+# --- the store layout (DESIGN.md), written down once -------------------------
+
+
+def dataset_prefix(dataset_version: str) -> str:
+    return f"datasets/fashion-mnist/{dataset_version}/"
+
+
+def labels_prefix(dataset_version: str, labels_version: str) -> str:
+    return f"labels/{dataset_version}/{labels_version}/"
+
+
+def features_prefix(key: str) -> str:
+    return f"features/{key}/"
+
+
+def model_prefix(model_version: str) -> str:
+    return f"models/{model_version}/"
+
+
+def checkpoint_prefix(model_version: str) -> str:
+    return f"checkpoints/{model_version}/"
+
+
+CHAMPION_KEY = "registry/champion.json"
+DECISIONS_PREFIX = "registry/decisions/"
+DROPS_PREFIX = "drops/"
+
+
+def drop_prefix(drop_id: str) -> str:
+    return f"drops/{drop_id}/"
+
+
+def scores_prefix(drop_id: str, model_version: str) -> str:
+    return f"scores/{drop_id}/{model_version}/"
+
+
+# --- keys ---------------------------------------------------------------------
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise ValueError."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid key {key!r}: empty")
+    if "\x00" in key or "\\" in key:
+        raise ValueError(f"invalid key {key!r}: NUL or backslash")
+    if key.startswith("/"):
+        raise ValueError(f"invalid key {key!r}: absolute path")
+    for part in key.split("/"):
+        if part == "":
+            raise ValueError(f"invalid key {key!r}: empty path segment")
+        if part in (".", ".."):
+            raise ValueError(f"invalid key {key!r}: '{part}' segment")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key that may end with '/'."""
+    if prefix:
+        validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+class ObjectNotFound(FileNotFoundError):
+    """The key has no object in the store."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object already exists."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+# --- the interface ------------------------------------------------------------
+
+
+class Store(ABC):
+    """put/get/list/delete by key; subclasses own one backend each."""
+
+    uri: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write only if no object exists at ``key``; True if this call wrote it."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike) -> None: ...
+
+    @abstractmethod
+    def get_file(self, key: str, path: str | os.PathLike) -> None: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, in key order, however many pages."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def uri_for(self, key: str) -> str: ...
+
+    def link_for(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """Something a person can open: a path locally, a presigned URL on S3."""
+        return self.uri_for(key)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_bytes(key, json_bytes(obj))
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return [o.key for o in self.list(prefix)]
+
+    def delete_prefix(self, prefix: str) -> int:
+        n = 0
+        for info in list(self.list(prefix)):
+            self.delete(info.key)
+            n += 1
+        return n
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+# --- local directory ----------------------------------------------------------
+
+
+class LocalStore(Store):
+    """A directory on disk; temp file + rename makes every write atomic."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"invalid key {key!r}: resolves outside the store")
+        return path
+
+    def _write_tmp(self, path: Path, data: bytes | None, src: Path | None = None) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if src is not None:
+                    with open(src, "rb") as s:
+                        while chunk := s.read(1 << 20):
+                            f.write(chunk)
+                else:
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        os.replace(self._write_tmp(path, bytes(data)), path)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._write_tmp(path, bytes(data))
+        try:
+            os.link(tmp, path)  # atomic, and fails if the target exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        target = self._path(key)
+        os.replace(self._write_tmp(target, None, src=Path(path)), target)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        dest = Path(path)
+        src = self._path(key)
+        if not src.is_file():
+            raise ObjectNotFound(f"{self.uri_for(key)}: no such object")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkstemp(dir=dest.parent, prefix=TMP_PREFIX)[1])
+        try:
+            with open(src, "rb") as s, open(tmp, "wb") as f:
+                while chunk := s.read(1 << 20):
+                    f.write(chunk)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        # Walk only the deepest directory the prefix names.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / base if base else self.root
+        if not start.is_dir():
+            return
+        found = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith(TMP_PREFIX):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    found.append(key)
+        for key in sorted(found):
+            st = (self.root / key).stat()
+            yield ObjectInfo(key, st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri_for(self, key: str) -> str:
+        return str(self._path(key))
+
+
+# --- S3 -------------------------------------------------------------------------
+
+
+class S3Store(Store):
+    """A bucket (and optional prefix) on any S3-compatible endpoint."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        multipart_threshold: int = 64 * 1024 * 1024,
+    ):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(retries={"mode": "standard", "max_attempts": 5}),
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=max(5 * 1024 * 1024, multipart_threshold // 4),
+        )
+
+    def _key(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def _missing(self, err: Exception) -> bool:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        import io
+
+        self.client.upload_fileobj(
+            io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer
+        )
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+            return True
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return False
+            raise
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as err:
+            if self._missing(err):
+                raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
+            raise
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        from botocore.exceptions import ClientError
+
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkstemp(dir=dest.parent, prefix=TMP_PREFIX)[1])
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
+            os.replace(tmp, dest)
+        except ClientError as err:
+            if self._missing(err):
+                raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as err:
+            if self._missing(err):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) :]
+                yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'))
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def link_for(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=expires_s,
+        )
+
+
+def open_store(uri: str | None = None, settings: Settings | None = None) -> Store:
+    """The store named by ``uri`` (or the settings' default)."""
+    settings = settings or load_settings()
+    uri = uri or settings.store
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"invalid store URI {uri!r}: no bucket")
+        return S3Store(
+            bucket, prefix, endpoint_url=settings.endpoint_url(), region=settings.region()
+        )
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/prefix or a directory")
+    return LocalStore(uri.removeprefix("file://"))
