@@ -1,0 +1,303 @@
+"""The VGG16 price model: settings, base weights, and the Keras graphs built from them.
+
+One builder makes every graph, so training and scoring see the same layers by
+the same names:
+
+- ``preprocess``: gray uint8 (28, 28, 1) -> resized, 3 channels, VGG16's own
+  ``preprocess_input`` (BGR mean subtraction on 0..255), all built-in layers;
+- ``frozen``: VGG16 layers ``[0, freeze)`` (the recipe: input..block4_pool);
+- ``top``: the rest of VGG16 plus the head Flatten, Dense(256), Dropout, Dense(1).
+
+The stored ``model.keras`` chains them and appends a ``Rescaling`` layer from
+the scaled target back to price units: it takes 28x28 gray pixels and returns
+prices, with no vggprice code needed to load it (``safe_mode=True`` works).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from tasks.runtime import get_logger
+from tasks.settings import default_cache_dir
+from tasks.storage import ObjectNotFound, open_store
+
+VGG_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input, "caffe"
+IMAGE_SIZE = 28
+N_VGG_LAYERS = 19  # VGG16 without top: input + 13 conv + 5 pool
+RECIPE_FREEZE = 15  # input through block4_pool
+
+
+class WeightsError(ValueError):
+    """The base weights cannot be had or do not fit; the message says which and why."""
+
+
+class TrainSettings(BaseModel):
+    """Every training setting; the defaults are the reference recipe."""
+
+    input_size: int = Field(48, ge=32, description="VGG16 input side (>= 32)")
+    weights: str = Field(
+        "imagenet", description="imagenet, none, or a path / s3:// URI of a .h5 weights file"
+    )
+    weights_sha256: str | None = Field(None, description="expected SHA-256 of a weights file")
+    freeze: int | None = Field(
+        None,
+        ge=0,
+        le=N_VGG_LAYERS,
+        description="VGG16 layers frozen from the input; default 15 (through block4_pool) "
+        "with pretrained weights, 0 with weights=none",
+    )
+    head_units: int = Field(256, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    decay: float = Field(1e-6, ge=0, description="inverse-time decay per step (Keras 2 'decay')")
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(5, ge=1)
+    augment: Literal["cached", "online", "none"] = Field(
+        "cached",
+        description="cached: train the top on pre-augmented cached views; online: the "
+        "recipe's full model with random shifts per batch; none: no augmentation",
+    )
+    views: int = Field(
+        4, ge=1, description="cached views per train image: original, flip, then shifted"
+    )
+    shift: float = Field(0.1, ge=0, lt=0.5, description="max width/height shift fraction")
+    flip: bool = Field(True, description="random horizontal flips")
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    train_limit: int | None = Field(None, ge=1, description="train on a seeded subset")
+    test_limit: int | None = Field(None, ge=1, description="validate on a seeded subset")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _pretrained_or_not(self) -> TrainSettings:
+        if self.weights.strip() == "":
+            raise ValueError("weights must be imagenet, none, or a path/URI of a weights file")
+        return self
+
+    def frozen_layers(self) -> int:
+        if self.freeze is not None:
+            return self.freeze
+        return 0 if self.weights == "none" else RECIPE_FREEZE
+
+    def uses_cache(self) -> bool:
+        return self.frozen_layers() > 1 and self.augment != "online"
+
+
+def resolve_precision(precision: str) -> str:
+    """auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on GPUs, else float32."""
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def hardware() -> dict:
+    import platform
+
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "gpus": gpus}
+
+
+# --- base weights ----------------------------------------------------------------
+
+
+def sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_weights(source: str, expected_sha256: str | None = None) -> tuple[Path | None, str]:
+    """(local file or None, identity) for a weights source.
+
+    Files from the store are downloaded once per worker into the cache directory,
+    keyed by URI; every file is checked against ``expected_sha256`` when given.
+    """
+    if source == "none":
+        return None, "none"
+    if source == "imagenet":
+        return None, "imagenet"
+    if source.startswith("s3://"):
+        bucket_key = source[len("s3://") :]
+        bucket, _, key = bucket_key.partition("/")
+        cache = default_cache_dir() / "weights" / hashlib.sha256(source.encode()).hexdigest()[:16]
+        local = cache / Path(key).name
+        if not local.is_file():
+            try:
+                open_store(f"s3://{bucket}").get_file(key, local)
+            except ObjectNotFound:
+                raise WeightsError(f"{source}: no such weights file") from None
+    else:
+        local = Path(source).expanduser()
+        if not local.is_file():
+            raise WeightsError(f"{source}: no such weights file")
+    digest = sha256_path(local)
+    if expected_sha256 and digest != expected_sha256.lower():
+        if source.startswith("s3://"):
+            shutil.rmtree(local.parent, ignore_errors=True)  # fetch again next time
+        raise WeightsError(
+            f"{source}: SHA-256 {digest} does not match the expected {expected_sha256}"
+        )
+    return local, digest
+
+
+def weights_identity(settings: TrainSettings) -> str:
+    """What the base weights are, for cache keys and model versions."""
+    if settings.weights == "none":
+        return f"none:seed={settings.seed}"
+    if settings.weights == "imagenet":
+        return "imagenet:keras-vgg16-notop"
+    return "sha256:" + fetch_weights(settings.weights, settings.weights_sha256)[1]
+
+
+# --- graphs -------------------------------------------------------------------
+
+
+def set_precision(precision: str) -> None:
+    import keras
+
+    keras.mixed_precision.set_global_policy(precision)
+
+
+def build_vgg(settings: TrainSettings):
+    """VGG16 without top, with the configured base weights loaded."""
+    import keras
+
+    shape = (settings.input_size, settings.input_size, 3)
+    keras.utils.set_random_seed(settings.seed)
+    if settings.weights == "imagenet":
+        try:
+            return keras.applications.VGG16(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as err:
+            raise WeightsError(
+                f"cannot load the imagenet weights for VGG16 ({type(err).__name__}: {err}); "
+                "without network access use weights=<path or s3:// URI of a .h5 file> "
+                "or weights=none"
+            ) from None
+    vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    path, _ = fetch_weights(settings.weights, settings.weights_sha256)
+    if path is not None:
+        try:
+            vgg.load_weights(path)
+        except Exception as err:
+            raise WeightsError(
+                f"{settings.weights}: not VGG16 (no top) weights: {type(err).__name__}: {err}"
+            ) from None
+    return vgg
+
+
+def preprocess_layers(x, size: int):
+    """gray uint8 28x28 -> VGG16 input, in float32 whatever the global policy."""
+    import keras
+
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize", dtype="float32")(
+        x
+    )
+    x = keras.layers.Concatenate(name="gray_to_rgb", dtype="float32")([x, x, x])
+    return keras.layers.Normalization(
+        mean=list(VGG_MEAN_BGR), variance=[1.0, 1.0, 1.0], name="vgg_preprocess", dtype="float32"
+    )(x)
+
+
+def head_layers(x, settings: TrainSettings):
+    import keras
+
+    x = keras.layers.Flatten(name="head_flatten")(x)
+    x = keras.layers.Dense(settings.head_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(settings.dropout, name="head_dropout", seed=settings.seed)(x)
+    return keras.layers.Dense(1, name="head_out", dtype="float32")(x)
+
+
+def build_graphs(settings: TrainSettings, vgg=None):
+    """(frozen, top): ``frozen`` maps pixels to the cut-layer features (None when nothing
+    is frozen), ``top`` maps those features (or pixels) to the scaled price."""
+    import keras
+
+    vgg = vgg if vgg is not None else build_vgg(settings)
+    cut = max(settings.frozen_layers(), 1)  # layer 0 is the input: no weights
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="pixels")
+    x = preprocess_layers(pixels, settings.input_size)
+    for layer in vgg.layers[1:cut]:
+        layer.trainable = False
+        x = layer(x)
+    frozen = keras.Model(pixels, x, name="frozen") if cut > 1 else None
+    if frozen is not None:
+        feats = keras.Input(x.shape[1:], name="features")
+        y = feats
+    else:
+        feats = pixels
+        y = x
+    for layer in vgg.layers[cut:]:
+        y = layer(y)
+    top = keras.Model(feats, head_layers(y, settings), name="top")
+    return frozen, top
+
+
+def augmentation_layers(settings: TrainSettings):
+    import keras
+
+    layers = []
+    if settings.shift > 0:
+        layers.append(
+            keras.layers.RandomTranslation(
+                settings.shift, settings.shift, fill_mode="nearest", seed=settings.seed
+            )
+        )
+    if settings.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=settings.seed))
+    return layers
+
+
+def compile_top(model, settings: TrainSettings) -> None:
+    import keras
+
+    lr = keras.optimizers.schedules.InverseTimeDecay(
+        settings.learning_rate, decay_steps=1, decay_rate=settings.decay
+    )
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=lr), loss="mse")
+
+
+def export_model(settings: TrainSettings, trained: list, scaling: dict):
+    """The float32 inference model: pixels -> price, weights copied by layer name."""
+    import keras
+
+    set_precision("float32")
+    vgg = keras.applications.VGG16(
+        include_top=False, weights=None, input_shape=(settings.input_size,) * 2 + (3,)
+    )
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="pixels")
+    x = preprocess_layers(pixels, settings.input_size)
+    for layer in vgg.layers[1:]:
+        x = layer(x)
+    x = head_layers(x, settings)
+    span = scaling["max"] - scaling["min"]
+    price = keras.layers.Rescaling(span, offset=scaling["min"], name="to_price", dtype="float32")(
+        x
+    )
+    model = keras.Model(pixels, price, name="vggprice")
+    source = {}
+    for m in trained:
+        if m is not None:
+            source.update({layer.name: layer for layer in m.layers if layer.weights})
+    for layer in model.layers:
+        if layer.weights and layer.name in source:
+            layer.set_weights([w.astype("float32") for w in source[layer.name].get_weights()])
+    return model

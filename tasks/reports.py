@@ -1,0 +1,105 @@
+"""What people see: plots as PNG bytes, markdown reports, and Prefect artifacts.
+
+The plot and markdown builders are plain functions; the ``publish_*`` helpers
+create Prefect artifacts when called inside a run and do nothing outside one.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+_progress_ids: dict[str, object] = {}
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return bool(TaskRunContext.get() or FlowRunContext.get())
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4))
+
+
+def loss_plot(history: dict) -> bytes:
+    fig, ax = _figure()
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    ax.plot(epochs, history["loss"], "o-", label="loss (train)")
+    ax.plot(epochs, history["val_loss"], "s-", label="val_loss (test)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE on the scaled price")
+    ax.set_title("Training curves")
+    ax.legend()
+    return _png(fig)
+
+
+def pred_vs_true_plot(true: np.ndarray, pred: np.ndarray) -> bytes:
+    fig, ax = _figure()
+    ax.scatter(true, pred, s=4, alpha=0.3)
+    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="perfect")
+    ax.set_xlabel("true price")
+    ax.set_ylabel("predicted price")
+    ax.set_title("Predicted vs true (test split)")
+    ax.legend()
+    return _png(fig)
+
+
+def residuals_plot(true: np.ndarray, pred: np.ndarray) -> bytes:
+    fig, ax = _figure()
+    ax.hist(pred - true, bins=60)
+    ax.set_xlabel("predicted - true price")
+    ax.set_ylabel("images")
+    ax.set_title("Residuals (test split)")
+    return _png(fig)
+
+
+def publish_progress(model_version: str, epoch: int, epochs: int) -> None:
+    """A progress artifact per training run, updated every epoch."""
+    if not _in_run():
+        return
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    pct = 100.0 * epoch / epochs
+    desc = f"training {model_version}: epoch {epoch}/{epochs}"
+    if model_version not in _progress_ids:
+        _progress_ids[model_version] = create_progress_artifact(
+            pct, key=f"train-{model_version}"[:60].lower(), description=desc
+        )
+    else:
+        update_progress_artifact(_progress_ids[model_version], pct, description=desc)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    if _in_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown, key=key, description=description)
+
+
+def publish_table(key: str, rows: list[dict], description: str) -> None:
+    if _in_run():
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(rows, key=key, description=description)
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower())[:100]

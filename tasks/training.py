@@ -1,0 +1,326 @@
+"""Training: data, the epoch loop with checkpoints and resume, and the stored model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+
+from tasks import __version__
+from tasks.dataset import decode_png_batch, load_split
+from tasks.features import feature_key, load_or_extract
+from tasks.labels import read_prices, read_scaling
+from tasks.model import (
+    TrainSettings,
+    augmentation_layers,
+    build_graphs,
+    build_vgg,
+    compile_top,
+    export_model,
+    hardware,
+    resolve_precision,
+    set_precision,
+    weights_identity,
+)
+from tasks.reports import loss_plot, publish_progress
+from tasks.runtime import TASK_RETRIES, get_logger
+from tasks.storage import ObjectNotFound, Store, checkpoint_prefix, model_prefix, open_store
+
+FORMAT = 1
+EpochHook = Callable[[int, dict], None]
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """A seeded random subset, in row order (all rows without a limit)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def load_data(
+    store: Store, dataset_version: str, labels_version: str, settings: TrainSettings
+) -> dict:
+    """Pixels (uint8, n x 28 x 28), prices and scaled targets for both splits."""
+    scaling = read_scaling(store, dataset_version, labels_version)
+    prices = read_prices(store, dataset_version, labels_version).to_pandas()
+    price_of = dict(zip(prices["image_id"], prices["price"], strict=True))
+    out = {
+        "scaling": scaling,
+        "dataset_version": dataset_version,
+        "labels_version": labels_version,
+    }
+    for split, limit in (("train", settings.train_limit), ("test", settings.test_limit)):
+        table = load_split(store, dataset_version, split)
+        idx = subset_indices(table.num_rows, limit, settings.seed)
+        table = table.take(idx)
+        ids = table["image_id"].to_pylist()
+        price = np.array([price_of[i] for i in ids], dtype=np.float64)
+        out[split] = {
+            "ids": ids,
+            "images": decode_png_batch(table["image"].to_pylist()),
+            "labels": table["label"].to_numpy().astype(np.int64),
+            "price": price,
+            "y": ((price - scaling["min"]) / (scaling["max"] - scaling["min"])).astype(np.float32),
+        }
+    return out
+
+
+def model_version(
+    dataset_version: str, labels_version: str, settings: TrainSettings, weights_id: str
+) -> str:
+    spec = {
+        "format": FORMAT,
+        "dataset": dataset_version,
+        "labels": labels_version,
+        "settings": settings.model_dump(),
+        "weights": weights_id,
+    }
+    return "m-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --- checkpoints -----------------------------------------------------------------
+
+
+def save_checkpoint(store: Store, mv: str, model, epoch: int, history: dict) -> None:
+    """Weights + optimizer state, then state.json (the marker that the epoch finished)."""
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    prefix = checkpoint_prefix(mv)
+    store.put_bytes(prefix + f"epoch-{epoch}.npz", buf.getvalue())
+    store.put_json(prefix + "state.json", {"epoch": epoch, "history": history})
+
+
+def restore_checkpoint(store: Store, mv: str, model) -> tuple[int, dict]:
+    """(epochs finished, history) from the last checkpoint, or (0, empty)."""
+    prefix = checkpoint_prefix(mv)
+    try:
+        state = store.get_json(prefix + "state.json")
+    except ObjectNotFound:
+        return 0, {"loss": [], "val_loss": []}
+    data = np.load(io.BytesIO(store.get_bytes(prefix + f"epoch-{state['epoch']}.npz")))
+    model.set_weights([data[f"w{i}"] for i in range(len(model.get_weights()))])
+    model.optimizer.build(model.trainable_variables)
+    for i, var in enumerate(model.optimizer.variables):
+        var.assign(data[f"o{i}"])
+    return state["epoch"], state["history"]
+
+
+# --- the training run -------------------------------------------------------------
+
+
+def train(
+    store: Store,
+    dataset_version: str,
+    labels_version: str,
+    settings: TrainSettings,
+    on_epoch: EpochHook | None = None,
+) -> dict:
+    """Train (or find) the model version for these inputs; returns its version and facts."""
+    import keras
+
+    log = get_logger()
+    weights_id = weights_identity(settings)
+    mv = model_version(dataset_version, labels_version, settings, weights_id)
+    prefix = model_prefix(mv)
+    try:
+        lineage = store.get_json(prefix + "lineage.json")
+        log.info("model %s already trained; nothing redone", mv)
+        return {"model_version": mv, "skipped": True, "lineage": lineage}
+    except ObjectNotFound:
+        pass
+    if settings.weights == "none" and settings.freeze is None:
+        log.warning(
+            "weights=none: random VGG16 layers are not worth freezing, so all layers train "
+            "(set freeze=N to override)"
+        )
+
+    started = time.time()
+    precision = resolve_precision(settings.precision)
+    set_precision(precision)
+    data = load_data(store, dataset_version, labels_version, settings)
+    vgg = build_vgg(settings)
+    frozen, top = build_graphs(settings, vgg)
+    train_y, test_y = data["train"]["y"], data["test"]["y"]
+
+    feature_info = None
+    if settings.uses_cache():
+        n_views = settings.views if settings.augment == "cached" else 1
+        key = feature_key(
+            dataset_version,
+            {"train": settings.train_limit, "test": settings.test_limit, "seed": settings.seed},
+            weights_id,
+            settings.input_size,
+            settings.frozen_layers(),
+            precision,
+            {"n": n_views, "shift": settings.shift, "flip": settings.flip},
+        )
+        t0 = time.time()
+        train_x, val_x, hit = load_or_extract(
+            store,
+            key,
+            frozen,
+            data["train"]["images"],
+            data["test"]["images"],
+            n_views,
+            settings.shift,
+            settings.flip,
+            settings.seed,
+        )
+        feature_info = {"key": key, "hit": hit, "views": n_views, "seconds": time.time() - t0}
+        model = top
+    else:
+        pixels = keras.Input(data["train"]["images"].shape[1:] + (1,), name="pixels")
+        x = pixels
+        if settings.augment != "none":
+            for layer in augmentation_layers(settings):
+                x = layer(x)
+        if frozen is not None:
+            x = frozen(x)
+        model = keras.Model(pixels, top(x), name="train")
+        train_x = data["train"]["images"][..., None]
+        val_x = data["test"]["images"][..., None]
+    compile_top(model, settings)
+
+    start_epoch, history = restore_checkpoint(store, mv, model)
+    if start_epoch:
+        log.info("resuming %s after epoch %d of %d", mv, start_epoch, settings.epochs)
+    fit_seconds = 0.0
+    for epoch in range(start_epoch, settings.epochs):
+        if feature_info is not None:  # one cached view per image, drawn anew each epoch
+            rng = np.random.default_rng([settings.seed, epoch])
+            pick = rng.integers(0, len(train_x), size=train_x.shape[1])
+            epoch_x = train_x[pick, np.arange(train_x.shape[1])]
+        else:
+            epoch_x = train_x
+        t0 = time.time()
+        h = model.fit(
+            epoch_x,
+            train_y,
+            batch_size=settings.batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            validation_data=(val_x, test_y),
+            shuffle=True,
+            verbose=0,
+        )
+        fit_seconds += time.time() - t0
+        for k in ("loss", "val_loss"):
+            history[k].append(float(h.history[k][-1]))
+        save_checkpoint(store, mv, model, epoch + 1, history)
+        log.info(
+            "epoch %d/%d: loss %.5f val_loss %.5f (%.1f s)",
+            epoch + 1,
+            settings.epochs,
+            history["loss"][-1],
+            history["val_loss"][-1],
+            time.time() - t0,
+        )
+        publish_progress(mv, epoch + 1, settings.epochs)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history)
+
+    final = export_model(settings, [frozen, top], data["scaling"])
+    facts = {
+        "model_version": mv,
+        "precision": precision,
+        "train_images": len(train_y),
+        "epochs_run": settings.epochs - start_epoch,
+        "resumed_from_epoch": start_epoch,
+        "fit_seconds": round(fit_seconds, 2),
+        "images_per_second": round(len(train_y) * (settings.epochs - start_epoch) / fit_seconds, 1)
+        if fit_seconds
+        else None,
+        "seconds": round(time.time() - started, 2),
+        "features": feature_info,
+    }
+    write_model(store, mv, final, settings, data, history, weights_id, precision, facts)
+    store.delete_prefix(checkpoint_prefix(mv))
+    return facts | {"skipped": False}
+
+
+def write_model(
+    store: Store,
+    mv: str,
+    model,
+    settings: TrainSettings,
+    data: dict,
+    history: dict,
+    weights_id: str,
+    precision: str,
+    facts: dict,
+) -> None:
+    """Everything under models/<v>/, lineage.json last: it marks the version complete."""
+    prefix = model_prefix(mv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        store.put_file(prefix + "model.keras", path)
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *a, **k: lines.append(line), line_length=100)
+    store.put_bytes(prefix + "summary.txt", ("\n".join(lines) + "\n").encode())
+    config = {
+        "model_version": mv,
+        "settings": settings.model_dump(),
+        "scaling": {k: data["scaling"][k] for k in ("min", "max", "fit_on")},
+        "input": {"shape": [28, 28, 1], "dtype": "uint8", "meaning": "gray pixels 0..255"},
+        "output": "price",
+    }
+    store.put_json(prefix + "config.json", config)
+    store.put_json(prefix + "history.json", history)
+    store.put_bytes(prefix + "plots/loss.png", loss_plot(history))
+    lineage = {
+        "model_version": mv,
+        "dataset_version": data["dataset_version"],
+        "labels_version": data["labels_version"],
+        "base_weights": {"source": settings.weights, "identity": weights_id},
+        "feature_cache_key": (facts.get("features") or {}).get("key"),
+        "package": {"name": "vggprice", "version": __version__, "git_commit": git_commit()},
+        "hardware": hardware(),
+        "precision": precision,
+        "training": facts,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store.put_json(prefix + "lineage.json", lineage)
+
+
+def read_model_config(store: Store, mv: str) -> dict:
+    try:
+        return store.get_json(model_prefix(mv) + "config.json") | {
+            "lineage": store.get_json(model_prefix(mv) + "lineage.json")
+        }
+    except ObjectNotFound:
+        raise ObjectNotFound(
+            f"{store.uri_for(model_prefix(mv) + 'lineage.json')}: no such (complete) model version"
+        ) from None
+
+
+@task(name="train-model", **TASK_RETRIES)
+def train_model(
+    store_uri: str, dataset_version: str, labels_version: str, settings: TrainSettings
+) -> dict:
+    """Train the price model (or find it); a retried run resumes from its last checkpoint."""
+    return train(open_store(store_uri), dataset_version, labels_version, settings)
