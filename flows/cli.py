@@ -42,10 +42,79 @@ def _cmd_label(args: argparse.Namespace) -> dict:
     )
 
 
+# The laptop run: a seeded subset, small input, random init, a few minutes on 2 CPU cores.
+QUICK = {
+    "weights": "none",
+    "input_size": 32,
+    "epochs": 2,
+    "train_limit": 6000,
+    "test_limit": 1000,
+}
+
+
+def _train_settings(args: argparse.Namespace):
+    from tasks.model import TrainSettings
+
+    fields: dict = dict(QUICK) if getattr(args, "quick", False) else {}
+    for item in args.set or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in TrainSettings.model_fields:
+            known = ", ".join(TrainSettings.model_fields)
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME one of {known}")
+        fields[name] = None if value.lower() in ("", "null") else value
+    return TrainSettings(**fields)
+
+
 def _cmd_run(args: argparse.Namespace) -> dict:
     from flows.pipeline import retrain_flow
 
-    return retrain_flow(store=args.store, source=args.source, rule=_rule(args), seed=args.seed)
+    return retrain_flow(
+        store=args.store,
+        source=args.source,
+        rule=_rule(args),
+        seed=args.seed,
+        settings=_train_settings(args),
+        margin=args.margin,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> dict:
+    from flows.train import train_flow
+
+    return train_flow(
+        dataset_version=args.dataset_version,
+        labels_version=args.labels_version,
+        store=args.store,
+        settings=_train_settings(args),
+    )
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> dict:
+    from flows.evaluate import evaluate_flow
+
+    return evaluate_flow(
+        model_version=args.model_version, store=args.store, labels_version=args.labels
+    )
+
+
+def _cmd_promote(args: argparse.Namespace) -> dict:
+    from flows.evaluate import promote_flow
+
+    return promote_flow(
+        model_version=args.model_version, store=args.store, margin=args.margin, force=args.force
+    )
+
+
+def _cmd_champion(args: argparse.Namespace) -> dict:
+    from tasks.registry import read_champion
+    from tasks.settings import load_settings
+    from tasks.storage import open_store
+
+    settings = load_settings(store=args.store)
+    champion = read_champion(open_store(settings.store, settings))
+    if champion is None:
+        raise FileNotFoundError(f"no champion in {settings.store} yet: run 'vggprice run'")
+    return champion
 
 
 def _human(result: dict, indent: str = "") -> str:
@@ -63,6 +132,20 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the price draw (default 0)")
     p.add_argument("--means", help="10 comma-separated class means (default: DESIGN.md's rule)")
     p.add_argument("--sigma", type=float, help="noise sigma around each class mean (default 3)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="laptop settings: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a training setting, e.g. --set epochs=1 --set weights=none (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="the whole pipeline on this machine")
     p.add_argument("--source", help="directory with the four IDX files")
     _add_label_args(p)
+    _add_train_args(p)
+    p.add_argument("--margin", type=float, default=0.01, help="promotion margin (0.01 = 1%%)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("train", parents=[common], help="train the price model")
+    p.add_argument("dataset_version")
+    p.add_argument("labels_version")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="metrics of a model version")
+    p.add_argument("model_version")
+    p.add_argument("--labels", help="labels version (default: the model's own)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("promote", parents=[common], help="champion/challenger gate")
+    p.add_argument("model_version")
+    p.add_argument("--margin", type=float, default=0.01, help="required RMSE improvement")
+    p.add_argument("--force", action="store_true", help="promote regardless (recorded)")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("champion", parents=[common], help="print the model in service")
+    p.set_defaults(func=_cmd_champion)
     return parser
 
 

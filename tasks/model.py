@@ -23,7 +23,6 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.runtime import get_logger
 from tasks.settings import default_cache_dir
 from tasks.storage import ObjectNotFound, open_store
 
@@ -185,7 +184,9 @@ def build_vgg(settings: TrainSettings):
     keras.utils.set_random_seed(settings.seed)
     if settings.weights == "imagenet":
         try:
-            return keras.applications.VGG16(include_top=False, weights="imagenet", input_shape=shape)
+            return keras.applications.VGG16(
+                include_top=False, weights="imagenet", input_shape=shape
+            )
         except Exception as err:
             raise WeightsError(
                 f"cannot load the imagenet weights for VGG16 ({type(err).__name__}: {err}); "
@@ -289,9 +290,7 @@ def export_model(settings: TrainSettings, trained: list, scaling: dict):
         x = layer(x)
     x = head_layers(x, settings)
     span = scaling["max"] - scaling["min"]
-    price = keras.layers.Rescaling(span, offset=scaling["min"], name="to_price", dtype="float32")(
-        x
-    )
+    price = keras.layers.Rescaling(span, offset=scaling["min"], name="to_price", dtype="float32")(x)
     model = keras.Model(pixels, price, name="vggprice")
     source = {}
     for m in trained:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -225,7 +226,7 @@ def train(
             initial_epoch=epoch,
             validation_data=(val_x, test_y),
             shuffle=True,
-            verbose=0,
+            verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
         )
         fit_seconds += time.time() - t0
         for k in ("loss", "val_loss"):

@@ -1,0 +1,26 @@
+"""Evaluate and promote flows: metrics of a model version, and the champion gate."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.evaluation import evaluate_model
+from tasks.registry import promote_model
+from tasks.settings import load_settings
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    model_version: str, store: str | None = None, labels_version: str | None = None
+) -> dict:
+    """Score the test split; write metrics.json, plots and the report artifact."""
+    metrics = evaluate_model(load_settings(store=store).store, model_version, labels_version)
+    return {k: v for k, v in metrics.items() if k != "per_class"}
+
+
+@flow(name="promote")
+def promote_flow(
+    model_version: str, store: str | None = None, margin: float = 0.01, force: bool = False
+) -> dict:
+    """Make the model the champion if it beats the one in service; record the decision."""
+    return promote_model(load_settings(store=store).store, model_version, margin, force)

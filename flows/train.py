@@ -1,0 +1,30 @@
+"""Train flow: the VGG16 price model for a dataset and labels version."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.model import TrainSettings
+from tasks.settings import load_settings
+from tasks.storage import model_prefix, open_store
+from tasks.training import train_model
+
+
+@flow(name="train")
+def train_flow(
+    dataset_version: str,
+    labels_version: str,
+    store: str | None = None,
+    settings: TrainSettings | None = None,
+) -> dict:
+    """Train (or find) the model version for these inputs; returns its version and URI."""
+    uri = load_settings(store=store).store
+    result = train_model(uri, dataset_version, labels_version, settings or TrainSettings())
+    mv = result["model_version"]
+    return {
+        "model_version": mv,
+        "model_uri": open_store(uri).uri_for(model_prefix(mv) + "model.keras"),
+        "skipped": result["skipped"],
+        "features": result.get("features"),
+        "images_per_second": result.get("images_per_second"),
+    }
