@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -197,7 +198,11 @@ def build_vgg(settings: TrainSettings):
     path, _ = fetch_weights(settings.weights, settings.weights_sha256)
     if path is not None:
         try:
-            vgg.load_weights(path)
+            with warnings.catch_warnings():
+                # Keras only warns when a file's layers do not match; a half-loaded
+                # base would train on silently random layers, so it is an error here.
+                warnings.simplefilter("error")
+                vgg.load_weights(path)
         except Exception as err:
             raise WeightsError(
                 f"{settings.weights}: not VGG16 (no top) weights: {type(err).__name__}: {err}"

@@ -1,0 +1,31 @@
+"""Shared set-up for the benchmarks: a temp store holding real Fashion-MNIST when the
+Debian package is installed (else generated images), ingested and labelled."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from tasks.dataset import DEBIAN_DIR, FILES, find_source, ingest  # noqa: E402
+from tasks.labels import PriceRule, make_labels  # noqa: E402
+from tasks.storage import LocalStore  # noqa: E402
+
+
+def prepared_store() -> tuple[LocalStore, str, str, str]:
+    """(store, dataset version, labels version, what the images are)."""
+    root = Path(tempfile.mkdtemp(prefix="vggprice-bench-"))
+    if all((DEBIAN_DIR / n).is_file() for n in FILES):
+        source, what = DEBIAN_DIR, "Fashion-MNIST"
+    else:
+        from tests.conftest import write_idx_source
+
+        source, what = write_idx_source(root / "idx", 12000, 2000), "generated images"
+    store = LocalStore(root / "lake")
+    dv = ingest(store, find_source(source))["version"]
+    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
+    return store, dv, lv, what

@@ -1,0 +1,192 @@
+"""Training, evaluation and promotion with tiny settings on both store backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.evaluate import evaluate_flow, promote_flow
+from flows.train import train_flow
+from tasks.dataset import find_source, ingest
+from tasks.evaluation import load_model, predict_prices
+from tasks.features import augment_view
+from tasks.labels import PriceRule, make_labels
+from tasks.model import TrainSettings, WeightsError
+from tasks.registry import decide, read_champion
+from tasks.storage import LocalStore, open_store
+from tasks.training import load_data, train
+
+# Small and fast: 32x32 input, random init, two cached views.
+TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 2}
+
+
+@pytest.fixture
+def versions(store_uri, idx_source):
+    store = open_store(store_uri)
+    dv = ingest(store, find_source(idx_source))["version"]
+    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
+    return store, dv, lv
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_train_evaluate_promote(versions, store_uri):
+    store, dv, lv = versions
+    first = train_flow(dv, lv, store=store_uri, settings=TrainSettings(**TINY))
+    mv = first["model_version"]
+    assert first["features"]["hit"] is False and first["skipped"] is False
+    for name in ("model.keras", "config.json", "lineage.json", "history.json",
+                 "summary.txt", "plots/loss.png"):  # fmt: skip
+        assert store.exists(f"models/{mv}/{name}"), name
+    lineage = store.get_json(f"models/{mv}/lineage.json")
+    assert (lineage["dataset_version"], lineage["labels_version"]) == (dv, lv)
+    assert lineage["feature_cache_key"] == first["features"]["key"]
+
+    metrics = evaluate_flow(mv, store=store_uri)
+    assert metrics["n"] == 20 and metrics["rmse"] > 0 and metrics["noise_floor_rmse"] > 0
+    for name in ("metrics.json", "plots/pred_vs_true.png", "plots/residuals.png"):
+        assert store.exists(f"models/{mv}/{name}"), name
+
+    decision = promote_flow(mv, store=store_uri)
+    assert decision["promoted"] and decision["reason"] == "no champion yet"
+    assert read_champion(store)["model_version"] == mv
+
+    # Same inputs, another top hyper-parameter: the feature cache is hit, not rebuilt.
+    features_before = {o.key: o.etag for o in store.list("features/")}
+    second = train_flow(dv, lv, store=store_uri, settings=TrainSettings(**TINY, head_units=64))
+    assert second["features"] == second["features"] | {"hit": True, "key": first["features"]["key"]}
+    assert {o.key: o.etag for o in store.list("features/")} == features_before
+
+    # The same training twice is found, not redone.
+    assert train_flow(dv, lv, store=store_uri, settings=TrainSettings(**TINY))["skipped"] is True
+
+    decision = promote_flow(second["model_version"], store=store_uri, margin=10.0)
+    assert decision["promoted"] is False, "a 1000 % margin cannot be beaten"
+    assert read_champion(store)["model_version"] == mv
+    forced = promote_flow(second["model_version"], store=store_uri, force=True)
+    assert forced["promoted"] and forced["forced"]
+    champion = read_champion(store)
+    assert champion["model_version"] == second["model_version"] and champion["forced"]
+    decisions = [store.get_json(k) for k in store.keys("registry/decisions/")]
+    assert [d["promoted"] for d in decisions] == [True, False, True]
+    assert decisions[1]["champion"]["metrics"]["rmse"] > 0
+    assert decisions[1]["challenger"]["metrics"]["rmse"] > 0
+
+
+def test_resume_after_crash(versions):
+    store, dv, lv = versions
+    settings = TrainSettings(**TINY | {"epochs": 2})
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(epoch, history):
+        if epoch == 1:
+            raise Crash("worker died")
+
+    with pytest.raises(Crash):
+        train(store, dv, lv, settings, on_epoch=crash_after_first)
+    assert (
+        store.get_json(store.keys("checkpoints/")[-1].rsplit("/", 1)[0] + "/state.json")["epoch"]
+        == 1
+    )
+    seen = []
+    result = train(store, dv, lv, settings, on_epoch=lambda e, h: seen.append(e))
+    assert result["resumed_from_epoch"] == 1 and seen == [2]
+    history = store.get_json(f"models/{result['model_version']}/history.json")
+    assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
+    assert store.keys("checkpoints/") == [], "checkpoints are removed once the model is stored"
+
+
+def test_weights_from_file(tmp_path, versions):
+    import hashlib
+
+    import keras
+
+    store, dv, lv = versions
+    path = tmp_path / "base.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        path
+    )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    settings = TrainSettings(**TINY | {"weights": str(path), "weights_sha256": digest})
+    result = train(store, dv, lv, settings)
+    lineage = store.get_json(f"models/{result['model_version']}/lineage.json")
+    assert lineage["base_weights"]["identity"] == f"sha256:{digest}"
+
+    with pytest.raises(WeightsError, match="does not match the expected"):
+        train(
+            store,
+            dv,
+            lv,
+            TrainSettings(**TINY | {"weights": str(path), "weights_sha256": "0" * 64}),
+        )
+
+    wrong = tmp_path / "wrong.weights.h5"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).save_weights(wrong)
+    with pytest.raises(WeightsError, match="wrong.weights.h5: not VGG16"):
+        train(store, dv, lv, TrainSettings(**TINY | {"weights": str(wrong)}))
+
+
+def test_weights_from_store_uri(tmp_path, s3_uri, versions):
+    import keras
+
+    store, dv, lv = versions
+    path = tmp_path / "base.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        path
+    )
+    open_store(s3_uri).put_file("weights/vgg16.weights.h5", path)
+    settings = TrainSettings(**TINY | {"weights": f"{s3_uri}/weights/vgg16.weights.h5"})
+    result = train(store, dv, lv, settings)
+    assert result["skipped"] is False
+
+
+def test_imagenet_offline_fails_fast(versions, monkeypatch, tmp_path):
+    store, dv, lv = versions
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no cached download
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no network
+    with pytest.raises(WeightsError, match="weights=none"):
+        train(store, dv, lv, TrainSettings(**TINY | {"weights": "imagenet", "freeze": None}))
+
+
+def test_stored_model_matches_in_memory(tmp_path, idx_source):
+    store = LocalStore(tmp_path / "lake")
+    dv = ingest(store, find_source(idx_source))["version"]
+    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
+    settings = TrainSettings(**TINY | {"precision": "float32"})
+    result = train(store, dv, lv, settings)
+    images = load_data(store, dv, lv, settings)["test"]["images"]
+    import keras
+
+    stored = keras.models.load_model(
+        tmp_path / "lake" / "models" / result["model_version"] / "model.keras", safe_mode=True
+    )
+    again = load_model(store, result["model_version"])
+    a, b = predict_prices(stored, images), predict_prices(again, images)
+    assert np.allclose(a, b)
+    assert a.shape == (20,) and np.isfinite(a).all()
+
+
+def test_online_mode_and_none_default_trains_all(versions, caplog):
+    store, dv, lv = versions
+    settings = TrainSettings(weights="none", input_size=32, epochs=1, augment="online")
+    assert settings.frozen_layers() == 0 and not settings.uses_cache()
+    result = train(store, dv, lv, settings)
+    assert result["features"] is None
+    assert "all layers train" in caplog.text
+
+
+def test_decide_margin():
+    assert decide(9.0, None, 0.01) == (True, "no champion yet")
+    assert decide(9.0, 10.0, 0.01)[0] is True
+    assert decide(9.95, 10.0, 0.01)[0] is False
+    assert decide(10.5, 10.0, 0.0)[0] is False
+
+
+def test_augment_views_are_deterministic():
+    images = np.random.default_rng(0).integers(0, 255, (16, 28, 28), dtype=np.uint8)
+    assert (augment_view(images, 0, 0.1, True, 0) == images).all()
+    assert (augment_view(images, 1, 0.1, True, 0) == images[:, :, ::-1]).all()
+    a = augment_view(images, 2, 0.1, True, 0)
+    assert (a == augment_view(images, 2, 0.1, True, 0)).all()
+    assert not (a == images).all()
