@@ -278,7 +278,11 @@ def compile_top(model, settings: TrainSettings) -> None:
     lr = keras.optimizers.schedules.InverseTimeDecay(
         settings.learning_rate, decay_steps=1, decay_rate=settings.decay
     )
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=lr), loss="mse")
+    import tensorflow as tf
+
+    # XLA measured slower on CPU here (bf16 top: 384 vs 425 images/s); keep it for GPUs.
+    jit = "auto" if tf.config.list_physical_devices("GPU") else False
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=lr), loss="mse", jit_compile=jit)
 
 
 def export_model(settings: TrainSettings, trained: list, scaling: dict):
