@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         result = func(args)
     except ValidationError as err:
         first = err.errors()[0]
-        print(f"vggprice: error: {first['msg']}", file=sys.stderr)
+        where = ".".join(str(x) for x in first["loc"])
+        print(f"vggprice: error: {where + ': ' if where else ''}{first['msg']}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, KeyError) as err:
         msg = str(err).strip("'\"") or type(err).__name__

@@ -57,17 +57,27 @@ def test_label_unknown_dataset_is_clear(store_uri):
 
 def test_cli_run_json_and_errors(tmp_path, idx_source, capsys):
     store = str(tmp_path / "lake")
-    assert main(["run", "--store", store, "--source", str(idx_source), "--json"]) == 0
+    quick = ["--quick", "--set", "epochs=1", "--set", "freeze=15", "--set", "views=1"]
+    assert main(["run", "--store", store, "--source", str(idx_source), "--json", *quick]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["label"]["dataset_version"] == result["ingest"]["dataset_version"]
     assert result["label"]["labels_version"].startswith("px-")
+    assert result["promote"]["promoted"] is True
+    assert main(["champion", "--store", store, "--json"]) == 0
+    champion = json.loads(capsys.readouterr().out)
+    assert champion["model_version"] == result["train"]["model_version"]
+    assert champion["metrics"]["rmse"] == result["evaluate"]["rmse"]
+
+    assert main(["train", "x", "y", "--store", store, "--set", "epochs=zero"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("vggprice: error: epochs: Input should be a valid integer")
 
     assert (
         main(["label", result["ingest"]["dataset_version"], "--store", store, "--means", "1,2,3"])
         == 2
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "vggprice: error: Value error, price rule needs 10 class means, got 3"
+    assert err[-1] == "vggprice: error: means: Value error, price rule needs 10 class means, got 3"
 
     assert main(["ingest", "--store", store, "--source", str(tmp_path / "nope")]) == 2
     assert "missing train-images-idx3-ubyte.gz" in capsys.readouterr().err.splitlines()[-1]
