@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.dataset import sha256_file
 from tasks.settings import default_cache_dir
 from tasks.storage import ObjectNotFound, open_store
 
@@ -117,14 +118,6 @@ def hardware() -> dict:
 # --- base weights ----------------------------------------------------------------
 
 
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_weights(source: str, expected_sha256: str | None = None) -> tuple[Path | None, str]:
     """(local file or None, identity) for a weights source.
 
@@ -149,7 +142,7 @@ def fetch_weights(source: str, expected_sha256: str | None = None) -> tuple[Path
         local = Path(source).expanduser()
         if not local.is_file():
             raise WeightsError(f"{source}: no such weights file")
-    digest = sha256_path(local)
+    digest = sha256_file(local)
     if expected_sha256 and digest != expected_sha256.lower():
         if source.startswith("s3://"):
             shutil.rmtree(local.parent, ignore_errors=True)  # fetch again next time
