@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
 from pydantic import ValidationError
+
+# TensorFlow's C++ start-up chatter (no CUDA, CPU flags) is noise on a laptop.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tasks.labels import PriceRule
 
