@@ -109,6 +109,24 @@ def _cmd_promote(args: argparse.Namespace) -> dict:
     )
 
 
+def _cmd_score(args: argparse.Namespace) -> dict:
+    from flows.score import score_flow
+
+    return score_flow(
+        drop=args.drop,
+        store=args.store,
+        model=args.model,
+        shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
+    )
+
+
+def _cmd_score_new(args: argparse.Namespace) -> dict:
+    from flows.score import score_new_drops_flow
+
+    return score_new_drops_flow(store=args.store, shard_size=args.shard_size)
+
+
 def _cmd_champion(args: argparse.Namespace) -> dict:
     from tasks.registry import read_champion
     from tasks.settings import load_settings
@@ -191,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.01, help="required RMSE improvement")
     p.add_argument("--force", action="store_true", help="promote regardless (recorded)")
     p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("score", parents=[common], help="price every image of a drop")
+    p.add_argument("drop", help="a drop id under drops/, or an s3:// URI or directory")
+    p.add_argument("--model", help="pin a model version instead of the champion")
+    p.add_argument("--shard-size", type=int, default=500, help="objects per shard")
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="refuse larger images (bombs)"
+    )
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
+    p.add_argument("--shard-size", type=int, default=500, help="objects per shard")
+    p.set_defaults(func=_cmd_score_new)
 
     p = sub.add_parser("champion", parents=[common], help="print the model in service")
     p.set_defaults(func=_cmd_champion)

@@ -223,11 +223,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png_batch(blobs: list[bytes]) -> np.ndarray:
-    """PNG bytes from our own shards back to uint8 (n, h, w)."""
-    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in blobs])
-
-
 def shard_table(split: str, start: int, images: np.ndarray, labels: np.ndarray) -> pa.Table:
     ids = [f"{split}-{start + i:05d}" for i in range(len(images))]
     pngs = [encode_png(img) for img in images]

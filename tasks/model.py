@@ -278,11 +278,12 @@ def compile_top(model, settings: TrainSettings) -> None:
     model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=lr), loss="mse", jit_compile=jit)
 
 
-def export_model(settings: TrainSettings, trained: list, scaling: dict):
-    """The float32 inference model: pixels -> price, weights copied by layer name."""
+def build_inference(settings: TrainSettings, scaling: dict, precision: str = "float32"):
+    """pixels -> price: pre-processing, VGG16, head, and the rescale to price units.
+    Pre-processing and the output layers stay float32 at any precision."""
     import keras
 
-    set_precision("float32")
+    set_precision(precision)
     vgg = keras.applications.VGG16(
         include_top=False, weights=None, input_shape=(settings.input_size,) * 2 + (3,)
     )
@@ -293,7 +294,12 @@ def export_model(settings: TrainSettings, trained: list, scaling: dict):
     x = head_layers(x, settings)
     span = scaling["max"] - scaling["min"]
     price = keras.layers.Rescaling(span, offset=scaling["min"], name="to_price", dtype="float32")(x)
-    model = keras.Model(pixels, price, name="vggprice")
+    return keras.Model(pixels, price, name="vggprice")
+
+
+def export_model(settings: TrainSettings, trained: list, scaling: dict):
+    """The float32 model to store, weights copied by layer name from the trained graphs."""
+    model = build_inference(settings, scaling, "float32")
     source = {}
     for m in trained:
         if m is not None:
@@ -301,4 +307,20 @@ def export_model(settings: TrainSettings, trained: list, scaling: dict):
     for layer in model.layers:
         if layer.weights and layer.name in source:
             layer.set_weights([w.astype("float32") for w in source[layer.name].get_weights()])
+    return model
+
+
+def load_inference_model(path: Path, config: dict, precision: str = "auto"):
+    """A stored model.keras for scoring: as stored in float32, or rebuilt at a lower
+    precision (bfloat16 on AMX CPUs, float16 on GPUs) with the stored weights."""
+    import keras
+
+    precision = resolve_precision(precision)
+    if precision == "float32":
+        set_precision("float32")
+        return keras.models.load_model(path, safe_mode=True)
+    settings = TrainSettings(**config["settings"])
+    model = build_inference(settings, config["scaling"], precision)
+    model.load_weights(path)
+    set_precision("float32")
     return model

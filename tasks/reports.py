@@ -103,3 +103,39 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
 def artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in text.lower())[:100]
+
+
+def drop_markdown(m: dict, throughput: float | None) -> str:
+    """The per-drop summary: counts, rejections, prices, drift."""
+    c, d, p = m["counts"], m["drift"], m["prices"]
+    reasons = "\n".join(f"| {r} | {n} |" for r, n in sorted(m["rejections"].items())) or "| - | 0 |"
+    quant = " / ".join(f"{k} {v:.2f}" for k, v in p["quantiles"].items()) or "no prices"
+    flag = "**looks unlike the training data**" if d["flagged"] else "looks like the training data"
+    speed = f"{throughput:.0f} images/s" if throughput else "-"
+    return f"""# Drop `{m["drop_id"]}` priced by `{m["model_version"]}`
+
+| listed | priced | rejected | throughput |
+| --- | --- | --- | --- |
+| {c["listed"]} | {c["priced"]} | {c["rejected"]} | {speed} |
+
+Prices: {quant}
+
+| rejection reason | images |
+| --- | --- |
+{reasons}
+
+Drift: {flag} ({d["pixel_out_of_range_fraction"]:.0%} of images have a mean
+brightness outside the training 1st-99th percentiles, {d["price_out_of_range_fraction"]:.0%}
+of prices outside the training price range).
+"""
+
+
+def price_bands(prices: list[float], means: list[float]) -> list[dict]:
+    """How many predicted prices sit nearest to each class mean (a predicted class band)."""
+    arr = np.asarray(prices, dtype=np.float64)
+    centers = np.asarray(means, dtype=np.float64)
+    nearest = np.abs(arr[:, None] - centers[None, :]).argmin(axis=1) if len(arr) else arr
+    return [
+        {"class": c, "mean_price": float(centers[c]), "images": int((nearest == c).sum())}
+        for c in range(len(centers))
+    ]

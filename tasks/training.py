@@ -16,8 +16,9 @@ import numpy as np
 from prefect import task
 
 from tasks import __version__
-from tasks.dataset import decode_png_batch, load_split
+from tasks.dataset import load_split
 from tasks.features import feature_key, load_or_extract
+from tasks.images import to_pixels_batch
 from tasks.labels import read_prices, read_scaling
 from tasks.model import (
     TrainSettings,
@@ -66,7 +67,7 @@ def load_data(
         price = np.array([price_of[i] for i in ids], dtype=np.float64)
         out[split] = {
             "ids": ids,
-            "images": decode_png_batch(table["image"].to_pylist()),
+            "images": to_pixels_batch(table["image"].to_pylist()),
             "labels": table["label"].to_numpy().astype(np.int64),
             "price": price,
             "y": ((price - scaling["min"]) / (scaling["max"] - scaling["min"])).astype(np.float32),
@@ -289,6 +290,7 @@ def write_model(
         "scaling": {k: data["scaling"][k] for k in ("min", "max", "fit_on")},
         "input": {"shape": [28, 28, 1], "dtype": "uint8", "meaning": "gray pixels 0..255"},
         "output": "price",
+        "train_stats": train_stats(data["train"]["images"], data["train"]["price"]),
     }
     store.put_json(prefix + "config.json", config)
     store.put_json(prefix + "history.json", history)
@@ -306,6 +308,20 @@ def write_model(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     store.put_json(prefix + "lineage.json", lineage)
+
+
+def train_stats(images: np.ndarray, prices: np.ndarray) -> dict:
+    """What training data looked like, for the drift signal when scoring drops."""
+    means = images.reshape(len(images), -1).mean(axis=1)
+    p = np.percentile
+    return {
+        "pixel_mean_p01": float(p(means, 1)),
+        "pixel_mean_p99": float(p(means, 99)),
+        "pixel_mean": float(means.mean()),
+        "price_p01": float(p(prices, 1)),
+        "price_p99": float(p(prices, 99)),
+        "price_mean": float(prices.mean()),
+    }
 
 
 def read_model_config(store: Store, mv: str) -> dict:

@@ -9,13 +9,13 @@ import pytest
 
 from tasks.dataset import (
     DatasetError,
-    decode_png_batch,
     find_source,
     ingest,
     load_split,
     parse_idx_images,
     parse_idx_labels,
 )
+from tasks.images import to_pixels_batch
 from tasks.storage import LocalStore
 from tests.conftest import idx_images, idx_labels
 
@@ -94,7 +94,7 @@ def test_ingest_roundtrip_and_unverified(tmp_path, idx_source):
     train = load_split(store, manifest["version"], "train")
     assert train.column_names == ["image_id", "label", "image"]
     assert train["image_id"][0].as_py() == "train-00000"
-    pixels = decode_png_batch(train["image"].to_pylist())
+    pixels = to_pixels_batch(train["image"].to_pylist())
     from tasks.dataset import read_split
 
     raw, labels = read_split(idx_source, "train")

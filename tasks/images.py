@@ -1,0 +1,103 @@
+"""Image bytes -> the 28x28 gray pixels the model takes: one function for training and scoring.
+
+Fashion-MNIST images are light garments on a black background, 28x28, gray.
+Any other image is brought to look like that:
+
+1. decoded (PNG, JPEG, BMP, GIF first frame, TIFF first page, WebP), EXIF
+   orientation applied, size checked against a pixel limit before decoding;
+2. transparency composited onto black, 16-bit and other modes to 8-bit gray;
+3. inverted when its border is mostly light (a product photo on white), so
+   the garment is light on dark as in the dataset;
+4. padded to a square with the background (no distortion) and resized to 28x28.
+
+A 28x28 gray image on a dark border, such as the dataset's own PNGs, passes
+through unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIZE = 28
+FORMATS = {"PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP"}
+DEFAULT_MAX_PIXELS = 40_000_000  # refuse larger images instead of running out of memory
+
+
+class ImageRejected(ValueError):
+    """The bytes cannot be priced; the message is the human-readable reason."""
+
+
+def _to_gray(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 gray, transparency composited onto black."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        span = max(float(arr.max() - arr.min()), 1e-12)
+        return ((arr - arr.min()) / span * 255.0 + 0.5).astype(np.uint8)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def fit_square(gray: np.ndarray) -> np.ndarray:
+    """Light-on-dark, padded to a square, resized to 28x28."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.mean() > 127:
+        gray = 255 - gray
+    h, w = gray.shape
+    if (h, w) == (SIZE, SIZE):
+        return gray
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = gray
+    resized = Image.fromarray(square).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 (28, 28); raises ImageRejected with the reason."""
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image PIL can identify") from None
+    except Image.DecompressionBombError as err:
+        raise ImageRejected(f"decompression bomb: {err}") from None
+    if im.format not in FORMATS:
+        raise ImageRejected(f"unsupported format {im.format}")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageRejected(
+            f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+        )
+    if w == 0 or h == 0:
+        raise ImageRejected(f"empty image ({w}x{h})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.seek(0)  # first frame / page
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            return fit_square(_to_gray(im))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageRejected(f"truncated or corrupt {im.format}: {err}") from None
+
+
+def to_pixels_batch(blobs: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Many images that must all decode (the dataset's own shards)."""
+    return np.stack([to_pixels(b, max_pixels) for b in blobs])
