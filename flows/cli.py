@@ -213,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", parents=[common], help="price every image of a drop")
     p.add_argument("drop", help="a drop id under drops/, or an s3:// URI or directory")
     p.add_argument("--model", help="pin a model version instead of the champion")
-    p.add_argument("--shard-size", type=int, default=500, help="objects per shard")
+    p.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
     p.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="refuse larger images (bombs)"
     )
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
-    p.add_argument("--shard-size", type=int, default=500, help="objects per shard")
+    p.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
     p.set_defaults(func=_cmd_score_new)
 
     p = sub.add_parser("champion", parents=[common], help="print the model in service")

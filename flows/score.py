@@ -63,7 +63,7 @@ def score_flow(
     drop: str,
     store: str | None = None,
     model: str | None = None,
-    shard_size: int = 500,
+    shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     precision: str = "auto",
 ) -> dict:
@@ -115,7 +115,7 @@ def _summary(manifest: dict, skipped: bool) -> dict:
 
 
 @flow(name="score-new-drops")
-def score_new_drops_flow(store: str | None = None, shard_size: int = 500) -> dict:
+def score_new_drops_flow(store: str | None = None, shard_size: int = 1000) -> dict:
     """Score every drop that has no complete manifest for the champion (or new files)."""
     uri = load_settings(store=store).store
     s = open_store(uri)

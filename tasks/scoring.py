@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -68,7 +69,7 @@ DRIFT_FRACTION = 0.2  # flag a drop when more than this share looks unlike train
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    shard_size: int = 500
+    shard_size: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"
     batch_size: int = 256
@@ -177,11 +178,17 @@ def get_model(store: Store, mv: str, precision: str = "auto") -> tuple:
 
 def predict(model, lock: threading.Lock, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """Prices for uint8 (n, 28, 28); one predict at a time per model, all cores each."""
-    if len(pixels) == 0:
+    n = len(pixels)
+    if n == 0:
         return np.zeros(0)
+    # Pad to whole batches: one traced shape, no retracing for every ragged shard end.
+    padded = np.zeros(
+        ((n + batch_size - 1) // batch_size * batch_size, *pixels.shape[1:]), np.uint8
+    )
+    padded[:n] = pixels
     with lock:
-        out = model.predict(pixels[..., None], batch_size=batch_size, verbose=0)
-    return np.asarray(out, dtype=np.float64).reshape(-1)
+        out = model.predict(padded[..., None], batch_size=batch_size, verbose=0)
+    return np.asarray(out, dtype=np.float64).reshape(-1)[:n]
 
 
 # --- one shard -------------------------------------------------------------------------
@@ -419,8 +426,16 @@ def score_drop(
             get_logger().info("drop %s already scored by %s: nothing to do", job["drop_id"], mv)
             return store.get_json(job["base"] + "_manifest.json") | {"skipped": True}
         source = open_store(job["source_uri"])
-        for shard, keys in sorted(job["todo"].items()):
-            score_shard(source, job["prefix"], store, job["base"], shard, keys, mv, options)
+        # Two threads: one shard decodes while another predicts (predict holds a lock).
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [
+                pool.submit(
+                    score_shard, source, job["prefix"], store, job["base"], shard, keys, mv, options
+                )
+                for shard, keys in sorted(job["todo"].items())
+            ]
+            for future in futures:
+                future.result()
         run = {"seconds": round(time.time() - t0, 3), "shards_scored": len(job["todo"])}
         return finalize(store, job["base"], job["drop_id"], mv, job["listing"], run) | {
             "skipped": False
