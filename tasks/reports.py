@@ -110,7 +110,11 @@ def drop_markdown(m: dict, throughput: float | None) -> str:
     c, d, p = m["counts"], m["drift"], m["prices"]
     reasons = "\n".join(f"| {r} | {n} |" for r, n in sorted(m["rejections"].items())) or "| - | 0 |"
     quant = " / ".join(f"{k} {v:.2f}" for k, v in p["quantiles"].items()) or "no prices"
-    flag = "**looks unlike the training data**" if d["flagged"] else "looks like the training data"
+    flag = {
+        True: "**looks unlike the training data**",
+        False: "looks like the training data",
+        None: "unknown (the model recorded no training statistics)",
+    }[d["flagged"]]
     speed = f"{throughput:.0f} images/s" if throughput else "-"
     return f"""# Drop `{m["drop_id"]}` priced by `{m["model_version"]}`
 

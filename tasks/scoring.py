@@ -340,10 +340,9 @@ def finalize(
         "price_mean": float(prices.mean()) if n else None,
         "train_price_mean": stats.get("price_mean"),
     }
-    drift["flagged"] = bool(
-        max(drift["pixel_out_of_range_fraction"], drift["price_out_of_range_fraction"])
-        > DRIFT_FRACTION
-    )
+    worst = max(drift["pixel_out_of_range_fraction"], drift["price_out_of_range_fraction"])
+    # None: the model recorded no training statistics, so there is nothing to compare.
+    drift["flagged"] = bool(worst > DRIFT_FRACTION) if stats else None
     pct = (5, 25, 50, 75, 95)
     quantiles = {f"p{p}": float(np.percentile(prices, p)) for p in pct} if n else {}
     manifest = {
