@@ -361,6 +361,10 @@ def finalize(
         "completed_at": datetime.now(UTC).isoformat(),
     }
     store.put_json(base + "_manifest.json", manifest)
+    if not listing:
+        get_logger().warning(
+            "drop %s has no files: nothing to price (empty manifest written)", drop_id
+        )
     return manifest
 
 
