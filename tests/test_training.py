@@ -190,3 +190,21 @@ def test_augment_views_are_deterministic():
     a = augment_view(images, 2, 0.1, True, 0)
     assert (a == augment_view(images, 2, 0.1, True, 0)).all()
     assert not (a == images).all()
+
+
+def test_patch_conv_matches_conv2d():
+    import keras
+
+    from tasks.model import as_patch_conv
+
+    keras.mixed_precision.set_global_policy("float32")
+    inp = keras.Input((3, 3, 64))
+    conv = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="block5_conv1")
+    model = keras.Model(inp, conv(inp))
+    twin = as_patch_conv(conv)
+    assert type(twin).__name__ == "PatchConv2D" and twin.name == conv.name
+    x = np.random.default_rng(0).normal(size=(5, 3, 3, 64)).astype("float32")
+    assert np.allclose(model.predict(x, verbose=0), np.asarray(twin(x)), atol=1e-5)
+    strided = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")
+    strided(keras.Input((6, 6, 4)))
+    assert as_patch_conv(strided) is strided, "only the 3x3/stride-1/same/relu shape is swapped"
