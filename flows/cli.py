@@ -127,6 +127,28 @@ def _cmd_score_new(args: argparse.Namespace) -> dict:
     return score_new_drops_flow(store=args.store, shard_size=args.shard_size)
 
 
+def _cmd_pools(args: argparse.Namespace) -> dict:
+    from tasks.pools import apply_pools
+
+    return apply_pools()
+
+
+def _cmd_deploy(args: argparse.Namespace) -> dict:
+    from tasks.pools import apply_pools, deploy_all
+
+    pools = apply_pools()
+    out = deploy_all()
+    names = [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
+    return {"pools": pools, "deployments": sorted(set(names))}
+
+
+def _cmd_worker(args: argparse.Namespace) -> dict:
+    from tasks.pools import worker_command
+
+    os.execv(worker_command(args.pool)[0], worker_command(args.pool))
+    return {}  # not reached
+
+
 def _cmd_champion(args: argparse.Namespace) -> dict:
     from tasks.registry import read_champion
     from tasks.settings import load_settings
@@ -222,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
     p.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
     p.set_defaults(func=_cmd_score_new)
+
+    p = sub.add_parser("pools", parents=[common], help="work pools on PREFECT_API_URL")
+    p.add_argument("action", choices=["apply"], help="create or update cpu and gpu pools")
+    p.set_defaults(func=_cmd_pools)
+
+    p = sub.add_parser("deploy", parents=[common], help="pools + deployments on PREFECT_API_URL")
+    p.set_defaults(func=_cmd_deploy)
+
+    p = sub.add_parser("worker", help="start a process worker for a pool (prefect worker start)")
+    p.add_argument("--pool", default="cpu", help="cpu or gpu (default cpu)")
+    p.set_defaults(func=_cmd_worker, json=False)
 
     p = sub.add_parser("champion", parents=[common], help="print the model in service")
     p.set_defaults(func=_cmd_champion)

@@ -1,15 +1,75 @@
-"""The retrain pipeline: ingest -> label -> train -> evaluate -> promote."""
+"""The retrain pipeline: ingest -> label -> train -> evaluate -> promote.
+
+The train step runs in-process (the laptop default) or, with ``train_pool``, as
+the ``train`` deployment on that work pool (GPU workers): the parent waits for
+the child run and then reads the model from the store by its content-derived
+version, never from Prefect's result storage, so the two may run on different
+machines.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter
+from prefect.client.schemas.filters import WorkPoolFilterName as PoolName
+from prefect.deployments import run_deployment
 
 from flows.evaluate import evaluate_flow, promote_flow
 from flows.ingest import ingest_flow
 from flows.label import label_flow
 from flows.train import train_flow
 from tasks.labels import PriceRule
-from tasks.model import TrainSettings
+from tasks.model import TrainSettings, weights_identity
+from tasks.runtime import get_logger
+from tasks.settings import load_settings
+from tasks.storage import model_prefix, open_store
+from tasks.training import model_version
+
+
+def train_deployment_on(pool: str) -> str:
+    """The name ('train/<deployment>') of the train flow's deployment on a work pool."""
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
+            work_pool_filter=WorkPoolFilter(name=PoolName(any_=[pool])),
+        )
+    if not found:
+        raise ValueError(
+            f"no deployment of the train flow on work pool {pool!r}: run 'vggprice deploy'"
+        )
+    return f"train/{found[0].name}"
+
+
+def train_on_pool(pool: str, dv: str, lv: str, store: str, settings: TrainSettings) -> dict:
+    """Run the train deployment on ``pool`` (unless the model exists), wait, and find
+    the model in the store by its version."""
+    mv = model_version(dv, lv, settings, weights_identity(settings))
+    s = open_store(store)
+    lineage_key = model_prefix(mv) + "lineage.json"
+    result = {"model_version": mv, "model_uri": s.uri_for(model_prefix(mv) + "model.keras")}
+    if s.exists(lineage_key):
+        return result | {"skipped": True, "pool": pool}
+    run = run_deployment(
+        train_deployment_on(pool),
+        parameters={
+            "dataset_version": dv,
+            "labels_version": lv,
+            "store": store,
+            "settings": settings.model_dump(),
+        },
+        timeout=None,
+        poll_interval=2,
+    )
+    if not run.state or not run.state.is_completed():
+        state = run.state.type.value if run.state else "UNKNOWN"
+        message = run.state.message if run.state else ""
+        raise RuntimeError(f"train run {run.name!r} on pool {pool!r} ended {state}: {message}")
+    if not s.exists(lineage_key):
+        raise RuntimeError(
+            f"train run {run.name!r} completed but wrote no {s.uri_for(lineage_key)}"
+        )
+    return result | {"skipped": False, "pool": pool, "flow_run_id": str(run.id)}
 
 
 @flow(name="retrain")
@@ -20,24 +80,34 @@ def retrain_flow(
     seed: int = 0,
     settings: TrainSettings | None = None,
     margin: float = 0.01,
+    train_pool: str | None = None,
 ) -> dict:
     """Run every stage in order; each stage skips when its inputs are unchanged."""
+    store = load_settings(store=store).store
+    settings = settings or TrainSettings()
     ingested = ingest_flow(store=store, source=source)
-    labelled = label_flow(
-        dataset_version=ingested["dataset_version"], store=store, rule=rule, seed=seed
-    )
-    trained = train_flow(
-        dataset_version=ingested["dataset_version"],
-        labels_version=labelled["labels_version"],
-        store=store,
-        settings=settings,
-    )
+    dv = ingested["dataset_version"]
+    labelled = label_flow(dataset_version=dv, store=store, rule=rule, seed=seed)
+    lv = labelled["labels_version"]
+    if train_pool:
+        trained = train_on_pool(train_pool, dv, lv, store, settings)
+    else:
+        trained = train_flow(dataset_version=dv, labels_version=lv, store=store, settings=settings)
     evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
     decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
+    skipped = [
+        name
+        for name, result in (
+            ("ingest", ingested), ("label", labelled), ("train", trained), ("evaluate", evaluated),
+        )
+        if result.get("skipped")
+    ]  # fmt: skip
+    get_logger().info("skipped (inputs unchanged): %s", ", ".join(skipped) or "none")
     return {
         "ingest": ingested,
         "label": labelled,
         "train": trained,
         "evaluate": evaluated,
         "promote": {k: decision[k] for k in ("promoted", "reason")},
+        "skipped": skipped,
     }

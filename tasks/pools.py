@@ -1,0 +1,57 @@
+"""Work pools and deployments on a Prefect server (PREFECT_API_URL), from files in git."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+POOLS = {"cpu": "process-cpu.json", "gpu": "process-gpu.json"}
+
+
+def apply_pools(pools: dict[str, str] | None = None) -> dict[str, str]:
+    """Create or update each work pool from its base job template in infra/work-pools/."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    done = {}
+    with get_client(sync_client=True) as client:
+        for name, file in (pools or POOLS).items():
+            template = json.loads((REPO / "infra" / "work-pools" / file).read_text())
+            try:
+                client.read_work_pool(name)
+                client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+                done[name] = "updated"
+            except ObjectNotFound:
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=template)
+                )
+                done[name] = "created"
+    return done
+
+
+def deploy_all(checkout: Path = REPO, api_url: str | None = None) -> str:
+    """`prefect deploy --all` from prefect.yaml, with workers pulling from ``checkout``."""
+    env = os.environ | {"VGGPRICE_CHECKOUT": str(checkout)}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    prefect = Path(sys.executable).with_name("prefect")
+    out = subprocess.run(
+        [str(prefect), "--no-prompt", "deploy", "--all"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"prefect deploy --all failed: {(out.stderr or out.stdout)[-2000:]}")
+    return out.stdout
+
+
+def worker_command(pool: str) -> list[str]:
+    prefect = Path(sys.executable).with_name("prefect")
+    return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]

@@ -1,0 +1,151 @@
+"""The deployed system: a real Prefect server, cpu and gpu process pools from the
+infra templates, `prefect deploy --all`, one worker per pool, and a moto S3 store."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.pools import REPO, apply_pools, deploy_all, worker_command
+from tasks.storage import open_store
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.deployed
+TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def prefect_api(tmp_path):
+    """`prefect server start` on 127.0.0.1 (SQLite, analytics and scheduler off)."""
+    port = free_port()
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    prefect = Path(sys.executable).with_name("prefect")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - open while the server runs
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError(
+                "prefect server did not start: " + (tmp_path / "server.log").read_text()
+            )
+        yield url
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 30).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = os.environ | {"PREFECT_API_URL": prefect_api, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    workers = []
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        assert apply_pools() == {"cpu": "created", "gpu": "created"}
+        assert apply_pools() == {"cpu": "updated", "gpu": "updated"}
+        deploy_all(REPO, api_url=prefect_api)
+        try:
+            for pool in ("cpu", "gpu"):
+                log = open(tmp_path / f"worker-{pool}.log", "w")  # noqa: SIM115 - worker's lifetime
+                workers.append(
+                    subprocess.Popen(worker_command(pool), env=env, stdout=log, stderr=log)
+                )
+            params = {"store": s3_uri, "source": str(idx_source), "settings": TINY}
+            first = run_deployment(
+                "retrain/retrain-nightly", parameters=params, timeout=600, poll_interval=2
+            )
+            assert first.state.is_completed(), (first.state, _logs(tmp_path))
+
+            with get_client(sync_client=True) as client:
+                (train_run,) = client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["train"]))
+                )
+                assert train_run.work_pool_name == "gpu" and train_run.state.is_completed()
+                assert train_run.deployment_id is not None, "run through its deployment"
+                keys = {a.key for a in client.read_artifacts()}
+            store = open_store(s3_uri)
+            champion = store.get_json("registry/champion.json")
+            mv = champion["model_version"]
+            assert {"champion", f"eval-{mv}", f"train-{mv}"} <= keys
+
+            second = run_deployment(
+                "retrain/retrain-nightly", parameters=params, timeout=600, poll_interval=2
+            )
+            assert second.state.is_completed()
+            with get_client(sync_client=True) as client:
+                assert len(client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])))) == 1  # fmt: skip
+                logs = client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[second.id]))
+                )
+            assert any(
+                "skipped (inputs unchanged): ingest, label, train, evaluate" in lg.message
+                for lg in logs
+            ), [lg.message for lg in logs]
+
+            for drop in ("drop-a", "drop-b"):
+                for i in range(3):
+                    store.put_bytes(f"drops/{drop}/img-{i}.png", _png())
+            scan = run_deployment(
+                "score-new-drops/score-new-drops",
+                parameters={"store": s3_uri},
+                timeout=600,
+                poll_interval=2,
+            )
+            assert scan.state.is_completed(), (scan.state, _logs(tmp_path))
+            for drop in ("drop-a", "drop-b"):
+                manifest = store.get_json(f"scores/{drop}/{mv}/_manifest.json")
+                assert manifest["counts"] == {"listed": 3, "priced": 3, "rejected": 0}
+        finally:
+            for proc in workers:
+                _stop(proc)
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("worker-*.log"))
