@@ -55,3 +55,28 @@ def deploy_all(checkout: Path = REPO, api_url: str | None = None) -> str:
 def worker_command(pool: str) -> list[str]:
     prefect = Path(sys.executable).with_name("prefect")
     return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
+
+
+def render_job_template(template: dict, values: dict | None = None):
+    """A base job template's job_configuration with its placeholders filled from the
+    variables' defaults (and ``values``): what a worker would start, for checking."""
+    import re
+
+    props = template["variables"]["properties"]
+    given = {k: v.get("default") for k, v in props.items()} | (values or {})
+    whole = re.compile(r"^\{\{\s*(\w+)\s*\}\}$")
+    part = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+    def fill(node):
+        if isinstance(node, dict):
+            return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        if isinstance(node, str):
+            m = whole.match(node)
+            if m:
+                return given.get(m.group(1))
+            return part.sub(lambda m: str(given.get(m.group(1), "")), node)
+        return node
+
+    return fill(template["job_configuration"])

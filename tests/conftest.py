@@ -6,7 +6,11 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -125,3 +129,51 @@ def write_idx_source(directory: Path, n_train: int = 60, n_test: int = 20, seed:
 @pytest.fixture
 def idx_source(tmp_path) -> Path:
     return write_idx_source(tmp_path / "idx")
+
+
+# --- a real Prefect server --------------------------------------------------------
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def prefect_api(tmp_path):
+    """`prefect server start` on 127.0.0.1 (SQLite, analytics and scheduler off)."""
+    port = free_port()
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    prefect = Path(sys.executable).with_name("prefect")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - open while the server runs
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError(
+                "prefect server did not start: " + (tmp_path / "server.log").read_text()
+            )
+        yield url
+    finally:
+        stop_process(server)
+        log.close()

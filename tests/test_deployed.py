@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,55 +13,10 @@ from PIL import Image
 
 from tasks.pools import REPO, apply_pools, deploy_all, worker_command
 from tasks.storage import open_store
-from tests.conftest import free_port
+from tests.conftest import stop_process
 
 pytestmark = pytest.mark.deployed
 TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture
-def prefect_api(tmp_path):
-    """`prefect server start` on 127.0.0.1 (SQLite, analytics and scheduler off)."""
-    port = free_port()
-    env = os.environ | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).with_name("prefect")
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - open while the server runs
-    server = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError(
-                "prefect server did not start: " + (tmp_path / "server.log").read_text()
-            )
-        yield url
-    finally:
-        _stop(server)
-        log.close()
 
 
 def _png() -> bytes:
@@ -144,7 +96,7 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
                 assert manifest["counts"] == {"listed": 3, "priced": 3, "rejected": 0}
         finally:
             for proc in workers:
-                _stop(proc)
+                stop_process(proc)
 
 
 def _logs(tmp_path: Path) -> str:
