@@ -142,6 +142,15 @@ def _cmd_deploy(args: argparse.Namespace) -> dict:
     return {"pools": pools, "deployments": sorted(set(names))}
 
 
+def _cmd_automations(args: argparse.Namespace) -> dict:
+    from prefect.blocks.core import Block
+
+    from tasks.pools import apply_automations
+
+    block = Block.load(args.block)  # e.g. slack-webhook/vggprice-alerts
+    return {"automations": apply_automations(str(block._block_document_id))}
+
+
 def _cmd_worker(args: argparse.Namespace) -> dict:
     from tasks.pools import worker_command
 
@@ -251,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", parents=[common], help="pools + deployments on PREFECT_API_URL")
     p.set_defaults(func=_cmd_deploy)
+
+    p = sub.add_parser("automations", parents=[common], help="notify on failures/rejections")
+    p.add_argument("action", choices=["apply"])
+    p.add_argument("--block", required=True, help="notification block, e.g. slack-webhook/alerts")
+    p.set_defaults(func=_cmd_automations)
 
     p = sub.add_parser("worker", help="start a process worker for a pool (prefect worker start)")
     p.add_argument("--pool", default="cpu", help="cpu or gpu (default cpu)")

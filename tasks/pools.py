@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -80,3 +81,19 @@ def render_job_template(template: dict, values: dict | None = None):
         return node
 
     return fill(template["job_configuration"])
+
+
+def apply_automations(notify_block_id: str) -> list[str]:
+    """Create (or replace, by name) the automations in infra/automations/, sending
+    their notifications through the given notification block."""
+    from prefect.automations import Automation
+
+    names = []
+    for path in sorted((REPO / "infra" / "automations").glob("*.json")):
+        text = path.read_text().replace("{{ notify_block_id }}", notify_block_id)
+        automation = Automation.model_validate(json.loads(text))
+        with contextlib.suppress(ValueError):  # ValueError: not there yet
+            Automation.read(name=automation.name).delete()
+        automation.create()
+        names.append(automation.name)
+    return names

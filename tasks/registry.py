@@ -7,7 +7,7 @@ import time
 from prefect import task
 
 from tasks.evaluation import evaluate, read_metrics
-from tasks.reports import publish_markdown
+from tasks.reports import emit, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.storage import (
     CHAMPION_KEY,
@@ -104,7 +104,13 @@ def promote(store: Store, model_version: str, margin: float = 0.01, force: bool 
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
     publish_markdown("champion", decision_markdown(decision), "champion/challenger decision")
+    if not promoted and not forced_or_same(decision):
+        emit("vggprice.challenger.rejected", f"vggprice.model.{model_version}", decision)
     return decision
+
+
+def forced_or_same(decision: dict) -> bool:
+    return decision["forced"] or decision["reason"] == "already the champion"
 
 
 def decision_markdown(d: dict) -> str:

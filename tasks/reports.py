@@ -86,6 +86,14 @@ def publish_progress(model_version: str, epoch: int, epochs: int) -> None:
         update_progress_artifact(_progress_ids[model_version], pct, description=desc)
 
 
+def emit(event: str, resource_id: str, payload: dict) -> None:
+    """A Prefect event (automations trigger on these), from inside a run only."""
+    if _in_run():
+        from prefect.events import emit_event
+
+        emit_event(event=event, resource={"prefect.resource.id": resource_id}, payload=payload)
+
+
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     if _in_run():
         from prefect.artifacts import create_markdown_artifact

@@ -118,3 +118,57 @@ def test_hadolint():
     assert len(files) == 2
     out = run(tool("hadolint"), *files)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_automations_notify_on_a_rejected_challenger(prefect_api):
+    """The shipped automations on a real server: a rejected challenger's event reaches a
+    webhook notification block (a local HTTP server stands in for Slack or email)."""
+    import http.server
+    import threading
+    import time
+
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.pools import apply_automations
+    from tests.conftest import free_port
+
+    received: list[bytes] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = http.server.HTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            block = CustomWebhookNotificationBlock(
+                name="vggprice-alerts",
+                url=f"http://127.0.0.1:{port}/hook",
+                json_data={"text": "{{subject}}: {{body}}"},
+                allow_private_urls=True,
+            )
+            block_id = block.save("vggprice-alerts", overwrite=True)
+            names = apply_automations(str(block_id))
+            assert names == ["vggprice: challenger rejected", "vggprice: nightly retrain failed"]
+            assert apply_automations(str(block_id)) == names, "re-applying replaces, by name"
+            emit_event(
+                event="vggprice.challenger.rejected",
+                resource={"prefect.resource.id": "vggprice.model.m-test"},
+                payload={"reason": "RMSE 9.0 does not beat 8.0"},
+            )
+            deadline = time.time() + 90
+            while not received and time.time() < deadline:
+                time.sleep(1)
+    finally:
+        server.shutdown()
+    assert received, "the automation did not call the webhook within 90 s"
+    assert b"challenger rejected" in received[0] and b"m-test" in received[0]
