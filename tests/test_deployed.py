@@ -81,6 +81,20 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
                 for lg in logs
             ), [lg.message for lg in logs]
 
+            # A child that fails (weights whose layers are not VGG16's) fails the parent
+            # with the child's reason.
+            import keras
+
+            wrong = tmp_path / "wrong.weights.h5"
+            keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).save_weights(wrong)
+            bad = params | {"settings": TINY | {"weights": str(wrong)}}
+            failed = run_deployment(
+                "retrain/retrain-nightly", parameters=bad, timeout=600, poll_interval=2
+            )
+            assert failed.state.is_failed(), failed.state
+            assert "on pool 'gpu' ended FAILED" in failed.state.message
+            assert "not VGG16" in failed.state.message, failed.state.message
+
             for drop in ("drop-a", "drop-b"):
                 for i in range(3):
                     store.put_bytes(f"drops/{drop}/img-{i}.png", _png())

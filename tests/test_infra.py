@@ -4,8 +4,10 @@ Job rendered and validated, terraform fmt, checkov, hadolint."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,7 +130,6 @@ def test_automations_notify_on_a_rejected_challenger(prefect_api):
     import time
 
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
-    from prefect.events import emit_event
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.pools import apply_automations
@@ -160,11 +161,19 @@ def test_automations_notify_on_a_rejected_challenger(prefect_api):
             names = apply_automations(str(block_id))
             assert names == ["vggprice: challenger rejected", "vggprice: nightly retrain failed"]
             assert apply_automations(str(block_id)) == names, "re-applying replaces, by name"
-            emit_event(
-                event="vggprice.challenger.rejected",
-                resource={"prefect.resource.id": "vggprice.model.m-test"},
-                payload={"reason": "RMSE 9.0 does not beat 8.0"},
+            # From a process of its own: this one's events client may already be bound
+            # to another test server.
+            emit = (
+                "from prefect.events import emit_event\n"
+                "from prefect.events.worker import EventsWorker\n"
+                "emit_event(event='vggprice.challenger.rejected',\n"
+                "           resource={'prefect.resource.id': 'vggprice.model.m-test'},\n"
+                "           payload={'reason': 'RMSE 9.0 does not beat 8.0'})\n"
+                "EventsWorker.drain_all()\n"
             )
+            env = os.environ | {"PREFECT_API_URL": prefect_api}
+            out = subprocess.run([sys.executable, "-c", emit], env=env, capture_output=True)
+            assert out.returncode == 0, out.stderr
             deadline = time.time() + 90
             while not received and time.time() < deadline:
                 time.sleep(1)
