@@ -36,7 +36,7 @@ def main() -> None:
     )  # the recipe's 48x48 graph; the weights do not change the speed
     mv = train(store, dv, lv, settings)["model_version"]
     promote(store, mv)
-    images = load_data(store, dv, lv, settings)["test"]["images"][: args.images]
+    images = load_data(store, dv, lv, settings, ("test",))["test"]["images"][: args.images]
     for i, img in enumerate(images):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")

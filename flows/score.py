@@ -27,7 +27,7 @@ from tasks.scoring import (
     score_shard,
 )
 from tasks.settings import load_settings
-from tasks.storage import open_store
+from tasks.storage import model_prefix, open_store
 
 
 @task(name="score-shard", **TASK_RETRIES)
@@ -49,7 +49,7 @@ def publish_drop(store, manifest: dict, seconds: float) -> None:
     n = manifest["counts"]["priced"] + manifest["counts"]["rejected"]
     key = artifact_key(f"drop-{manifest['drop_id']}")
     publish_markdown(key, drop_markdown(manifest, n / seconds if seconds else None), "drop scoring")
-    lineage = store.get_json(f"models/{manifest['model_version']}/lineage.json")
+    lineage = store.get_json(model_prefix(manifest["model_version"]) + "lineage.json")
     means = read_scaling(store, lineage["dataset_version"], lineage["labels_version"])["rule"][
         "means"
     ]

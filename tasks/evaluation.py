@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 from prefect import task
 
 from tasks.labels import PriceRule
+from tasks.model import TrainSettings
 from tasks.reports import (
     artifact_key,
     pred_vs_true_plot,
@@ -17,7 +19,7 @@ from tasks.reports import (
     residuals_plot,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.storage import Store, model_prefix, open_store
+from tasks.storage import ObjectNotFound, Store, model_prefix, open_store
 from tasks.training import load_data, read_model_config
 
 RECIPE_MSE_SCALED = 0.0136  # the reference tutorial's val MSE after 5 epochs
@@ -110,21 +112,19 @@ def evaluate(store: Store, mv: str, labels_version: str | None = None) -> dict:
     lineage = config["lineage"]
     own = labels_version in (None, lineage["labels_version"])
     labels_version = labels_version or lineage["labels_version"]
-    existing = read_metrics(store, mv, labels_version)
-    if existing is not None:
+    out = eval_prefix(mv, labels_version, lineage["labels_version"])
+    with contextlib.suppress(ObjectNotFound):
+        existing = store.get_json(out + "metrics.json")
         get_logger().info("%s already evaluated on %s; nothing redone", mv, labels_version)
         return existing | {"skipped": True}
-    from tasks.model import TrainSettings
-
     settings = TrainSettings(**config["settings"])
-    data = load_data(store, lineage["dataset_version"], labels_version, settings)
+    data = load_data(store, lineage["dataset_version"], labels_version, settings, ("test",))
     model = load_model(store, mv)
     test = data["test"]
     pred = predict_prices(model, test["images"])
     rule = PriceRule(**{k: data["scaling"]["rule"][k] for k in ("means", "sigma")})
     metrics = metrics_for(test["price"], pred, test["labels"], data["scaling"], rule)
     metrics |= {"model_version": mv, "labels_version": labels_version}
-    out = model_prefix(mv) + ("" if own else f"eval/{labels_version}/")
     store.put_bytes(out + "plots/pred_vs_true.png", pred_vs_true_plot(test["price"], pred))
     store.put_bytes(out + "plots/residuals.png", residuals_plot(test["price"], pred))
     store.put_json(out + "metrics.json", metrics)
@@ -148,15 +148,17 @@ def evaluate(store: Store, mv: str, labels_version: str | None = None) -> dict:
     return metrics
 
 
-def read_metrics(store: Store, mv: str, labels_version: str | None = None) -> dict | None:
-    from tasks.storage import ObjectNotFound
-
-    own = store.get_json(model_prefix(mv) + "lineage.json")["labels_version"]
-    key = model_prefix(mv) + (
-        "metrics.json" if labels_version in (None, own) else f"eval/{labels_version}/metrics.json"
+def eval_prefix(mv: str, labels_version: str, own_labels_version: str) -> str:
+    """models/<v>/ for the model's own labels, models/<v>/eval/<labels>/ for others."""
+    return model_prefix(mv) + (
+        "" if labels_version == own_labels_version else f"eval/{labels_version}/"
     )
+
+
+def read_metrics(store: Store, mv: str, labels_version: str | None = None) -> dict | None:
+    own = store.get_json(model_prefix(mv) + "lineage.json")["labels_version"]
     try:
-        return store.get_json(key)
+        return store.get_json(eval_prefix(mv, labels_version or own, own) + "metrics.json")
     except ObjectNotFound:
         return None
 

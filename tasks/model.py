@@ -15,6 +15,7 @@ prices, with no vggprice code needed to load it (``safe_mode=True`` works).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -75,7 +76,7 @@ class TrainSettings(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _pretrained_or_not(self) -> TrainSettings:
+    def _weights_named(self) -> TrainSettings:
         if self.weights.strip() == "":
             raise ValueError("weights must be imagenet, none, or a path/URI of a weights file")
         return self
@@ -118,6 +119,17 @@ def hardware() -> dict:
 # --- base weights ----------------------------------------------------------------
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a weights file, once per content stamp (identity and load both need it)."""
+    return sha256_file(Path(path))
+
+
 def fetch_weights(source: str, expected_sha256: str | None = None) -> tuple[Path | None, str]:
     """(local file or None, identity) for a weights source.
 
@@ -142,7 +154,7 @@ def fetch_weights(source: str, expected_sha256: str | None = None) -> tuple[Path
         local = Path(source).expanduser()
         if not local.is_file():
             raise WeightsError(f"{source}: no such weights file")
-    digest = sha256_file(local)
+    digest = _file_digest(str(local), *_stamp(local))
     if expected_sha256 and digest != expected_sha256.lower():
         if source.startswith("s3://"):
             shutil.rmtree(local.parent, ignore_errors=True)  # fetch again next time

@@ -48,9 +48,13 @@ def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def load_data(
-    store: Store, dataset_version: str, labels_version: str, settings: TrainSettings
+    store: Store,
+    dataset_version: str,
+    labels_version: str,
+    settings: TrainSettings,
+    splits: tuple[str, ...] = ("train", "test"),
 ) -> dict:
-    """Pixels (uint8, n x 28 x 28), prices and scaled targets for both splits."""
+    """Pixels (uint8, n x 28 x 28), prices and scaled targets for the given splits."""
     scaling = read_scaling(store, dataset_version, labels_version)
     prices = read_prices(store, dataset_version, labels_version).to_pandas()
     price_of = dict(zip(prices["image_id"], prices["price"], strict=True))
@@ -59,7 +63,9 @@ def load_data(
         "dataset_version": dataset_version,
         "labels_version": labels_version,
     }
-    for split, limit in (("train", settings.train_limit), ("test", settings.test_limit)):
+    limits = {"train": settings.train_limit, "test": settings.test_limit}
+    for split in splits:
+        limit = limits[split]
         table = load_split(store, dataset_version, split)
         idx = subset_indices(table.num_rows, limit, settings.seed)
         table = table.take(idx)

@@ -243,7 +243,7 @@ def test_preprocessing_parity_training_and_scoring(tmp_path, idx_source):
     store = open_store(str(tmp_path / "lake"))
     dv = ingest(store, find_source(idx_source))["version"]
     lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
-    trained = load_data(store, dv, lv, TINY)["test"]["images"]
+    trained = load_data(store, dv, lv, TINY, ("test",))["test"]["images"]
     shard = load_split(store, dv, "test")
     blobs = shard["image"].to_pylist()
     scored = np.stack([px for _, px, _ in decode_object("x.png", blobs[0], LIMIT)] +

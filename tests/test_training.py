@@ -155,7 +155,7 @@ def test_stored_model_matches_in_memory(tmp_path, idx_source):
     lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
     settings = TrainSettings(**TINY | {"precision": "float32"})
     result = train(store, dv, lv, settings)
-    images = load_data(store, dv, lv, settings)["test"]["images"]
+    images = load_data(store, dv, lv, settings, ("test",))["test"]["images"]
     import keras
 
     stored = keras.models.load_model(
