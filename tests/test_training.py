@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,27 @@ def test_resume_after_crash(versions):
     history = store.get_json(f"models/{result['model_version']}/history.json")
     assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
     assert store.keys("checkpoints/") == [], "checkpoints are removed once the model is stored"
+
+
+def test_checkpoint_from_other_code_is_not_resumed(versions, caplog):
+    store, dv, lv = versions
+    settings = TrainSettings(**TINY | {"epochs": 2})
+
+    def crash(epoch, history):
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError):
+        train(store, dv, lv, settings, on_epoch=crash)
+    (npz,) = [k for k in store.keys("checkpoints/") if k.endswith(".npz")]
+    arrays = dict(np.load(io.BytesIO(store.get_bytes(npz))))
+    arrays.pop(sorted(k for k in arrays if k.startswith("o"))[-1])  # an optimizer slot fewer
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.put_bytes(npz, buf.getvalue())
+    seen = []
+    result = train(store, dv, lv, settings, on_epoch=lambda e, h: seen.append(e))
+    assert result["resumed_from_epoch"] == 0 and seen == [1, 2]
+    assert "checkpoint does not fit" in caplog.text
 
 
 def test_weights_from_file(tmp_path, versions):
@@ -192,19 +215,56 @@ def test_augment_views_are_deterministic():
     assert not (a == images).all()
 
 
-def test_patch_conv_matches_conv2d():
+@pytest.mark.parametrize("side", [3, 2, 6])
+def test_patch_conv_matches_conv2d(side):
     import keras
 
     from tasks.model import as_patch_conv
 
     keras.mixed_precision.set_global_policy("float32")
-    inp = keras.Input((3, 3, 64))
+    inp = keras.Input((side, side, 64))
     conv = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="block5_conv1")
     model = keras.Model(inp, conv(inp))
     twin = as_patch_conv(conv)
     assert type(twin).__name__ == "PatchConv2D" and twin.name == conv.name
-    x = np.random.default_rng(0).normal(size=(5, 3, 3, 64)).astype("float32")
+    x = np.random.default_rng(0).normal(size=(5, side, side, 64)).astype("float32")
     assert np.allclose(model.predict(x, verbose=0), np.asarray(twin(x)), atol=1e-5)
+
+
+def test_patch_conv_leaves_other_convolutions():
+    import keras
+
+    from tasks.model import as_patch_conv
+
+    keras.mixed_precision.set_global_policy("float32")
     strided = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")
     strided(keras.Input((6, 6, 4)))
     assert as_patch_conv(strided) is strided, "only the 3x3/stride-1/same/relu shape is swapped"
+    large = keras.layers.Conv2D(8, 3, padding="same", activation="relu")
+    large(keras.Input((12, 12, 4)))
+    assert as_patch_conv(large) is large, "large maps keep Keras's convolution"
+
+
+def test_fused_rmsprop_matches_keras_rmsprop():
+    import keras
+
+    from tasks.model import fused_rmsprop
+
+    keras.mixed_precision.set_global_policy("float32")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    weights, initial = [], []
+    for make in (keras.optimizers.RMSprop, fused_rmsprop):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(1)])  # fmt: skip
+        lr = keras.optimizers.schedules.InverseTimeDecay(1e-2, decay_steps=1, decay_rate=0.1)
+        model.compile(optimizer=make(learning_rate=lr), loss="mse")
+        initial.append(model.get_weights())
+        model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*initial, strict=True)), "same start"
+    assert not np.allclose(weights[0][0], initial[0][0]), "training moved the weights"
+    for ours, theirs in zip(weights[1], weights[0], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
