@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -111,29 +112,67 @@ def git_commit() -> str | None:
 # --- checkpoints -----------------------------------------------------------------
 
 
-def save_checkpoint(store: Store, mv: str, model, epoch: int, history: dict) -> None:
-    """Weights + optimizer state, then state.json (the marker that the epoch finished)."""
-    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
-    arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    prefix = checkpoint_prefix(mv)
-    store.put_bytes(prefix + f"epoch-{epoch}.npz", buf.getvalue())
-    store.put_json(prefix + "state.json", {"epoch": epoch, "history": history})
+class CheckpointWriter:
+    """Writes each epoch's checkpoint in the background while the next epoch trains.
+
+    The weights and optimizer state are copied when the epoch ends; the npz goes
+    to the store first and ``state.json`` (the marker that the epoch finished)
+    after it, so a reader finds the previous checkpoint or this one, never half of
+    one. One write is in flight at a time; ``wait`` re-raises a failed write.
+    """
+
+    def __init__(self, store: Store, mv: str):
+        self.store, self.prefix = store, checkpoint_prefix(mv)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: Future | None = None
+
+    def save(self, model, epoch: int, history: dict) -> None:
+        arrays = {f"w{i}": np.array(w) for i, w in enumerate(model.weights)}
+        arrays |= {f"o{i}": np.array(v) for i, v in enumerate(model.optimizer.variables)}
+        state = {"epoch": epoch, "history": {k: list(v) for k, v in history.items()}}
+        self.wait()
+        self.pending = self.pool.submit(self._write, arrays, state)
+
+    def _write(self, arrays: dict, state: dict) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.store.put_bytes(self.prefix + f"epoch-{state['epoch']}.npz", buf.getvalue())
+        self.store.put_json(self.prefix + "state.json", state)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 def restore_checkpoint(store: Store, mv: str, model) -> tuple[int, dict]:
-    """(epochs finished, history) from the last checkpoint, or (0, empty)."""
+    """(epochs finished, history) from the last checkpoint, or (0, empty) when there is
+    none or it does not fit this model and optimizer (written by other code)."""
     prefix = checkpoint_prefix(mv)
     try:
         state = store.get_json(prefix + "state.json")
     except ObjectNotFound:
         return 0, {"loss": [], "val_loss": []}
     data = np.load(io.BytesIO(store.get_bytes(prefix + f"epoch-{state['epoch']}.npz")))
-    model.set_weights([data[f"w{i}"] for i in range(len(model.get_weights()))])
     model.optimizer.build(model.trainable_variables)
-    for i, var in enumerate(model.optimizer.variables):
-        var.assign(data[f"o{i}"])
+    targets = {f"w{i}": w for i, w in enumerate(model.weights)}
+    targets |= {f"o{i}": v for i, v in enumerate(model.optimizer.variables)}
+    if set(data.files) != set(targets) or any(
+        data[k].shape != tuple(v.shape) for k, v in targets.items()
+    ):
+        get_logger().warning(
+            "%s: checkpoint does not fit this model's variables; training from the start",
+            store.uri_for(prefix + "state.json"),
+        )
+        return 0, {"loss": [], "val_loss": []}
+    for k, var in targets.items():
+        var.assign(data[k])
     return state["epoch"], state["history"]
 
 
@@ -217,39 +256,43 @@ def train(
     if start_epoch:
         log.info("resuming %s after epoch %d of %d", mv, start_epoch, settings.epochs)
     fit_seconds = 0.0
-    for epoch in range(start_epoch, settings.epochs):
-        if feature_info is not None:  # one cached view per image, drawn anew each epoch
-            rng = np.random.default_rng([settings.seed, epoch])
-            pick = rng.integers(0, len(train_x), size=train_x.shape[1])
-            epoch_x = train_x[pick, np.arange(train_x.shape[1])]
-        else:
-            epoch_x = train_x
-        t0 = time.time()
-        h = model.fit(
-            epoch_x,
-            train_y,
-            batch_size=settings.batch_size,
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            validation_data=(val_x, test_y),
-            shuffle=True,
-            verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
-        )
-        fit_seconds += time.time() - t0
-        for k in ("loss", "val_loss"):
-            history[k].append(float(h.history[k][-1]))
-        save_checkpoint(store, mv, model, epoch + 1, history)
-        log.info(
-            "epoch %d/%d: loss %.5f val_loss %.5f (%.1f s)",
-            epoch + 1,
-            settings.epochs,
-            history["loss"][-1],
-            history["val_loss"][-1],
-            time.time() - t0,
-        )
-        publish_progress(mv, epoch + 1, settings.epochs)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, history)
+    checkpoints = CheckpointWriter(store, mv)
+    try:
+        for epoch in range(start_epoch, settings.epochs):
+            if feature_info is not None:  # one cached view per image, drawn anew each epoch
+                rng = np.random.default_rng([settings.seed, epoch])
+                pick = rng.integers(0, len(train_x), size=train_x.shape[1])
+                epoch_x = train_x[pick, np.arange(train_x.shape[1])]
+            else:
+                epoch_x = train_x
+            t0 = time.time()
+            h = model.fit(
+                epoch_x,
+                train_y,
+                batch_size=settings.batch_size,
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                validation_data=(val_x, test_y),
+                shuffle=True,
+                verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
+            )
+            fit_seconds += time.time() - t0
+            for k in ("loss", "val_loss"):
+                history[k].append(float(h.history[k][-1]))
+            checkpoints.save(model, epoch + 1, history)
+            log.info(
+                "epoch %d/%d: loss %.5f val_loss %.5f (%.1f s)",
+                epoch + 1,
+                settings.epochs,
+                history["loss"][-1],
+                history["val_loss"][-1],
+                time.time() - t0,
+            )
+            publish_progress(mv, epoch + 1, settings.epochs)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, history)
+    finally:
+        checkpoints.close()  # the last finished epoch is stored, even when training failed
 
     final = export_model(settings, [frozen, top], data["scaling"])
     facts = {
