@@ -179,6 +179,29 @@ def restore_checkpoint(store: Store, mv: str, model) -> tuple[int, dict]:
 # --- the training run -------------------------------------------------------------
 
 
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: tuple | None = None):
+    """A tf.data pipeline of (x, y) batches, in a seeded random order when ``shuffle``
+    gives (seed, epoch): the same order again on a resumed run. tf.data's autotuning
+    is off: deleting an autotuned iterator at the end of an epoch stalled for about
+    0.7 s on this 2-core CPU, every other epoch."""
+    import tensorflow as tf
+
+    xs, ys = tf.constant(x), tf.constant(y)
+    order = tf.data.Dataset.range(len(y))
+    if shuffle is not None:
+        seed = int(np.random.default_rng(list(shuffle)).integers(2**31))
+        order = order.shuffle(len(y), seed=seed)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return (
+        order.batch(batch_size)
+        .map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+        .prefetch(1)
+        .with_options(options)
+    )
+
+
+
 def train(
     store: Store,
     dataset_version: str,
@@ -256,6 +279,7 @@ def train(
     if start_epoch:
         log.info("resuming %s after epoch %d of %d", mv, start_epoch, settings.epochs)
     fit_seconds = 0.0
+    val = batches(val_x, test_y, settings.batch_size)
     checkpoints = CheckpointWriter(store, mv)
     try:
         for epoch in range(start_epoch, settings.epochs):
@@ -267,13 +291,11 @@ def train(
                 epoch_x = train_x
             t0 = time.time()
             h = model.fit(
-                epoch_x,
-                train_y,
-                batch_size=settings.batch_size,
+                batches(epoch_x, train_y, settings.batch_size, shuffle=(settings.seed, epoch)),
                 epochs=epoch + 1,
                 initial_epoch=epoch,
-                validation_data=(val_x, test_y),
-                shuffle=True,
+                validation_data=val,
+                shuffle=False,  # batches() has shuffled
                 verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
             )
             fit_seconds += time.time() - t0
