@@ -201,6 +201,61 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: tuple | None
     )
 
 
+def fit_epochs(
+    store: Store,
+    mv: str,
+    model,
+    settings: TrainSettings,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+    start_epoch: int,
+    history: dict,
+    views: bool,
+    on_epoch: EpochHook | None,
+) -> float:
+    """The epochs left after ``start_epoch``, a checkpoint after each; returns the seconds
+    spent in ``fit``. With ``views`` the train x is (views, n, ...) and each epoch draws
+    one view per image."""
+    log = get_logger()
+    train_x, train_y = train_xy
+    val = batches(*val_xy, settings.batch_size)
+    fit_seconds = 0.0
+    checkpoints = CheckpointWriter(store, mv)
+    try:
+        for epoch in range(start_epoch, settings.epochs):
+            epoch_x = train_x
+            if views:
+                rng = np.random.default_rng([settings.seed, epoch])
+                pick = rng.integers(0, len(train_x), size=train_x.shape[1])
+                epoch_x = train_x[pick, np.arange(train_x.shape[1])]
+            t0 = time.time()
+            h = model.fit(
+                batches(epoch_x, train_y, settings.batch_size, shuffle=(settings.seed, epoch)),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                validation_data=val,
+                shuffle=False,  # batches() has shuffled
+                verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
+            )
+            fit_seconds += time.time() - t0
+            for k in ("loss", "val_loss"):
+                history[k].append(float(h.history[k][-1]))
+            checkpoints.save(model, epoch + 1, history)
+            log.info(
+                "epoch %d/%d: loss %.5f val_loss %.5f (%.1f s)",
+                epoch + 1,
+                settings.epochs,
+                history["loss"][-1],
+                history["val_loss"][-1],
+                time.time() - t0,
+            )
+            publish_progress(mv, epoch + 1, settings.epochs)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, history)
+    finally:
+        checkpoints.close()  # the last finished epoch is stored, even when training failed
+    return fit_seconds
+
 
 def train(
     store: Store,
@@ -278,43 +333,18 @@ def train(
     start_epoch, history = restore_checkpoint(store, mv, model)
     if start_epoch:
         log.info("resuming %s after epoch %d of %d", mv, start_epoch, settings.epochs)
-    fit_seconds = 0.0
-    val = batches(val_x, test_y, settings.batch_size)
-    checkpoints = CheckpointWriter(store, mv)
-    try:
-        for epoch in range(start_epoch, settings.epochs):
-            if feature_info is not None:  # one cached view per image, drawn anew each epoch
-                rng = np.random.default_rng([settings.seed, epoch])
-                pick = rng.integers(0, len(train_x), size=train_x.shape[1])
-                epoch_x = train_x[pick, np.arange(train_x.shape[1])]
-            else:
-                epoch_x = train_x
-            t0 = time.time()
-            h = model.fit(
-                batches(epoch_x, train_y, settings.batch_size, shuffle=(settings.seed, epoch)),
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                validation_data=val,
-                shuffle=False,  # batches() has shuffled
-                verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
-            )
-            fit_seconds += time.time() - t0
-            for k in ("loss", "val_loss"):
-                history[k].append(float(h.history[k][-1]))
-            checkpoints.save(model, epoch + 1, history)
-            log.info(
-                "epoch %d/%d: loss %.5f val_loss %.5f (%.1f s)",
-                epoch + 1,
-                settings.epochs,
-                history["loss"][-1],
-                history["val_loss"][-1],
-                time.time() - t0,
-            )
-            publish_progress(mv, epoch + 1, settings.epochs)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, history)
-    finally:
-        checkpoints.close()  # the last finished epoch is stored, even when training failed
+    fit_seconds = fit_epochs(
+        store,
+        mv,
+        model,
+        settings,
+        (train_x, train_y),
+        (val_x, test_y),
+        start_epoch,
+        history,
+        views=feature_info is not None,
+        on_epoch=on_epoch,
+    )
 
     final = export_model(settings, [frozen, top], data["scaling"])
     facts = {

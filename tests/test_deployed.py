@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,13 +74,17 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             with get_client(sync_client=True) as client:
                 assert len(client.read_flow_runs(
                     flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])))) == 1  # fmt: skip
-                logs = client.read_logs(
-                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[second.id]))
-                )
+                # The run's process ships its last logs as it exits, which can be just
+                # after the server marks the run completed.
+                for _ in range(30):
+                    messages = [lg.message for lg in client.read_logs(
+                        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[second.id])))]  # fmt: skip
+                    if any("skipped (inputs unchanged)" in m for m in messages):
+                        break
+                    time.sleep(1)
             assert any(
-                "skipped (inputs unchanged): ingest, label, train, evaluate" in lg.message
-                for lg in logs
-            ), [lg.message for lg in logs]
+                "skipped (inputs unchanged): ingest, label, train, evaluate" in m for m in messages
+            ), messages
 
             # A child that fails (weights whose layers are not VGG16's) fails the parent
             # with the child's reason.
