@@ -80,6 +80,17 @@ def _load_npy(body: bytes) -> np.ndarray:
     return np.load(io.BytesIO(body), allow_pickle=False)
 
 
+def _stacked(n: int, arrays) -> np.ndarray:
+    """np.stack of ``n`` equal-shape arrays, filled in place as they come: the views
+    are never held twice."""
+    out = None
+    for i, a in enumerate(arrays):
+        if out is None:
+            out = np.empty((n, *a.shape), a.dtype)
+        out[i] = a
+    return out
+
+
 def extract(frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Frozen-layer outputs for uint8 (n, 28, 28) images, as float16."""
     out = frozen.predict(images[..., None], batch_size=batch_size, verbose=0)
@@ -102,23 +113,27 @@ def load_or_extract(
     log = get_logger()
     try:
         manifest = store.get_json(prefix + "manifest.json")
-        train = np.stack([_load_npy(store.get_bytes(k)) for k in manifest["train"]])
+        keys = manifest["train"]
+        train = _stacked(len(keys), (_load_npy(store.get_bytes(k)) for k in keys))
         test = _load_npy(store.get_bytes(manifest["test"]))
         log.info("feature cache hit: %s (%s)", key, "x".join(map(str, train.shape)))
         return train, test, True
     except ObjectNotFound:
         pass
     log.info("feature cache miss: extracting %d views of %d images", n_views, len(train_images))
-    views, keys = [], []
-    for v in range(n_views):
-        feats = extract(frozen, augment_view(train_images, v, shift, flip, seed))
-        keys.append(f"{prefix}train-view-{v}.npy")
-        store.put_bytes(keys[-1], _npy(feats))
-        views.append(feats)
+    keys = [f"{prefix}train-view-{v}.npy" for v in range(n_views)]
+
+    def views():
+        for v, view_key in enumerate(keys):
+            feats = extract(frozen, augment_view(train_images, v, shift, flip, seed))
+            store.put_bytes(view_key, _npy(feats))
+            yield feats
+
+    train = _stacked(n_views, views())
     test = extract(frozen, test_images)
     store.put_bytes(prefix + "test.npy", _npy(test))
     store.put_json(
         prefix + "manifest.json",
         {"key": key, "train": keys, "test": prefix + "test.npy", "shape": list(test.shape[1:])},
     )
-    return np.stack(views), test, False
+    return train, test, False

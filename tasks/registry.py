@@ -56,13 +56,14 @@ def promote(store: Store, model_version: str, margin: float = 0.01, force: bool 
     labels_version = lineage["labels_version"]
     challenger = read_metrics(store, model_version) or evaluate(store, model_version)
     champion = read_champion(store)
+    same = champion is not None and champion["model_version"] == model_version
     champion_metrics = None
-    if champion is not None and champion["model_version"] != model_version:
+    if champion is not None and not same:
         # Compare on the same labels: re-evaluate the champion on the challenger's.
         champion_metrics = read_metrics(
             store, champion["model_version"], labels_version
         ) or evaluate(store, champion["model_version"], labels_version)
-    if champion is not None and champion["model_version"] == model_version:
+    if same:
         promoted, reason = False, "already the champion"
     elif force:
         promoted, reason = True, "forced by a person (--force)"
@@ -104,13 +105,9 @@ def promote(store: Store, model_version: str, margin: float = 0.01, force: bool 
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
     publish_markdown("champion", decision_markdown(decision), "champion/challenger decision")
-    if not promoted and not forced_or_same(decision):
+    if not promoted and not same:
         emit("vggprice.challenger.rejected", f"vggprice.model.{model_version}", decision)
     return decision
-
-
-def forced_or_same(decision: dict) -> bool:
-    return decision["forced"] or decision["reason"] == "already the champion"
 
 
 def decision_markdown(d: dict) -> str:

@@ -223,6 +223,13 @@ def _parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+def _rows_parquet(schema: pa.Schema, keys: list, values, mv: str, now: datetime) -> bytes:
+    """A part file: one row per key with its value (price or reason), model and time."""
+    columns = {"key": keys, schema.names[1]: values}
+    columns |= {"model_version": [mv] * len(keys), "scored_at": [now] * len(keys)}
+    return _parquet(pa.table(columns, schema=schema))
+
+
 def score_shard(
     source: Store,
     prefix: str,
@@ -271,32 +278,11 @@ def score_shard(
     }
     out.put_bytes(
         base + f"_rejected/part-{shard}.parquet",
-        _parquet(
-            pa.table(
-                {
-                    "key": [k for k, _ in rejected],
-                    "reason": [r for _, r in rejected],
-                    "model_version": [mv] * len(rejected),
-                    "scored_at": [now] * len(rejected),
-                },
-                schema=REJECTED_SCHEMA,
-            )
-        ),
+        _rows_parquet(REJECTED_SCHEMA, [k for k, _ in rejected], [r for _, r in rejected], mv, now),
     )
     out.put_json(base + f"_shards/{shard}.json", facts)
     out.put_bytes(
-        base + f"part-{shard}.parquet",
-        _parquet(
-            pa.table(
-                {
-                    "key": rows,
-                    "price": prices,
-                    "model_version": [mv] * len(rows),
-                    "scored_at": [now] * len(rows),
-                },
-                schema=PRICED_SCHEMA,
-            )
-        ),
+        base + f"part-{shard}.parquet", _rows_parquet(PRICED_SCHEMA, rows, prices, mv, now)
     )
     return facts
 
@@ -318,7 +304,8 @@ def finalize(
         rejected = REJECTED_SCHEMA.empty_table()
     store.put_bytes(base + "rejected.parquet", _parquet(rejected))
     shards = [store.get_json(k) for k in store.keys(base + "_shards/")]
-    priced = read_parts(store, store.keys(base + "part-"), ["price"])
+    parts = store.keys(base + "part-")
+    priced = read_parts(store, parts, ["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
     config = store.get_json(model_prefix(mv) + "config.json")
     stats = config.get("train_stats", {})
@@ -356,7 +343,7 @@ def finalize(
         },
         "drift": drift,
         "listing": [[o["key"], o["size"], o["etag"]] for o in listing],
-        "parts": store.keys(base + "part-"),
+        "parts": parts,
         "timings": run,
         "completed_at": datetime.now(UTC).isoformat(),
     }

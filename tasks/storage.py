@@ -54,7 +54,7 @@ DROPS_PREFIX = "drops/"
 
 
 def drop_prefix(drop_id: str) -> str:
-    return f"drops/{drop_id}/"
+    return f"{DROPS_PREFIX}{drop_id}/"
 
 
 def scores_prefix(drop_id: str, model_version: str) -> str:

@@ -159,11 +159,12 @@ def restore_checkpoint(store: Store, mv: str, model) -> tuple[int, dict]:
         state = store.get_json(prefix + "state.json")
     except ObjectNotFound:
         return 0, {"loss": [], "val_loss": []}
-    data = np.load(io.BytesIO(store.get_bytes(prefix + f"epoch-{state['epoch']}.npz")))
+    with np.load(io.BytesIO(store.get_bytes(prefix + f"epoch-{state['epoch']}.npz"))) as npz:
+        data = dict(npz)  # each array read once (an NpzFile re-reads on every access)
     model.optimizer.build(model.trainable_variables)
     targets = {f"w{i}": w for i, w in enumerate(model.weights)}
     targets |= {f"o{i}": v for i, v in enumerate(model.optimizer.variables)}
-    if set(data.files) != set(targets) or any(
+    if set(data) != set(targets) or any(
         data[k].shape != tuple(v.shape) for k, v in targets.items()
     ):
         get_logger().warning(

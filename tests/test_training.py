@@ -42,6 +42,8 @@ def test_train_evaluate_promote(versions, store_uri):
     lineage = store.get_json(f"models/{mv}/lineage.json")
     assert (lineage["dataset_version"], lineage["labels_version"]) == (dv, lv)
     assert lineage["feature_cache_key"] == first["features"]["key"]
+    manifest = store.get_json(f"features/{first['features']['key']}/manifest.json")
+    assert manifest["key"] == first["features"]["key"] and len(manifest["train"]) == 2
 
     metrics = evaluate_flow(mv, store=store_uri)
     assert metrics["n"] == 20 and metrics["rmse"] > 0 and metrics["noise_floor_rmse"] > 0
