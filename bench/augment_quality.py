@@ -26,7 +26,7 @@ import numpy as np
 from _common import prepared_store
 
 from tasks.evaluation import evaluate
-from tasks.model import TrainSettings
+from tasks.train_settings import TrainSettings
 from tasks.training import train
 
 MODES = {

@@ -15,7 +15,7 @@ import time
 from _common import prepared_store
 
 from tasks.evaluation import evaluate
-from tasks.model import TrainSettings
+from tasks.train_settings import TrainSettings
 from tasks.training import train
 
 

@@ -18,11 +18,12 @@ import time
 from _common import prepared_store
 from PIL import Image
 
-from tasks.evaluation import load_model
-from tasks.model import TrainSettings, resolve_precision
+from tasks.data import load_data
+from tasks.inference import get_model, load_stored_model, resolve_precision
 from tasks.registry import promote
-from tasks.scoring import ScoreOptions, get_model, score_drop
-from tasks.training import load_data, train
+from tasks.scoring import ScoreOptions, score_drop
+from tasks.train_settings import TrainSettings
+from tasks.training import train
 
 
 def main() -> None:
@@ -36,28 +37,28 @@ def main() -> None:
     )  # the recipe's 48x48 graph; the weights do not change the speed
     mv = train(store, dv, lv, settings)["model_version"]
     promote(store, mv)
-    images = load_data(store, dv, lv, settings, ("test",))["test"]["images"][: args.images]
+    images = load_data(store, dv, lv, {"test": args.images}, 0).test.images[: args.images]
     for i, img in enumerate(images):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         for drop in ("bench", "bench-f32"):
-            store.put_bytes(f"drops/{drop}/img-{i:06d}.png", buf.getvalue())
+            store.store.put_bytes(f"drops/{drop}/img-{i:06d}.png", buf.getvalue())
 
-    bare_model = load_model(store, mv)
+    bare_model = load_stored_model(store.model(mv))
     bare_model.predict(images[:64, ..., None], batch_size=args.batch, verbose=0)
     t0 = time.time()
     bare_model.predict(images[..., None], batch_size=args.batch, verbose=0)
     bare = time.time() - t0
 
     options = ScoreOptions(batch_size=args.batch)
-    get_model(store, mv, options.precision)[0].predict(images[:64, ..., None], verbose=0)
+    get_model(store.model(mv), options.precision)[0].predict(images[:64, ..., None], verbose=0)
     t0 = time.time()
     result = score_drop(store, "bench", options=options)
     ours = time.time() - t0
     assert result["counts"]["priced"] == len(images)
 
     f32 = ScoreOptions(batch_size=args.batch, precision="float32")
-    get_model(store, mv, "float32")[0].predict(images[:64, ..., None], verbose=0)
+    get_model(store.model(mv), "float32")[0].predict(images[:64, ..., None], verbose=0)
     t0 = time.time()
     score_drop(store, "bench-f32", options=f32)
     ours32 = time.time() - t0

@@ -14,8 +14,10 @@ import time
 
 from _common import prepared_store
 
-from tasks.model import TrainSettings, resolve_precision
-from tasks.training import load_data, train
+from tasks.data import load_data
+from tasks.inference import resolve_precision
+from tasks.train_settings import TrainSettings
+from tasks.training import train
 
 
 def plain_keras_fit(images, y, epochs: int, size: int) -> float:
@@ -23,7 +25,6 @@ def plain_keras_fit(images, y, epochs: int, size: int) -> float:
     import keras
     import numpy as np
 
-    keras.mixed_precision.set_global_policy("float32")
     x = np.repeat(images[..., None], 3, axis=-1)
     inp = keras.Input((28, 28, 3))
     h = keras.layers.Resizing(size, size)(inp)
@@ -59,12 +60,13 @@ def main() -> None:
         train_limit=args.images,
         test_limit=500,
     )
-    data = load_data(store, dv, lv, settings)
-    n = len(data["train"]["y"])
+    limits = {"train": settings.train_limit, "test": settings.test_limit}
+    data = load_data(store, dv, lv, limits, settings.seed)
+    n = len(data.train.y)
     work = n * args.epochs
     print(f"{what}: {n} train images, {args.epochs} epochs, 48x48, first 15 layers frozen")
 
-    plain = plain_keras_fit(data["train"]["images"], data["train"]["y"], args.epochs, 48)
+    plain = plain_keras_fit(data.train.images, data.train.y, args.epochs, 48)
     t0 = time.time()
     cold = train(store, dv, lv, settings)
     cold_s = time.time() - t0

@@ -46,18 +46,8 @@ def _cmd_label(args: argparse.Namespace) -> dict:
     )
 
 
-# The laptop run: a seeded subset, small input, random init, a few minutes on 2 CPU cores.
-QUICK = {
-    "weights": "none",
-    "input_size": 32,
-    "epochs": 2,
-    "train_limit": 6000,
-    "test_limit": 1000,
-}
-
-
 def _train_settings(args: argparse.Namespace):
-    from tasks.model import TrainSettings
+    from tasks.train_settings import QUICK, TrainSettings
 
     fields: dict = dict(QUICK) if getattr(args, "quick", False) else {}
     for item in args.set or []:
@@ -159,12 +149,12 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def _cmd_champion(args: argparse.Namespace) -> dict:
-    from tasks.registry import read_champion
+    from tasks.lake import Lake
     from tasks.settings import load_settings
     from tasks.storage import open_store
 
     settings = load_settings(store=args.store)
-    champion = read_champion(open_store(settings.store, settings))
+    champion = Lake(open_store(settings.store, settings)).registry().champion()
     if champion is None:
         raise FileNotFoundError(f"no champion in {settings.store} yet: run 'vggprice run'")
     return champion
@@ -183,11 +173,15 @@ def _human(result: dict, indent: str = "") -> str:
 
 def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the price draw (default 0)")
-    p.add_argument("--means", help="10 comma-separated class means (default: DESIGN.md's rule)")
+    p.add_argument(
+        "--means", help="10 comma-separated class means (default: the recipe's, see README)"
+    )
     p.add_argument("--sigma", type=float, help="noise sigma around each class mean (default 3)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from tasks.train_settings import QUICK
+
     p.add_argument(
         "--quick",
         action="store_true",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.dataset import ingest_dataset
+from tasks.lake import Lake
 from tasks.settings import load_settings
-from tasks.storage import dataset_prefix, open_store
+from tasks.storage import open_store
 
 
 @flow(name="ingest")
@@ -14,10 +15,10 @@ def ingest_flow(store: str | None = None, source: str | None = None) -> dict:
     """Write (or find) the dataset version for the source files; returns its version and URI."""
     settings = load_settings(store=store, data_source=source)
     manifest = ingest_dataset(settings.store, settings.data_source)
-    key = dataset_prefix(manifest["version"]) + "manifest.json"
+    dataset = Lake(open_store(settings.store, settings)).dataset(manifest["version"])
     return {
-        "dataset_version": manifest["version"],
-        "manifest_uri": open_store(settings.store, settings).uri_for(key),
+        "dataset_version": dataset.version,
+        "manifest_uri": dataset.uri(dataset.MARKER),
         "rows": {s: manifest["splits"][s]["rows"] for s in manifest["splits"]},
         "verified": manifest["source"]["verified"],
         "skipped": manifest["skipped"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.labels import PriceRule, label_prices
+from tasks.lake import Lake
 from tasks.settings import load_settings
 from tasks.storage import open_store
 
@@ -19,12 +20,14 @@ def label_flow(
     """Write (or find) prices.parquet and scaling.json; returns the labels version and URIs."""
     settings = load_settings(store=store)
     result = label_prices(settings.store, dataset_version, rule or PriceRule(), seed)
-    s = open_store(settings.store, settings)
+    labels = Lake(open_store(settings.store, settings)).labels(
+        dataset_version, result["labels_version"]
+    )
     return {
         "dataset_version": dataset_version,
-        "labels_version": result["labels_version"],
-        "prices_uri": s.uri_for(result["prefix"] + "prices.parquet"),
-        "scaling_uri": s.uri_for(result["prefix"] + "scaling.json"),
+        "labels_version": labels.version,
+        "prices_uri": labels.uri(labels.PRICES),
+        "scaling_uri": labels.uri(labels.MARKER),
         "scaling": {k: result["scaling"][k] for k in ("min", "max", "fit_on")},
         "skipped": result["skipped"],
     }

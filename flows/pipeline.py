@@ -20,11 +20,12 @@ from flows.ingest import ingest_flow
 from flows.label import label_flow
 from flows.train import train_flow
 from tasks.labels import PriceRule
-from tasks.model import TrainSettings, weights_identity
+from tasks.lake import Lake
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
-from tasks.storage import model_prefix, open_store
-from tasks.training import model_version
+from tasks.storage import open_store
+from tasks.train_settings import TrainSettings
+from tasks.training import version_for
 
 
 def train_deployment_on(pool: str) -> str:
@@ -44,11 +45,9 @@ def train_deployment_on(pool: str) -> str:
 def train_on_pool(pool: str, dv: str, lv: str, store: str, settings: TrainSettings) -> dict:
     """Run the train deployment on ``pool`` (unless the model exists), wait, and find
     the model in the store by its version."""
-    mv = model_version(dv, lv, settings, weights_identity(settings))
-    s = open_store(store)
-    lineage_key = model_prefix(mv) + "lineage.json"
-    result = {"model_version": mv, "model_uri": s.uri_for(model_prefix(mv) + "model.keras")}
-    if s.exists(lineage_key):
+    model = Lake(open_store(store)).model(version_for(dv, lv, settings))
+    result = {"model_version": model.version, "model_uri": model.uri(model.FILE)}
+    if model.complete:
         return result | {"skipped": True, "pool": pool}
     run = run_deployment(
         train_deployment_on(pool),
@@ -65,9 +64,9 @@ def train_on_pool(pool: str, dv: str, lv: str, store: str, settings: TrainSettin
         state = run.state.type.value if run.state else "UNKNOWN"
         message = run.state.message if run.state else ""
         raise RuntimeError(f"train run {run.name!r} on pool {pool!r} ended {state}: {message}")
-    if not s.exists(lineage_key):
+    if not model.complete:
         raise RuntimeError(
-            f"train run {run.name!r} completed but wrote no {s.uri_for(lineage_key)}"
+            f"train run {run.name!r} completed but wrote no {model.uri(model.MARKER)}"
         )
     return result | {"skipped": False, "pool": pool, "flow_run_id": str(run.id)}
 

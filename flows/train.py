@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.model import TrainSettings
+from tasks.lake import Lake
 from tasks.settings import load_settings
-from tasks.storage import model_prefix, open_store
+from tasks.storage import open_store
+from tasks.train_settings import TrainSettings
 from tasks.training import train_model
 
 
@@ -20,10 +21,10 @@ def train_flow(
     """Train (or find) the model version for these inputs; returns its version and URI."""
     uri = load_settings(store=store).store
     result = train_model(uri, dataset_version, labels_version, settings or TrainSettings())
-    mv = result["model_version"]
+    model = Lake(open_store(uri)).model(result["model_version"])
     return {
-        "model_version": mv,
-        "model_uri": open_store(uri).uri_for(model_prefix(mv) + "model.keras"),
+        "model_version": model.version,
+        "model_uri": model.uri(model.FILE),
         "skipped": result["skipped"],
         "features": result.get("features"),
         "images_per_second": result.get("images_per_second"),

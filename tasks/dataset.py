@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from prefect import task
 
 from tasks import __version__
+from tasks.lake import DATASET_FORMAT, Lake
+from tasks.lake import dataset_version as version_of
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.settings import default_cache_dir
-from tasks.storage import ObjectNotFound, Store, dataset_prefix
+from tasks.settings import load_settings
+from tasks.storage import sha256_file
 
 FILES = {
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
@@ -45,7 +46,6 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 KERAS_DIR = Path.home() / ".keras" / "datasets" / "fashion-mnist"
 SHARD_ROWS = 10_000
 N_CLASSES = 10
-FORMAT = "vggprice-fashion-mnist-v1"  # bump when the shard layout changes
 SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int8()), ("image", pa.binary())])
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
@@ -126,14 +126,6 @@ class Source:
     verified: bool
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _has_files(directory: Path) -> bool:
     return all((directory / name).is_file() for name in FILES)
 
@@ -169,8 +161,9 @@ def _download(dest: Path) -> None:
 
 
 def find_source(explicit: str | os.PathLike | None = None, allow_download: bool = True) -> Source:
-    """The first place that has all four files: --source, $FASHION_MNIST_DIR,
-    the Debian package, the Keras cache, then a download from the public mirrors."""
+    """The first place that has all four files: ``explicit`` (--source,
+    VGGPRICE_DATA_SOURCE or FASHION_MNIST_DIR), the Debian package, the Keras cache,
+    then a download from the public mirrors."""
     candidates: list[tuple[Path, str]] = []
     if explicit:
         path = Path(explicit).expanduser()
@@ -179,8 +172,6 @@ def find_source(explicit: str | os.PathLike | None = None, allow_download: bool 
             raise DatasetError(f"{path}: missing {', '.join(missing)}")
         candidates.append((path, "explicit"))
     else:
-        if env := os.environ.get("FASHION_MNIST_DIR"):
-            candidates.append((Path(env).expanduser(), "env"))
         candidates += [(DEBIAN_DIR, "debian"), (KERAS_DIR, "keras-cache")]
         found = [(p, how) for p, how in candidates if _has_files(p)]
         if not found:
@@ -189,7 +180,7 @@ def find_source(explicit: str | os.PathLike | None = None, allow_download: bool 
                     "Fashion-MNIST not found: pass --source DIR, set FASHION_MNIST_DIR, or "
                     "apt-get install dataset-fashion-mnist"
                 )
-            cache = default_cache_dir() / "fashion-mnist"
+            cache = load_settings().cache_dir / "fashion-mnist"
             _download(cache)
             found = [(cache, "download")]
         candidates = found[:1]
@@ -208,10 +199,7 @@ def find_source(explicit: str | os.PathLike | None = None, allow_download: bool 
 
 def dataset_version(source: Source) -> str:
     """Derived from the source content only: same bytes, same version."""
-    h = hashlib.sha256(FORMAT.encode())
-    for name in sorted(source.sha256):
-        h.update(f"{name}:{source.sha256[name]}\n".encode())
-    return "fm-" + h.hexdigest()[:16]
+    return version_of(source.sha256)
 
 
 # --- shards --------------------------------------------------------------------
@@ -231,46 +219,23 @@ def shard_table(split: str, start: int, images: np.ndarray, labels: np.ndarray) 
     )
 
 
-def table_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
-def read_manifest(store: Store, version: str) -> dict | None:
-    try:
-        return store.get_json(dataset_prefix(version) + "manifest.json")
-    except ObjectNotFound:
-        return None
-
-
-def ingest(store: Store, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
+def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
     """Write the dataset's shards and, last, its manifest. Idempotent by version."""
-    version = dataset_version(source)
-    prefix = dataset_prefix(version)
+    dataset = lake.dataset(dataset_version(source))
     log = get_logger()
-    existing = read_manifest(store, version)
-    if existing is not None:
-        log.info("dataset %s already in %s; nothing rewritten", version, store.uri)
-        return existing | {"skipped": True}
+    if dataset.complete:
+        log.info("dataset %s already in %s; nothing rewritten", dataset.version, lake.uri)
+        return dataset.manifest() | {"skipped": True}
 
     # Parse and check everything before the first write.
     splits = {split: read_split(source.directory, split) for split in SPLITS}
     manifest_splits = {}
     for split, (images, labels) in splits.items():
-        shards = []
-        for i, start in enumerate(range(0, len(images), shard_rows)):
-            stop = start + shard_rows
-            body = table_bytes(shard_table(split, start, images[start:stop], labels[start:stop]))
-            key = f"{prefix}{split}/part-{i:05d}.parquet"
-            store.put_bytes(key, body)
-            shards.append(
-                {
-                    "key": key,
-                    "rows": len(images[start:stop]),
-                    "sha256": hashlib.sha256(body).hexdigest(),
-                }
-            )
+        shards = [
+            dataset.write_shard(split, i, shard_table(split, start, images[start : start + shard_rows],
+                                                      labels[start : start + shard_rows]))
+            for i, start in enumerate(range(0, len(images), shard_rows))
+        ]  # fmt: skip
         manifest_splits[split] = {
             "rows": len(images),
             "image_shape": list(images.shape[1:]),
@@ -281,8 +246,8 @@ def ingest(store: Store, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
 
     manifest = {
         "dataset": "fashion-mnist",
-        "version": version,
-        "format": FORMAT,
+        "version": dataset.version,
+        "format": DATASET_FORMAT,
         "source": {
             "how": source.how,
             "directory": str(source.directory),
@@ -297,24 +262,8 @@ def ingest(store: Store, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
         "image_encoding": "png",
         "created_by": {"package": "vggprice", "version": __version__},
     }
-    store.put_json(prefix + "manifest.json", manifest)  # last: marks the version complete
+    dataset.write_manifest(manifest)  # last: marks the version complete
     return manifest | {"skipped": False}
-
-
-def load_split(
-    store: Store, version: str, split: str, columns: list[str] | None = None
-) -> pa.Table:
-    """All shards of one split as one table (in image_id order)."""
-    manifest = read_manifest(store, version)
-    if manifest is None:
-        raise DatasetError(
-            f"{store.uri_for(dataset_prefix(version) + 'manifest.json')}: no such dataset version"
-        )
-    tables = [
-        pq.read_table(io.BytesIO(store.get_bytes(s["key"])), columns=columns)
-        for s in manifest["splits"][split]["shards"]
-    ]
-    return pa.concat_tables(tables)
 
 
 # --- Prefect task wrappers: retries and logging around the plain functions -------
@@ -325,6 +274,4 @@ def ingest_dataset(store_uri: str, source: str | None = None) -> dict:
     """Find the IDX files, verify them, and write the dataset version to the store."""
     from tasks.storage import open_store
 
-    src = find_source(source)
-    manifest = ingest(open_store(store_uri), src)
-    return manifest
+    return ingest(Lake(open_store(store_uri)), find_source(source))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from pathlib import Path
-
 import numpy as np
 from prefect import task
 
+from tasks.data import load_data
+from tasks.inference import load_stored_model, predict_prices
 from tasks.labels import PriceRule
-from tasks.model import TrainSettings
+from tasks.lake import Lake
 from tasks.reports import (
     artifact_key,
     pred_vs_true_plot,
@@ -19,27 +17,10 @@ from tasks.reports import (
     residuals_plot,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.storage import ObjectNotFound, Store, model_prefix, open_store
-from tasks.training import load_data, read_model_config
+from tasks.train_settings import TrainSettings
 
 RECIPE_MSE_SCALED = 0.0136  # the reference tutorial's val MSE after 5 epochs
 RECIPE_RMSE = 25.0  # about that, in price units
-
-
-def load_model(store: Store, mv: str):
-    """The stored model.keras, loaded with safe_mode=True (no custom code)."""
-    import keras
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.keras"
-        store.get_file(model_prefix(mv) + "model.keras", path)
-        return keras.models.load_model(path, safe_mode=True)
-
-
-def predict_prices(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Prices for uint8 (n, 28, 28) gray images."""
-    out = model.predict(images[..., None], batch_size=batch_size, verbose=0)
-    return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
 def metrics_for(
@@ -75,7 +56,7 @@ def metrics_for(
     }
 
 
-def report_markdown(mv: str, labels_version: str, m: dict, links: dict) -> str:
+def report_markdown(mv: str, labels_version: str, m: dict, links: dict, sigma: float) -> str:
     rows = "\n".join(
         f"| {r['class']} | {r['count']} | {r['rmse']:.2f} | {r['mean_pred']:.2f} | "
         f"{r['mean_true']:.2f} |"
@@ -94,7 +75,7 @@ Labels `{labels_version}`, {m["n"]} test images.
 | MSE on the scaled price | {m["mse_scaled"]:.4f} | | {RECIPE_MSE_SCALED} |
 
 No model can beat the noise floor on average: prices are drawn around a class
-mean with sigma 3.
+mean with sigma {sigma:g}.
 
 | class | count | RMSE | mean predicted | mean true |
 | --- | --- | --- | --- | --- |
@@ -105,35 +86,36 @@ Plots:
 """
 
 
-def evaluate(store: Store, mv: str, labels_version: str | None = None) -> dict:
+def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
     """Score the test split and write metrics.json and plots (under models/<v>/ for the
     model's own labels, under models/<v>/eval/<labels>/ for other labels)."""
-    config = read_model_config(store, mv)
-    lineage = config["lineage"]
-    own = labels_version in (None, lineage["labels_version"])
-    labels_version = labels_version or lineage["labels_version"]
-    out = eval_prefix(mv, labels_version, lineage["labels_version"])
-    with contextlib.suppress(ObjectNotFound):
-        existing = store.get_json(out + "metrics.json")
-        get_logger().info("%s already evaluated on %s; nothing redone", mv, labels_version)
+    model = lake.model(mv)
+    config, lineage = model.config(), model.lineage()
+    evaluation = model.evaluation(labels_version)
+    existing = evaluation.metrics()
+    if existing is not None:
+        get_logger().info(
+            "%s already evaluated on %s; nothing redone", mv, evaluation.labels_version
+        )
         return existing | {"skipped": True}
     settings = TrainSettings(**config["settings"])
-    data = load_data(store, lineage["dataset_version"], labels_version, settings, ("test",))
-    model = load_model(store, mv)
-    test = data["test"]
-    pred = predict_prices(model, test["images"])
-    rule = PriceRule(**{k: data["scaling"]["rule"][k] for k in ("means", "sigma")})
-    metrics = metrics_for(test["price"], pred, test["labels"], data["scaling"], rule)
-    metrics |= {"model_version": mv, "labels_version": labels_version}
-    store.put_bytes(out + "plots/pred_vs_true.png", pred_vs_true_plot(test["price"], pred))
-    store.put_bytes(out + "plots/residuals.png", residuals_plot(test["price"], pred))
-    store.put_json(out + "metrics.json", metrics)
-    links = {n: store.link_for(out + f"plots/{n}.png") for n in ("pred_vs_true", "residuals")}
-    if own:
-        links["loss"] = store.link_for(model_prefix(mv) + "plots/loss.png")
+    data = load_data(lake, lineage["dataset_version"], evaluation.labels_version,
+                     {"test": settings.test_limit}, settings.seed)  # fmt: skip
+    test = data.test
+    pred = predict_prices(load_stored_model(model), test.images)
+    rule = PriceRule(**{k: data.scaling["rule"][k] for k in ("means", "sigma")})
+    metrics = metrics_for(test.price, pred, test.labels, data.scaling, rule)
+    metrics |= {"model_version": mv, "labels_version": evaluation.labels_version}
+    links = {
+        "pred_vs_true": evaluation.write_plot("pred_vs_true", pred_vs_true_plot(test.price, pred)),
+        "residuals": evaluation.write_plot("residuals", residuals_plot(test.price, pred)),
+    }
+    evaluation.write_metrics(metrics)
+    if evaluation.labels_version == lineage["labels_version"]:
+        links["loss"] = model.plot_link("loss")
     publish_markdown(
         artifact_key(f"eval-{mv}"),
-        report_markdown(mv, labels_version, metrics, links),
+        report_markdown(mv, evaluation.labels_version, metrics, links, rule.sigma),
         f"evaluation of {mv}",
     )
     publish_table(artifact_key(f"eval-{mv}-classes"), metrics["per_class"], "per-class errors")
@@ -148,22 +130,13 @@ def evaluate(store: Store, mv: str, labels_version: str | None = None) -> dict:
     return metrics
 
 
-def eval_prefix(mv: str, labels_version: str, own_labels_version: str) -> str:
-    """models/<v>/ for the model's own labels, models/<v>/eval/<labels>/ for others."""
-    return model_prefix(mv) + (
-        "" if labels_version == own_labels_version else f"eval/{labels_version}/"
-    )
-
-
-def read_metrics(store: Store, mv: str, labels_version: str | None = None) -> dict | None:
-    own = store.get_json(model_prefix(mv) + "lineage.json")["labels_version"]
-    try:
-        return store.get_json(eval_prefix(mv, labels_version or own, own) + "metrics.json")
-    except ObjectNotFound:
-        return None
+def read_metrics(lake: Lake, mv: str, labels_version: str | None = None) -> dict | None:
+    return lake.model(mv).evaluation(labels_version).metrics()
 
 
 @task(name="evaluate-model", **TASK_RETRIES)
 def evaluate_model(store_uri: str, model_version: str, labels_version: str | None = None) -> dict:
     """Metrics and plots of a model version on a labelled test split."""
-    return evaluate(open_store(store_uri), model_version, labels_version)
+    from tasks.storage import open_store
+
+    return evaluate(Lake(open_store(store_uri)), model_version, labels_version)

@@ -9,39 +9,42 @@ image, view 1 its horizontal flip, views 2.. a seeded random shift (+ flip).
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tasks.lake import FeatureCache, feature_key
 from tasks.runtime import get_logger
-from tasks.storage import ObjectNotFound, Store, features_prefix
 
-FORMAT = 1
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
 
 
-def feature_key(
-    dataset_version: str,
-    subset: dict,
-    weights_id: str,
-    input_size: int,
-    cut: int,
-    precision: str,
-    views: dict,
-) -> str:
-    spec = {
-        "format": FORMAT,
-        "dataset": dataset_version,
-        "subset": subset,
-        "weights": weights_id,
-        "input_size": input_size,
-        "cut": cut,
-        "precision": precision,
-        "views": views,
-    }
-    return "ft-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Views:
+    """How the cached train views are made: view 0 as is, 1 flipped, then shifted."""
+
+    n: int
+    shift: float
+    flip: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything the frozen-layer outputs depend on (with the code: see lake.feature_key)."""
+
+    dataset_version: str
+    subset: dict
+    weights: str
+    input_size: int
+    cut: int
+    precision: str
+    views: Views
+
+    def key(self) -> str:
+        spec = asdict(self)
+        spec["views"] = {k: spec["views"][k] for k in ("n", "shift", "flip")}
+        return feature_key(spec)
 
 
 def shift_image_batch(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -70,16 +73,6 @@ def augment_view(images: np.ndarray, view: int, shift: float, flip: bool, seed: 
     return out
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _load_npy(body: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(body), allow_pickle=False)
-
-
 def _stacked(n: int, arrays) -> np.ndarray:
     """np.stack of ``n`` equal-shape arrays, filled in place as they come: the views
     are never held twice."""
@@ -98,42 +91,28 @@ def extract(frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
 
 
 def load_or_extract(
-    store: Store,
-    key: str,
-    frozen,
-    train_images: np.ndarray,
-    test_images: np.ndarray,
-    n_views: int,
-    shift: float,
-    flip: bool,
-    seed: int,
+    cache: FeatureCache, frozen, train_images: np.ndarray, test_images: np.ndarray, views: Views
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(train features [views, n, ...], test features [n, ...], cache hit)."""
-    prefix = features_prefix(key)
     log = get_logger()
-    try:
-        manifest = store.get_json(prefix + "manifest.json")
-        keys = manifest["train"]
-        train = _stacked(len(keys), (_load_npy(store.get_bytes(k)) for k in keys))
-        test = _load_npy(store.get_bytes(manifest["test"]))
-        log.info("feature cache hit: %s (%s)", key, "x".join(map(str, train.shape)))
+    hit = cache.load()
+    if hit is not None:
+        loaded, n, test = hit
+        train = _stacked(n, loaded)
+        log.info("feature cache hit: %s (%s)", cache.cache_key, "x".join(map(str, train.shape)))
         return train, test, True
-    except ObjectNotFound:
-        pass
-    log.info("feature cache miss: extracting %d views of %d images", n_views, len(train_images))
-    keys = [f"{prefix}train-view-{v}.npy" for v in range(n_views)]
+    log.info("feature cache miss: extracting %d views of %d images", views.n, len(train_images))
+    names: list[str] = []
 
-    def views():
-        for v, view_key in enumerate(keys):
-            feats = extract(frozen, augment_view(train_images, v, shift, flip, seed))
-            store.put_bytes(view_key, _npy(feats))
+    def extracted():
+        for v in range(views.n):
+            feats = extract(
+                frozen, augment_view(train_images, v, views.shift, views.flip, views.seed)
+            )
+            names.append(cache.write_view(v, feats))
             yield feats
 
-    train = _stacked(n_views, views())
+    train = _stacked(views.n, extracted())
     test = extract(frozen, test_images)
-    store.put_bytes(prefix + "test.npy", _npy(test))
-    store.put_json(
-        prefix + "manifest.json",
-        {"key": key, "train": keys, "test": prefix + "test.npy", "shape": list(test.shape[1:])},
-    )
+    cache.write(names, test)
     return train, test, False

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel, Field, field_validator
 
-from tasks.dataset import N_CLASSES, load_split
+from tasks import lake as catalog
+from tasks.dataset import N_CLASSES
+from tasks.lake import Lake
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.storage import ObjectNotFound, Store, labels_prefix
 
 DEFAULT_MEANS = (45.0, 57.0, 85.0, 99.0, 125.0, 27.0, 180.0, 152.0, 225.0, 33.0)
 PRICES_SCHEMA = pa.schema(
@@ -52,11 +49,7 @@ class PriceRule(BaseModel):
 
 
 def labels_version(dataset_version: str, rule: PriceRule, seed: int) -> str:
-    spec = json.dumps(
-        {"dataset": dataset_version, "rule": rule.model_dump(), "seed": seed, "format": 1},
-        sort_keys=True,
-    )
-    return "px-" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return catalog.labels_version(dataset_version, rule.model_dump(), seed)
 
 
 def draw_prices(labels: np.ndarray, rule: PriceRule, seed: int) -> np.ndarray:
@@ -87,58 +80,34 @@ def fit_scaling(prices: np.ndarray, splits: np.ndarray) -> dict:
     return {"kind": "minmax", "fit_on": "train", "rows": int(train.size), "min": lo, "max": hi}
 
 
-def make_labels(store: Store, dataset_version: str, rule: PriceRule, seed: int) -> dict:
+def make_labels(lake: Lake, dataset_version: str, rule: PriceRule, seed: int) -> dict:
     """Write prices.parquet then scaling.json (the completion marker). Idempotent."""
-    version = labels_version(dataset_version, rule, seed)
-    prefix = labels_prefix(dataset_version, version)
+    labels = lake.labels(dataset_version, labels_version(dataset_version, rule, seed))
     log = get_logger()
-    try:
-        scaling = store.get_json(prefix + "scaling.json")
-        log.info("labels %s already in %s; nothing rewritten", version, store.uri)
-        return {"labels_version": version, "prefix": prefix, "scaling": scaling, "skipped": True}
-    except ObjectNotFound:
-        pass
+    if labels.complete:
+        log.info("labels %s already in %s; nothing rewritten", labels.version, lake.uri)
+        return {"labels_version": labels.version, "scaling": labels.scaling(), "skipped": True}
 
-    parts = {
-        s: load_split(store, dataset_version, s, ["image_id", "label"]) for s in ("train", "test")
-    }
+    dataset = lake.dataset(dataset_version)
+    parts = {s: dataset.read_split(s, ["image_id", "label"]) for s in ("train", "test")}
     ids = parts["train"]["image_id"].to_pylist() + parts["test"]["image_id"].to_pylist()
-    labels = np.concatenate([parts[s]["label"].to_numpy() for s in ("train", "test")])
+    labels_arr = np.concatenate([parts[s]["label"].to_numpy() for s in ("train", "test")])
     splits = np.array(["train"] * parts["train"].num_rows + ["test"] * parts["test"].num_rows)
-    prices = draw_prices(labels, rule, seed)
-    table = price_table(ids, splits.tolist(), labels, prices)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    store.put_bytes(prefix + "prices.parquet", sink.getvalue())
+    prices = draw_prices(labels_arr, rule, seed)
     scaling = fit_scaling(prices, splits) | {
         "rule": rule.model_dump(),
         "seed": seed,
         "dataset_version": dataset_version,
     }
-    store.put_json(prefix + "scaling.json", scaling)
+    labels.write(price_table(ids, splits.tolist(), labels_arr, prices), scaling)
     log.info(
         "labels %s: %d prices, train range %.2f..%.2f",
-        version,
+        labels.version,
         len(prices),
         scaling["min"],
         scaling["max"],
     )
-    return {"labels_version": version, "prefix": prefix, "scaling": scaling, "skipped": False}
-
-
-def read_prices(store: Store, dataset_version: str, labels_version: str) -> pa.Table:
-    prefix = labels_prefix(dataset_version, labels_version)
-    try:
-        body = store.get_bytes(prefix + "prices.parquet")
-    except ObjectNotFound:
-        raise ObjectNotFound(
-            f"{store.uri_for(prefix + 'prices.parquet')}: no such labels version"
-        ) from None
-    return pq.read_table(io.BytesIO(body))
-
-
-def read_scaling(store: Store, dataset_version: str, labels_version: str) -> dict:
-    return store.get_json(labels_prefix(dataset_version, labels_version) + "scaling.json")
+    return {"labels_version": labels.version, "scaling": scaling, "skipped": False}
 
 
 # --- Prefect task wrapper --------------------------------------------------------
@@ -149,4 +118,4 @@ def label_prices(store_uri: str, dataset_version: str, rule: PriceRule, seed: in
     """Draw the prices for a dataset version and write them with their scaling."""
     from tasks.storage import open_store
 
-    return make_labels(open_store(store_uri), dataset_version, rule, seed)
+    return make_labels(Lake(open_store(store_uri)), dataset_version, rule, seed)

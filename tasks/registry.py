@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from prefect import task
 
 from tasks.evaluation import evaluate, read_metrics
+from tasks.lake import Lake
 from tasks.reports import emit, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.storage import (
-    CHAMPION_KEY,
-    DECISIONS_PREFIX,
-    ObjectNotFound,
-    Store,
-    model_prefix,
-    open_store,
-)
+
+MAX_RACES = 20  # re-decide this often when other promotions keep winning
 
 
-def read_champion(store: Store) -> dict | None:
-    try:
-        return store.get_json(CHAMPION_KEY)
-    except ObjectNotFound:
-        return None
+def read_champion(lake: Lake) -> dict | None:
+    return lake.registry().champion()
 
 
 def decide(challenger_rmse: float, champion_rmse: float | None, margin: float) -> tuple[bool, str]:
@@ -50,30 +43,62 @@ def _summary(metrics: dict | None) -> dict | None:
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def promote(store: Store, model_version: str, margin: float = 0.01, force: bool = False) -> dict:
-    """Gate a challenger against the champion; record the decision either way."""
-    lineage = store.get_json(model_prefix(model_version) + "lineage.json")
+def _metrics_on(lake: Lake, mv: str, labels_version: str) -> dict:
+    return read_metrics(lake, mv, labels_version) or evaluate(lake, mv, labels_version)
+
+
+def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = False) -> dict:
+    """Gate a challenger against the champion; record the decision either way.
+
+    The pointer is swapped only if it is still the one the decision was made against
+    (compare-and-swap); when another promotion got there first the gate runs again
+    against the new champion. The pointer names this promotion, so a write whose
+    response was lost is recognised as this promotion's own success."""
+    lineage = lake.model(model_version).lineage()
     labels_version = lineage["labels_version"]
-    challenger = read_metrics(store, model_version) or evaluate(store, model_version)
-    champion = read_champion(store)
-    same = champion is not None and champion["model_version"] == model_version
-    champion_metrics = None
-    if champion is not None and not same:
-        # Compare on the same labels: re-evaluate the champion on the challenger's.
-        champion_metrics = read_metrics(
-            store, champion["model_version"], labels_version
-        ) or evaluate(store, champion["model_version"], labels_version)
-    if same:
-        promoted, reason = False, "already the champion"
-    elif force:
-        promoted, reason = True, "forced by a person (--force)"
+    challenger = _metrics_on(lake, model_version, labels_version)
+    registry = lake.registry()
+    promotion_id = uuid.uuid4().hex
+    for _ in range(MAX_RACES):
+        champion, token = registry.champion_versioned()
+        same = champion is not None and champion["model_version"] == model_version
+        champion_metrics = None
+        if champion is not None and not same:
+            # Compare on the same labels: re-evaluate the champion on the challenger's.
+            champion_metrics = _metrics_on(lake, champion["model_version"], labels_version)
+        if same:
+            promoted, reason = False, "already the champion"
+        elif force:
+            promoted, reason = True, "forced by a person (--force)"
+        else:
+            promoted, reason = decide(
+                challenger["rmse"], champion_metrics["rmse"] if champion_metrics else None, margin
+            )
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if not promoted:
+            break
+        pointer = {
+            "model_version": model_version,
+            "dataset_version": lineage["dataset_version"],
+            "labels_version": labels_version,
+            "metrics": _summary(challenger),
+            "promoted_at": now,
+            "reason": reason,
+            "forced": force,
+            "promotion_id": promotion_id,
+            "replaced": champion["model_version"] if champion else None,
+        }
+        if registry.swap_champion(pointer, token):
+            break
+        current = registry.champion()
+        if current is not None and current.get("promotion_id") == promotion_id:
+            break  # our write was applied; only its response was lost
+        get_logger().info("another promotion changed the champion meanwhile; deciding again")
     else:
-        promoted, reason = decide(
-            challenger["rmse"], champion_metrics["rmse"] if champion_metrics else None, margin
-        )
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        raise RuntimeError(f"{model_version}: the champion kept changing; promote again")
     decision = {
         "time": now,
+        "promotion_id": promotion_id,
         "challenger": {"model_version": model_version, "metrics": _summary(challenger)},
         "champion": (
             {"model_version": champion["model_version"], "metrics": _summary(champion_metrics)}
@@ -86,21 +111,9 @@ def promote(store: Store, model_version: str, margin: float = 0.01, force: bool 
         "promoted": promoted,
         "reason": reason,
     }
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
-    store.put_json(f"{DECISIONS_PREFIX}{stamp}-{model_version}.json", decision)
-    if promoted:
-        store.put_json(  # a single atomic write: readers see the old pointer or the new
-            CHAMPION_KEY,
-            {
-                "model_version": model_version,
-                "dataset_version": lineage["dataset_version"],
-                "labels_version": labels_version,
-                "metrics": _summary(challenger),
-                "promoted_at": now,
-                "reason": reason,
-                "forced": force,
-            },
-        )
+    ns = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns / 1e9)) + f"-{ns % 10**9:09d}"
+    registry.record_decision(stamp, model_version, decision)
     get_logger().info(
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
@@ -131,4 +144,6 @@ Reason: {d["reason"]} (margin {d["margin"]:.1%}{", forced" if d["forced"] else "
 @task(name="promote-model", **TASK_RETRIES)
 def promote_model(store_uri: str, model_version: str, margin: float = 0.01, force: bool = False):
     """The champion/challenger gate as a task."""
-    return promote(open_store(store_uri), model_version, margin, force)
+    from tasks.storage import open_store
+
+    return promote(Lake(open_store(store_uri)), model_version, margin, force)

@@ -10,8 +10,6 @@ import io
 
 import numpy as np
 
-_progress_ids: dict[str, object] = {}
-
 
 def _in_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
@@ -70,20 +68,26 @@ def residuals_plot(true: np.ndarray, pred: np.ndarray) -> bytes:
     return _png(fig)
 
 
-def publish_progress(model_version: str, epoch: int, epochs: int) -> None:
-    """A progress artifact per training run, updated every epoch."""
-    if not _in_run():
-        return
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+class TrainingProgress:
+    """The progress artifact of one training run, updated every epoch (inside a run)."""
 
-    pct = 100.0 * epoch / epochs
-    desc = f"training {model_version}: epoch {epoch}/{epochs}"
-    if model_version not in _progress_ids:
-        _progress_ids[model_version] = create_progress_artifact(
-            pct, key=f"train-{model_version}"[:60].lower(), description=desc
-        )
-    else:
-        update_progress_artifact(_progress_ids[model_version], pct, description=desc)
+    def __init__(self, model_version: str, epochs: int):
+        self.model_version, self.epochs = model_version, epochs
+        self.artifact_id = None
+
+    def update(self, epoch: int, history: dict, images: int) -> None:
+        if not _in_run():
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        pct = 100.0 * epoch / self.epochs
+        desc = f"training {self.model_version}: epoch {epoch}/{self.epochs}"
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                pct, key=artifact_key(f"train-{self.model_version}")[:60], description=desc
+            )
+        else:
+            update_progress_artifact(self.artifact_id, pct, description=desc)
 
 
 def emit(event: str, resource_id: str, payload: dict) -> None:

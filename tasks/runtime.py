@@ -1,8 +1,13 @@
-"""Small bridges between plain functions and Prefect: logging and retry policy."""
+"""Small bridges between plain functions and the frameworks: logging, the retry
+policy, and Keras's process-wide state (precision policy, random seeds) held in a
+scope and restored after it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
+from collections.abc import Iterator
 from typing import Any
 
 # Bad input is final: retrying a corrupt file or a wrong parameter cannot help.
@@ -25,3 +30,45 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 TASK_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_transient}
+
+
+@contextlib.contextmanager
+def keras_precision(policy: str) -> Iterator[None]:
+    """Keras's global dtype policy set for the layers built inside, restored after."""
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python, NumPy, TensorFlow and Keras seeded for what runs inside (initial
+    weights, dropout), and each put back as it was after."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from keras.src.backend.common import global_state
+    from tensorflow.python.eager import context
+
+    names = ("global_random_seed", "global_seed_generator")
+    saved = (
+        random.getstate(),
+        np.random.get_state(),
+        context.global_seed(),
+        {n: global_state.get_global_attribute(n) for n in names},
+    )
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        py, npy, tf_seed, attrs = saved
+        random.setstate(py)
+        np.random.set_state(npy)
+        tf.random.set_seed(tf_seed)
+        for n, v in attrs.items():
+            global_state.set_global_attribute(n, v)

@@ -10,7 +10,8 @@ Layout under ``scores/<drop-id>/<model-version>/``:
 - ``rejected.parquet`` (all rejections) and ``_manifest.json`` (counts, model,
   timings, drift), written last by the finishing step.
 
-A re-run reads the plans: shards without a part are redone, keys in no plan
+One runner (``score_drop``) serves the CLI, the flows, the tests and the
+benchmarks; where its shards run is a parameter. A re-run reads the plans: shards without a part are redone, keys in no plan
 (files added since) go into a new plan, and if there is neither the run says so
 and does nothing. Runs on one drop exclude each other with a lease taken by a
 conditional write (``If-None-Match: *`` on S3, a hard link locally): leases are
@@ -21,14 +22,13 @@ it, so two runs can never both score, and a crashed run's lease expires.
 from __future__ import annotations
 
 import io
-import json
 import os
-import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -36,17 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, to_pixels
+from tasks.inference import get_model, predict_prices
+from tasks.lake import DropSource, Lake, NotInLake, ScoreRun
 from tasks.runtime import get_logger
-from tasks.settings import default_cache_dir
-from tasks.storage import (
-    DROPS_PREFIX,
-    ObjectNotFound,
-    Store,
-    drop_prefix,
-    model_prefix,
-    open_store,
-    scores_prefix,
-)
+from tasks.storage import ObjectInfo, ObjectNotFound, open_store
 
 PRICED_SCHEMA = pa.schema(
     [
@@ -83,112 +76,58 @@ class DropBusy(RuntimeError):
 # --- where the drop is ------------------------------------------------------------
 
 
-def locate_drop(drop: str, store: Store) -> tuple[str, str, str]:
-    """(URI of the store to read from, prefix in it, drop id) for a drop id in the
-    store's drops/ or an explicit s3:// URI or directory."""
+def locate_drop(lake: Lake, drop: str) -> DropSource:
+    """A drop id in the store's drops/, or an explicit s3:// URI or directory."""
     if "://" in drop or drop.startswith(("/", ".", "~")):
         uri = drop.rstrip("/")
-        return uri, "", uri.rsplit("/", 1)[-1]
+        return DropSource(open_store(uri), "", uri.rsplit("/", 1)[-1])
     drop_id = drop.strip("/")
     if not drop_id or "/" in drop_id:
         raise ValueError(f"invalid drop id {drop!r}: use a single name or a URI")
-    return store.uri, drop_prefix(drop_id), drop_id
-
-
-def list_drop(source: Store, prefix: str) -> list[dict]:
-    """The drop's objects once, as (key, size, etag); keys relative to the drop."""
-    return [
-        {"key": o.key[len(prefix) :], "size": o.size, "etag": o.etag}
-        for o in source.list(prefix)
-        if not o.key[len(prefix) :].rsplit("/", 1)[-1].startswith(".")
-    ]
-
-
-def list_drop_ids(store: Store) -> list[str]:
-    return sorted({k[len(DROPS_PREFIX) :].split("/", 1)[0] for k in store.keys(DROPS_PREFIX)})
+    return lake.drop(drop_id)
 
 
 # --- the lease ---------------------------------------------------------------------
 
 
-def acquire_lease(store: Store, base: str, owner: str, seconds: int) -> int:
+def acquire_lease(run: ScoreRun, owner: str, seconds: int) -> int:
     """Take the drop's lease or raise DropBusy; returns the lease number held."""
-    keys = store.keys(base + "_leases/")
-    gen = int(keys[-1].rsplit("/", 1)[-1].split(".")[0]) if keys else 0
-    if keys:
-        last = store.get_json(keys[-1])
+    leases = run.leases()
+    number = leases[-1][0] if leases else 0
+    if leases:
+        last = run.get_json(leases[-1][1])
         if last["state"] == "held" and last["expires"] > time.time():
-            raise DropBusy(f"{last['owner']} is scoring this drop (lease {gen})")
-    body = json.dumps({"state": "held", "owner": owner, "expires": time.time() + seconds})
-    if not store.put_if_absent(f"{base}_leases/{gen + 1:08d}.json", body.encode()):
+            raise DropBusy(f"{last['owner']} is scoring this drop (lease {number})")
+    body = {"state": "held", "owner": owner, "expires": time.time() + seconds}
+    if not run.try_lease(number + 1, body):
         raise DropBusy("another run took the lease at the same moment")
-    return gen + 1
+    return number + 1
 
 
-def release_lease(store: Store, base: str, gen: int, owner: str) -> None:
-    body = json.dumps({"state": "free", "owner": owner, "expires": 0})
-    store.put_if_absent(f"{base}_leases/{gen + 1:08d}.json", body.encode())
+def release_lease(run: ScoreRun, number: int, owner: str) -> None:
+    run.try_lease(number + 1, {"state": "free", "owner": owner, "expires": 0})
 
 
 # --- planning -----------------------------------------------------------------------
 
 
-def plan_work(store: Store, base: str, listing: list[dict], shard_size: int) -> dict:
+def plan_work(run: ScoreRun, listing: list[ObjectInfo], shard_size: int) -> dict:
     """Shards still to score: unfinished ones from earlier plans, plus new keys."""
-    plans = {}
-    for key in store.keys(base + "_plans/"):
-        plans.update(store.get_json(key)["shards"])
-    done = {k[len(base) + 5 : -8] for k in store.keys(base + "part-")}
+    plans = run.plans()
+    done = set(run.done_shards())
     covered = {key for keys in plans.values() for key in keys}
     todo = {name: keys for name, keys in plans.items() if name not in done}
     redo = len(todo)
-    new = [o["key"] for o in listing if o["key"] not in covered]
+    new = [o.key for o in listing if o.key not in covered]
     if new:
         plan_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         shards = {
             f"{plan_id}-{i // shard_size:05d}": new[i : i + shard_size]
             for i in range(0, len(new), shard_size)
         }
-        store.put_json(base + f"_plans/{plan_id}.json", {"shards": shards})
+        run.write_plan(plan_id, shards)
         todo.update(shards)
     return {"todo": todo, "new": len(new), "redo": redo}
-
-
-# --- the model, once per worker process ------------------------------------------------
-
-_MODELS: dict[tuple, tuple] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def get_model(store: Store, mv: str, precision: str = "auto") -> tuple:
-    """(model, config, predict lock), loaded once per process and model version."""
-    from tasks.model import load_inference_model
-
-    key = (store.uri, mv, precision)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            config = store.get_json(model_prefix(mv) + "config.json")
-            local = default_cache_dir() / "models" / mv / "model.keras"
-            if not local.is_file():
-                store.get_file(model_prefix(mv) + "model.keras", local)
-            model = load_inference_model(local, config, precision)
-            _MODELS[key] = (model, config, threading.Lock())
-        return _MODELS[key]
-
-
-def predict(model, lock: threading.Lock, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Prices for uint8 (n, 28, 28); one predict at a time per model, all cores each."""
-    n = len(pixels)
-    if n == 0:
-        return np.zeros(0)
-    # Pad to whole batches: one traced shape, no retracing for every ragged shard end.
-    padded = np.zeros(
-        ((n + batch_size - 1) // batch_size * batch_size, *pixels.shape[1:]), np.uint8
-    )
-    padded[:n] = pixels
-    with lock:
-        out = model.predict(padded[..., None], batch_size=batch_size, verbose=0)
-    return np.asarray(out, dtype=np.float64).reshape(-1)[:n]
 
 
 # --- one shard -------------------------------------------------------------------------
@@ -217,36 +156,24 @@ def decode_object(key: str, body: bytes, max_pixels: int):
         yield key, None, str(err)
 
 
-def _parquet(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
-def _rows_parquet(schema: pa.Schema, keys: list, values, mv: str, now: datetime) -> bytes:
-    """A part file: one row per key with its value (price or reason), model and time."""
+def _rows(schema: pa.Schema, keys: list, values, mv: str, now: datetime) -> pa.Table:
+    """A part table: one row per key with its value (price or reason), model and time."""
     columns = {"key": keys, schema.names[1]: values}
     columns |= {"model_version": [mv] * len(keys), "scored_at": [now] * len(keys)}
-    return _parquet(pa.table(columns, schema=schema))
+    return pa.table(columns, schema=schema)
 
 
 def score_shard(
-    source: Store,
-    prefix: str,
-    out: Store,
-    base: str,
-    shard: str,
-    keys: list[str],
-    mv: str,
-    options: ScoreOptions,
+    run: ScoreRun, source: DropSource, shard: str, keys: list[str], options: ScoreOptions
 ) -> dict:
     """Price one shard; writes rejections and facts, then the part (the done marker)."""
     t0 = time.time()
-    model, config, lock = get_model(out, mv, options.precision)
+    mv = run.model_version
+    model, config, lock = get_model(Lake(run.store).model(mv), options.precision)
     rows, pixels, rejected = [], [], []
     for key in keys:
         try:
-            body = source.get_bytes(prefix + key)
+            body = source.get_bytes(key)
         except ObjectNotFound:
             rejected.append((key, "gone: deleted after it was listed"))
             continue
@@ -257,7 +184,7 @@ def score_shard(
                 rows.append(row)
                 pixels.append(px)
     images = np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.uint8)
-    prices = predict(model, lock, images, options.batch_size)
+    prices = predict_prices(model, images, options.batch_size, lock)
     now = datetime.now(UTC)
     stats = config.get("train_stats", {})
     means = images.reshape(len(images), -1).mean(axis=1) if len(images) else np.zeros(0)
@@ -276,13 +203,11 @@ def score_shard(
         "pixel_mean_sum": float(means.sum()),
         "seconds": round(time.time() - t0, 3),
     }
-    out.put_bytes(
-        base + f"_rejected/part-{shard}.parquet",
-        _rows_parquet(REJECTED_SCHEMA, [k for k, _ in rejected], [r for _, r in rejected], mv, now),
-    )
-    out.put_json(base + f"_shards/{shard}.json", facts)
-    out.put_bytes(
-        base + f"part-{shard}.parquet", _rows_parquet(PRICED_SCHEMA, rows, prices, mv, now)
+    run.write_shard(
+        shard,
+        _rows(PRICED_SCHEMA, rows, prices, mv, now),
+        _rows(REJECTED_SCHEMA, [k for k, _ in rejected], [r for _, r in rejected], mv, now),
+        facts,
     )
     return facts
 
@@ -290,25 +215,17 @@ def score_shard(
 # --- finishing -----------------------------------------------------------------------
 
 
-def read_parts(store: Store, keys: list[str], columns: list[str] | None = None) -> pa.Table | None:
-    tables = [pq.read_table(io.BytesIO(store.get_bytes(k)), columns=columns) for k in keys]
-    return pa.concat_tables(tables) if tables else None
-
-
-def finalize(
-    store: Store, base: str, drop_id: str, mv: str, listing: list[dict], run: dict
-) -> dict:
+def finalize(run: ScoreRun, listing: list[ObjectInfo], timings: dict) -> dict:
     """rejected.parquet and _manifest.json (last) from every finished shard."""
-    rejected = read_parts(store, store.keys(base + "_rejected/"))
+    rejected = run.shard_rejections()
     if rejected is None:
         rejected = REJECTED_SCHEMA.empty_table()
-    store.put_bytes(base + "rejected.parquet", _parquet(rejected))
-    shards = [store.get_json(k) for k in store.keys(base + "_shards/")]
-    parts = store.keys(base + "part-")
-    priced = read_parts(store, parts, ["price"])
+    run.write_rejected(rejected)
+    shards = run.shard_facts()
+    parts = run.part_names()
+    priced = run.read_tables(parts, ["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
-    config = store.get_json(model_prefix(mv) + "config.json")
-    stats = config.get("train_stats", {})
+    stats = Lake(run.store).model(run.model_version).config().get("train_stats", {})
     n = len(prices)
     reasons = Counter()
     for s in shards:
@@ -333,8 +250,8 @@ def finalize(
     pct = (5, 25, 50, 75, 95)
     quantiles = {f"p{p}": float(np.percentile(prices, p)) for p in pct} if n else {}
     manifest = {
-        "drop_id": drop_id,
-        "model_version": mv,
+        "drop_id": run.drop_id,
+        "model_version": run.model_version,
         "counts": {"listed": len(listing), "priced": n, "rejected": rejected.num_rows},
         "rejections": dict(reasons),
         "prices": {
@@ -342,109 +259,105 @@ def finalize(
             "mean": float(prices.mean()) if n else None,
         },
         "drift": drift,
-        "listing": [[o["key"], o["size"], o["etag"]] for o in listing],
+        "listing": [[o.key, o.size, o.etag] for o in listing],
         "parts": parts,
-        "timings": run,
+        "timings": timings,
         "completed_at": datetime.now(UTC).isoformat(),
     }
-    store.put_json(base + "_manifest.json", manifest)
+    run.write_manifest(manifest)
     if not listing:
         get_logger().warning(
-            "drop %s has no files: nothing to price (empty manifest written)", drop_id
+            "drop %s has no files: nothing to price (empty manifest written)", run.drop_id
         )
     return manifest
 
 
-# --- one whole run, in-process ----------------------------------------------------------
+# --- one whole run: the only scoring runner (CLI, flows, tests, benchmarks) -------------
 
 
-def resolve_model(store: Store, model_version: str | None) -> str:
+def resolve_model(lake: Lake, model_version: str | None) -> str:
     if model_version:
-        if not store.exists(model_prefix(model_version) + "lineage.json"):
-            raise ObjectNotFound(
-                f"{store.uri_for(model_prefix(model_version) + 'lineage.json')}: no such model"
-            )
+        lake.model(model_version).lineage()  # complete, or NotInLake listing the known
         return model_version
-    from tasks.registry import read_champion
-
-    champion = read_champion(store)
+    champion = lake.registry().champion()
     if champion is None:
-        raise ValueError(f"no champion in {store.uri}: train and promote a model, or pass --model")
+        raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
     return champion["model_version"]
 
 
-def prepare(store: Store, drop: str, mv: str, options: ScoreOptions, owner: str) -> dict:
-    """Take the lease, list the drop once, plan the shards."""
-    source_uri, prefix, drop_id = locate_drop(drop, store)
-    base = scores_prefix(drop_id, mv)
-    gen = acquire_lease(store, base, owner, options.lease_seconds)
-    try:
-        listing = list_drop(open_store(source_uri), prefix)
-        plan = plan_work(store, base, listing, options.shard_size)
-    except BaseException:
-        release_lease(store, base, gen, owner)
-        raise
-    finished = not plan["todo"] and store.exists(base + "_manifest.json")
-    return {
-        "drop_id": drop_id,
-        "base": base,
-        "prefix": prefix,
-        "source_uri": source_uri,
-        "listing": listing,
-        "todo": plan["todo"],
-        "new_keys": plan["new"],
-        "redo_shards": plan["redo"],
-        "lease": gen,
-        "nothing_to_do": finished,
-    }
+@dataclass
+class Job:
+    """One run's work on a drop: what was listed, and the shards it still has to score."""
+
+    run: ScoreRun
+    source: DropSource
+    listing: list[ObjectInfo]
+    todo: dict[str, list[str]]
+    new_keys: int
+    redo_shards: int
+    owner: str
+    lease: int = 0
+    shard_facts: list[dict] = field(default_factory=list)
+
+
+ShardRunner = Callable[[Job, ScoreOptions], None]
+
+
+def run_shards_in_threads(job: Job, options: ScoreOptions) -> None:
+    """The laptop default: two threads, so one shard decodes while another predicts
+    (predict holds the model's lock and uses every core)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [
+            pool.submit(score_shard, job.run, job.source, shard, keys, options)
+            for shard, keys in sorted(job.todo.items())
+        ]
+        job.shard_facts = [f.result() for f in futures]
 
 
 def score_drop(
-    store: Store,
+    lake: Lake,
     drop: str,
     model_version: str | None = None,
     options: ScoreOptions | None = None,
+    run_shards: ShardRunner = run_shards_in_threads,
 ) -> dict:
-    """Plain, sequential scoring of one drop (the flow maps shards in parallel instead)."""
+    """Price every image of a drop exactly once; ``run_shards`` decides where the
+    shards run (threads here; Prefect tasks in the score flow)."""
     options = options or ScoreOptions()
-    mv = resolve_model(store, model_version)
+    log = get_logger()
+    mv = resolve_model(lake, model_version)
+    source = locate_drop(lake, drop)
+    run = lake.score_run(source.drop_id, mv)
     owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     t0 = time.time()
-    job = prepare(store, drop, mv, options, owner)
+    lease = acquire_lease(run, owner, options.lease_seconds)
     try:
-        if job["nothing_to_do"]:
-            get_logger().info("drop %s already scored by %s: nothing to do", job["drop_id"], mv)
-            return store.get_json(job["base"] + "_manifest.json") | {"skipped": True}
-        source = open_store(job["source_uri"])
-        # Two threads: one shard decodes while another predicts (predict holds a lock).
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = [
-                pool.submit(
-                    score_shard, source, job["prefix"], store, job["base"], shard, keys, mv, options
-                )
-                for shard, keys in sorted(job["todo"].items())
-            ]
-            for future in futures:
-                future.result()
-        run = {"seconds": round(time.time() - t0, 3), "shards_scored": len(job["todo"])}
-        return finalize(store, job["base"], job["drop_id"], mv, job["listing"], run) | {
-            "skipped": False
-        }
+        listing = source.listing()
+        plan = plan_work(run, listing, options.shard_size)
+        if not plan["todo"] and run.complete:
+            log.info("drop %s already scored by %s: nothing to do", source.drop_id, mv)
+            return run.manifest() | {"skipped": True}
+        job = Job(run, source, listing, plan["todo"], plan["new"], plan["redo"], owner, lease)
+        log.info(
+            "drop %s: %d objects listed, %d new, %d unfinished shards to redo, %d shards to score",
+            source.drop_id, len(listing), job.new_keys, job.redo_shards, len(job.todo),
+        )  # fmt: skip
+        run_shards(job, options)
+        timings = {"seconds": round(time.time() - t0, 3), "shards_scored": len(job.todo)}
+        return finalize(run, listing, timings) | {"skipped": False}
     finally:
-        release_lease(store, job["base"], job["lease"], owner)
+        release_lease(run, lease, owner)
 
 
-def drops_needing_scores(store: Store, mv: str) -> list[str]:
+def drops_needing_scores(lake: Lake, mv: str) -> list[str]:
     """Drops with no complete manifest for this model, or with files added since."""
     todo = []
-    for drop_id in list_drop_ids(store):
-        base = scores_prefix(drop_id, mv)
-        try:
-            manifest = store.get_json(base + "_manifest.json")
-        except ObjectNotFound:
+    for drop_id in lake.drop_ids():
+        manifest = lake.score_run(drop_id, mv).manifest()
+        if manifest is None:
             todo.append(drop_id)
             continue
         listed = {k for k, _, _ in manifest["listing"]}
-        if any(o["key"] not in listed for o in list_drop(store, drop_prefix(drop_id))):
+        if any(o.key not in listed for o in lake.drop(drop_id).listing()):
             todo.append(drop_id)
     return todo

@@ -1,43 +1,43 @@
-"""One settings object for vggprice, read from VGGPRICE_* environment variables.
+"""One settings object for vggprice: the only code that reads the environment.
 
 Secrets (AWS keys) are never fields here: boto3 reads them from the standard
-AWS chain (environment, shared config, instance role) or a Prefect block, so
-nothing in this object is ever a secret and it is safe to log or store.
+AWS chain (environment, shared config files, instance or task role), so
+nothing in this object is a secret and it is safe to log or store.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Where the store is and where the data comes from."""
+    """Where the store is, where the data comes from, where the local caches live."""
 
-    model_config = SettingsConfigDict(env_prefix="VGGPRICE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="VGGPRICE_", extra="ignore", populate_by_name=True)
 
     store: str = Field("./lake", description="s3://bucket/prefix or a local directory")
     s3_endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint; falls back to AWS_ENDPOINT_URL"
+        None,
+        validation_alias=AliasChoices("VGGPRICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint (MinIO, Ceph RGW, R2); else AWS",
     )
-    s3_region: str | None = Field(None, description="falls back to AWS_REGION / AWS_DEFAULT_REGION")
+    s3_region: str = Field(
+        "us-east-1",
+        validation_alias=AliasChoices("VGGPRICE_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    )
     data_source: str | None = Field(
-        None, description="directory with the four Fashion-MNIST IDX files"
+        None,
+        validation_alias=AliasChoices("VGGPRICE_DATA_SOURCE", "FASHION_MNIST_DIR"),
+        description="directory with the four Fashion-MNIST IDX files",
     )
-
-    def endpoint_url(self) -> str | None:
-        return self.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-
-    def region(self) -> str:
-        return (
-            self.s3_region
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or "us-east-1"
-        )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "vggprice",
+        description="downloaded models, base weights and data files, on this machine",
+    )
+    debug: bool = Field(False, description="tracebacks on the command line")
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -45,7 +45,3 @@ def load_settings(**overrides: object) -> Settings:
     settings = Settings()
     given = {k: v for k, v in overrides.items() if v is not None}
     return settings.model_copy(update=given) if given else settings
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VGGPRICE_CACHE_DIR", Path.home() / ".cache" / "vggprice"))

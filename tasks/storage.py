@@ -1,8 +1,8 @@
 """The object store: the one module that knows URIs, paths and boto3.
 
 Two backends behind one interface: a local directory (the embedded default)
-and S3 (any S3-compatible endpoint). Everything else in vggprice passes keys
-such as ``datasets/fashion-mnist/<v>/manifest.json`` and bytes or tables.
+and S3 (any S3-compatible endpoint). Which key holds what is the catalog's
+business (``tasks/lake.py``); this module only moves bytes under keys.
 
 Writes are atomic. Locally a temp file in the same directory is renamed over
 the target; on S3 an object only appears after a single PUT or a completed
@@ -11,6 +11,8 @@ multipart upload. A reader never sees half an object.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -23,42 +25,6 @@ from typing import Any
 from tasks.settings import Settings, load_settings
 
 TMP_PREFIX = ".tmp-"
-
-
-# --- the store layout (DESIGN.md), written down once -------------------------
-
-
-def dataset_prefix(dataset_version: str) -> str:
-    return f"datasets/fashion-mnist/{dataset_version}/"
-
-
-def labels_prefix(dataset_version: str, labels_version: str) -> str:
-    return f"labels/{dataset_version}/{labels_version}/"
-
-
-def features_prefix(key: str) -> str:
-    return f"features/{key}/"
-
-
-def model_prefix(model_version: str) -> str:
-    return f"models/{model_version}/"
-
-
-def checkpoint_prefix(model_version: str) -> str:
-    return f"checkpoints/{model_version}/"
-
-
-CHAMPION_KEY = "registry/champion.json"
-DECISIONS_PREFIX = "registry/decisions/"
-DROPS_PREFIX = "drops/"
-
-
-def drop_prefix(drop_id: str) -> str:
-    return f"{DROPS_PREFIX}{drop_id}/"
-
-
-def scores_prefix(drop_id: str, model_version: str) -> str:
-    return f"scores/{drop_id}/{model_version}/"
 
 
 # --- keys ---------------------------------------------------------------------
@@ -92,7 +58,7 @@ class ObjectNotFound(FileNotFoundError):
 
 
 class PreconditionFailed(Exception):
-    """A conditional write lost: the object already exists."""
+    """A conditional write lost: the object already exists, or changed since it was read."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +82,17 @@ class Store(ABC):
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Write only if no object exists at ``key``; True if this call wrote it."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """(body, version token) of an object, for a later ``put_if_match``."""
+
+    @abstractmethod
+    def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
+        """Replace the object only if it is still the version ``token`` names (``None``:
+        only if there is none); True if this call wrote it. A lost response can make a
+        retried write report False although it was applied: callers that must know
+        put their own id in the object and read it back."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -215,6 +192,26 @@ class LocalStore(Store):
             return False
         finally:
             tmp.unlink(missing_ok=True)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        body = self.get_bytes(key)
+        return body, hashlib.sha256(body).hexdigest()
+
+    def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One writer at a time per key: an exclusive lock on a hidden sibling file
+        # (hidden like temp files, so listings never show it).
+        with open(path.parent / f"{TMP_PREFIX}lock-{path.name}", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != token:
+                return False
+            self.put_bytes(key, data)
+            return True
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         target = self._path(key)
@@ -328,10 +325,38 @@ class S3Store(Store):
             )
             return True
         except ClientError as err:
-            code = err.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            if self._lost_condition(err):
                 return False
             raise
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as err:
+            if self._missing(err):
+                raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
+            raise
+        return resp["Body"].read(), resp["ETag"]
+
+    def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            return True
+        except ClientError as err:
+            if self._lost_condition(err):
+                return False
+            if token is not None and self._missing(err):
+                return False  # deleted since it was read
+            raise
+
+    def _lost_condition(self, err: Exception) -> bool:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code")
+        return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
@@ -397,6 +422,15 @@ class S3Store(Store):
         )
 
 
+def open_object(uri: str, settings: Settings | None = None) -> tuple[Store, str]:
+    """(store, key) for the URI of one object: ``s3://bucket/key`` or a file path."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return open_store(f"s3://{bucket}", settings), key
+    path = Path(uri.removeprefix("file://")).expanduser().resolve()
+    return LocalStore(path.parent), path.name
+
+
 def open_store(uri: str | None = None, settings: Settings | None = None) -> Store:
     """The store named by ``uri`` (or the settings' default)."""
     settings = settings or load_settings()
@@ -406,8 +440,16 @@ def open_store(uri: str | None = None, settings: Settings | None = None) -> Stor
         if not bucket:
             raise ValueError(f"invalid store URI {uri!r}: no bucket")
         return S3Store(
-            bucket, prefix, endpoint_url=settings.endpoint_url(), region=settings.region()
+            bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
         )
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/prefix or a directory")
     return LocalStore(uri.removeprefix("file://"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

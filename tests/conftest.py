@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Keep test runs out of the user's Prefect database and quiet.
+# Keep test runs out of the user's Prefect database, caches and store, and quiet.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vggprice-prefect-")
+os.environ["VGGPRICE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vggprice-cache-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests never use the user's store or data source by accident.
-for var in ("VGGPRICE_STORE", "VGGPRICE_DATA_SOURCE", "FASHION_MNIST_DIR"):
+for var in ("VGGPRICE_STORE", "VGGPRICE_DATA_SOURCE", "FASHION_MNIST_DIR", "AWS_ENDPOINT_URL"):
     os.environ.pop(var, None)
 
 
@@ -129,6 +130,44 @@ def write_idx_source(directory: Path, n_train: int = 60, n_test: int = 20, seed:
 @pytest.fixture
 def idx_source(tmp_path) -> Path:
     return write_idx_source(tmp_path / "idx")
+
+
+# --- one tiny trained model per session, copied into the stores that need one --------
+
+# Small and fast: 32x32 input, random init, the first 15 layers frozen, one cached view.
+TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_lake(tmp_path_factory):
+    """A local lake with a dataset (shards of 30 rows), labels, and one TINY model,
+    promoted: trained once for the whole session."""
+    from tasks.dataset import find_source, ingest
+    from tasks.labels import PriceRule, make_labels
+    from tasks.lake import Lake
+    from tasks.registry import promote
+    from tasks.storage import LocalStore
+    from tasks.train_settings import TrainSettings
+    from tasks.training import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    lake = Lake(LocalStore(root / "lake"))
+    dv = ingest(lake, find_source(write_idx_source(root / "idx")), shard_rows=30)["version"]
+    lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
+    mv = train(lake, dv, lv, TrainSettings(**TINY))["model_version"]
+    promote(lake, mv)
+    return lake, dv, lv, mv
+
+
+def copy_lake(source, target_uri: str):
+    """Every object of one lake into another store (a fresh copy for one test)."""
+    from tasks.lake import Lake
+    from tasks.storage import open_store
+
+    target = Lake(open_store(target_uri))
+    for info in source.store.list():
+        target.store.put_bytes(info.key, source.store.get_bytes(info.key))
+    return target
 
 
 # --- a real Prefect server --------------------------------------------------------

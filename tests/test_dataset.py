@@ -11,11 +11,11 @@ from tasks.dataset import (
     DatasetError,
     find_source,
     ingest,
-    load_split,
     parse_idx_images,
     parse_idx_labels,
 )
 from tasks.images import to_pixels_batch
+from tasks.lake import Lake
 from tasks.storage import LocalStore
 from tests.conftest import idx_images, idx_labels
 
@@ -74,7 +74,7 @@ def test_bad_source_leaves_nothing(tmp_path, idx_source, name, data, match):
     _corrupt(idx_source, name, data)
     store = LocalStore(tmp_path / "lake")
     with pytest.raises(DatasetError, match=match):
-        ingest(store, find_source(idx_source))
+        ingest(Lake(store), find_source(idx_source))
     assert store.keys() == [], "no shard and no manifest on bad input"
 
 
@@ -87,11 +87,11 @@ def test_ingest_roundtrip_and_unverified(tmp_path, idx_source):
     store = LocalStore(tmp_path / "lake")
     source = find_source(idx_source)
     assert source.verified is False  # generated files are not the published ones
-    manifest = ingest(store, source, shard_rows=25)
+    manifest = ingest(Lake(store), source, shard_rows=25)
     assert manifest["splits"]["train"]["rows"] == 60
     assert len(manifest["splits"]["train"]["shards"]) == 3
     assert manifest["source"]["verified"] is False
-    train = load_split(store, manifest["version"], "train")
+    train = Lake(store).dataset(manifest["version"]).read_split("train")
     assert train.column_names == ["image_id", "label", "image"]
     assert train["image_id"][0].as_py() == "train-00000"
     pixels = to_pixels_batch(train["image"].to_pylist())

@@ -10,7 +10,8 @@ import pytest
 from flows.cli import main
 from flows.ingest import ingest_flow
 from flows.label import label_flow
-from tasks.labels import PriceRule, read_prices, read_scaling
+from tasks.labels import PriceRule
+from tasks.lake import Lake
 from tasks.storage import open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -28,10 +29,11 @@ def test_ingest_and_label_flows(store_uri, idx_source):
 
     v = first["dataset_version"]
     labelled = label_flow(dataset_version=v, store=store_uri, seed=3)
-    prices = read_prices(store, v, labelled["labels_version"]).to_pandas()
+    labels = Lake(store).labels(v, labelled["labels_version"])
+    prices = labels.prices().to_pandas()
     assert len(prices) == 80 and set(prices["split"]) == {"train", "test"}
     train = prices[prices["split"] == "train"]
-    scaling = read_scaling(store, v, labelled["labels_version"])
+    scaling = labels.scaling()
     assert scaling["min"] == train["price"].min() and scaling["max"] == train["price"].max()
     body = store.get_bytes(f"labels/{v}/{labelled['labels_version']}/prices.parquet")
 
@@ -45,7 +47,7 @@ def test_ingest_and_label_flows(store_uri, idx_source):
 
     custom = label_flow(dataset_version=v, store=store_uri, seed=3, rule=PriceRule(sigma=0))
     assert custom["labels_version"] != labelled["labels_version"]
-    p = read_prices(store, v, custom["labels_version"]).to_pandas()
+    p = Lake(store).labels(v, custom["labels_version"]).prices().to_pandas()
     means = np.array(PriceRule().means)
     assert np.allclose(p["price"], means[p["label"]])
 

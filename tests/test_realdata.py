@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tasks.dataset import DEBIAN_DIR, FILES, find_source, ingest
-from tasks.labels import PriceRule, make_labels, read_prices
+from tasks.labels import PriceRule, make_labels
+from tasks.lake import Lake
 from tasks.storage import LocalStore
 
 pytestmark = [
@@ -20,13 +21,13 @@ pytestmark = [
 def test_real_fashion_mnist(tmp_path):
     source = find_source(DEBIAN_DIR)
     assert source.verified, "the Debian files match the published SHA-256"
-    store = LocalStore(tmp_path / "lake")
+    store = Lake(LocalStore(tmp_path / "lake"))
     manifest = ingest(store, source)
     assert manifest["splits"]["train"]["rows"] == 60_000
     assert manifest["splits"]["test"]["rows"] == 10_000
     assert manifest["splits"]["train"]["label_counts"] == [6000] * 10
     labels = make_labels(store, manifest["version"], PriceRule(), seed=0)
-    prices = read_prices(store, manifest["version"], labels["labels_version"]).to_pandas()
+    prices = store.labels(manifest["version"], labels["labels_version"]).prices().to_pandas()
     assert len(prices) == 70_000
     by_class = prices.groupby("label")["price"].mean()
     assert all(abs(by_class[c] - PriceRule().means[c]) < 0.2 for c in range(10))

@@ -13,23 +13,22 @@ import pytest
 from PIL import Image
 
 from flows.score import score_flow, score_new_drops_flow
-from tasks.dataset import find_source, ingest, load_split
+from tasks.data import load_data
 from tasks.images import ImageRejected, to_pixels
-from tasks.labels import PriceRule, make_labels
-from tasks.model import TrainSettings
-from tasks.registry import promote
+from tasks.inference import cached_model_file
+from tasks.lake import Lake
 from tasks.scoring import (
     DropBusy,
     ScoreOptions,
-    prepare,
-    read_parts,
+    acquire_lease,
+    locate_drop,
+    plan_work,
     score_drop,
     score_shard,
 )
-from tasks.storage import open_store
-from tasks.training import load_data, train
+from tasks.settings import load_settings
+from tests.conftest import copy_lake
 
-TINY = TrainSettings(weights="none", freeze=15, input_size=32, epochs=1, views=1)
 LIMIT = 1_000_000
 
 
@@ -100,44 +99,47 @@ def parquet_drop() -> bytes:
 
 
 @pytest.fixture
-def scored_store(store_uri, idx_source):
-    store = open_store(store_uri)
-    dv = ingest(store, find_source(idx_source), shard_rows=30)["version"]
-    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
-    mv = train(store, dv, lv, TINY)["model_version"]
-    promote(store, mv)
-    return store, mv, dv, lv
+def scored_store(store_uri, tiny_lake):
+    """A store of its own with the session's tiny model as champion."""
+    source, dv, lv, mv = tiny_lake
+    lake = copy_lake(source, store_uri)
+    return lake, mv, dv, lv
 
 
-def put_drop(store, drop_id: str, files: dict[str, bytes]) -> None:
+def read_parts(lake: Lake, drop_id: str, mv: str, columns=None):
+    run = lake.score_run(drop_id, mv)
+    return run.prices(columns)
+
+
+def put_drop(lake, drop_id: str, files: dict[str, bytes]) -> None:
     for name, body in files.items():
-        store.put_bytes(f"drops/{drop_id}/{name}", body)
+        lake.store.put_bytes(f"drops/{drop_id}/{name}", body)
 
 
-def outputs(store, drop_id: str, mv: str) -> tuple[list[str], dict[str, str]]:
-    base = f"scores/{drop_id}/{mv}/"
-    priced = read_parts(store, store.keys(base + "part-"))
-    rejected = pq.read_table(io.BytesIO(store.get_bytes(base + "rejected.parquet")))
+def outputs(lake, drop_id: str, mv: str) -> tuple[list[str], dict[str, str]]:
+    priced = read_parts(lake, drop_id, mv)
+    rejected = lake.score_run(drop_id, mv).rejected()
     keys = priced["key"].to_pylist() if priced is not None else []
     return keys, dict(zip(rejected["key"].to_pylist(), rejected["reason"].to_pylist(), strict=True))
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_score_drop_formats_bad_files_and_reruns(scored_store):
-    store, mv, *_ = scored_store
+    lake, mv, *_ = scored_store
+    store = lake.store
     good, bad = good_files(), bad_files()
     put_drop(
-        store, "d1", good | {k: v for k, (v, _) in bad.items()} | {"batch.parquet": parquet_drop()}
+        lake, "d1", good | {k: v for k, (v, _) in bad.items()} | {"batch.parquet": parquet_drop()}
     )
     result = score_flow("d1", store=store.uri, shard_size=5, max_pixels=LIMIT)
-    priced, rejected = outputs(store, "d1", mv)
+    priced, rejected = outputs(lake, "d1", mv)
     expected_priced = set(good) | {"batch.parquet#a", "batch.parquet#c"}
     assert sorted(priced) == sorted(expected_priced), "each good image priced exactly once"
     assert set(rejected) == set(bad) | {"batch.parquet#b"}
     for key, (_, reason) in bad.items():
         assert reason in rejected[key], (key, rejected[key])
     assert result["counts"] == {"listed": 19, "priced": 14, "rejected": 7}
-    prices = read_parts(store, store.keys(f"scores/d1/{mv}/part-"))["price"].to_numpy()
+    prices = read_parts(lake, "d1", mv)["price"].to_numpy()
     assert np.isfinite(prices).all()
     manifest = store.get_json(f"scores/d1/{mv}/_manifest.json")
     assert manifest["counts"] == result["counts"] and "flagged" in manifest["drift"]
@@ -146,48 +148,51 @@ def test_score_drop_formats_bad_files_and_reruns(scored_store):
     assert again["skipped"] is True and again["counts"] == result["counts"]
 
     parts_before = {o.key: o.etag for o in store.list(f"scores/d1/{mv}/part-")}
-    put_drop(store, "d1", {"late.png": good["gray.png"]})
+    put_drop(lake, "d1", {"late.png": good["gray.png"]})
     third = score_flow("d1", store=store.uri, shard_size=5, max_pixels=LIMIT)
     assert third["counts"] == {"listed": 20, "priced": 15, "rejected": 7}
     parts_after = {o.key: o.etag for o in store.list(f"scores/d1/{mv}/part-")}
     assert parts_before.items() <= parts_after.items(), "finished shards untouched"
     (new_part,) = set(parts_after) - set(parts_before)
-    assert read_parts(store, [new_part])["key"].to_pylist() == ["late.png"]
-    priced, _ = outputs(store, "d1", mv)
+    new = lake.score_run("d1", mv).read_tables([new_part[len(f"scores/d1/{mv}/") :]])
+    assert new["key"].to_pylist() == ["late.png"]
+    priced, _ = outputs(lake, "d1", mv)
     assert len(priced) == len(set(priced)) == 15
 
 
 def test_resume_after_crash_redoes_only_missing_shards(scored_store):
-    store, mv, *_ = scored_store
+    lake, mv, *_ = scored_store
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(12)}
-    put_drop(store, "d2", files)
+    put_drop(lake, "d2", files)
     options = ScoreOptions(shard_size=4, lease_seconds=6)
-    job = prepare(store, "d2", mv, options, owner="crashing-run")
-    first, keys = sorted(job["todo"].items())[0]
-    score_shard(store, job["prefix"], store, job["base"], first, keys, mv, options)
+    run, source = lake.score_run("d2", mv), locate_drop(lake, "d2")
+    acquire_lease(run, "crashing-run", options.lease_seconds)
+    todo = plan_work(run, source.listing(), options.shard_size)["todo"]
+    first, keys = sorted(todo.items())[0]
+    score_shard(run, source, first, keys, options)
     # ... and the worker dies here: no other shard, no manifest, the lease never released.
-    etag = {o.key: o.etag for o in store.list(job["base"] + "part-")}
+    etag = {o.key: o.etag for o in lake.store.list(run.prefix + "part-")}
     with pytest.raises(DropBusy):
-        score_drop(store, "d2", options=options)
-    (lease,) = store.keys(job["base"] + "_leases/")
-    time.sleep(max(0.0, store.get_json(lease)["expires"] - time.time()) + 0.1)  # it expires
-    result = score_drop(store, "d2", options=options)
+        score_drop(lake, "d2", options=options)
+    ((_, lease),) = run.leases()
+    time.sleep(max(0.0, run.get_json(lease)["expires"] - time.time()) + 0.1)  # it expires
+    result = score_drop(lake, "d2", options=options)
     assert result["timings"]["shards_scored"] == 2, "only the two unfinished shards"
-    assert {o.key: o.etag for o in store.list(job["base"] + "part-")}.items() >= etag.items()
-    priced, rejected = outputs(store, "d2", mv)
+    assert {o.key: o.etag for o in lake.store.list(run.prefix + "part-")}.items() >= etag.items()
+    priced, rejected = outputs(lake, "d2", mv)
     assert sorted(priced) == sorted(files) and rejected == {}
 
 
 def test_concurrent_runs_make_no_duplicates(scored_store):
-    store, mv, *_ = scored_store
+    lake, mv, *_ = scored_store
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(16)}
-    put_drop(store, "d3", files)
+    put_drop(lake, "d3", files)
     barrier, results = threading.Barrier(2), []
 
     def run():
         barrier.wait()
         try:
-            results.append(score_drop(store, "d3", options=ScoreOptions(shard_size=4)))
+            results.append(score_drop(lake, "d3", options=ScoreOptions(shard_size=4)))
         except DropBusy as err:
             results.append(err)
 
@@ -197,55 +202,52 @@ def test_concurrent_runs_make_no_duplicates(scored_store):
     for t in threads:
         t.join()
     assert any(isinstance(r, dict) for r in results)
-    priced, _ = outputs(store, "d3", mv)
+    priced, _ = outputs(lake, "d3", mv)
     assert sorted(priced) == sorted(files), "every key exactly once"
 
 
 def test_parquet_drop_of_the_datasets_own_shards(scored_store):
-    store, mv, dv, _ = scored_store
-    manifest = store.get_json(f"datasets/fashion-mnist/{dv}/manifest.json")
-    shard = manifest["splits"]["test"]["shards"][0]["key"]
-    put_drop(store, "d4", {"test.parquet": store.get_bytes(shard)})
-    result = score_drop(store, "d4")
+    lake, mv, dv, _ = scored_store
+    dataset = lake.dataset(dv)
+    shard = dataset.manifest()["splits"]["test"]["shards"][0]["name"]
+    put_drop(lake, "d4", {"test.parquet": dataset.get_bytes(shard)})
+    result = score_drop(lake, "d4")
     assert result["counts"] == {"listed": 1, "priced": 20, "rejected": 0}
     # Pixels like the training data's; (a 1-epoch model's prices may well not be).
     assert result["drift"]["pixel_out_of_range_fraction"] <= 0.2, result["drift"]
     black = {f"black-{i}.png": _save(Image.new("L", (28, 28)), "PNG") for i in range(10)}
-    put_drop(store, "d5", black)
-    drift = score_drop(store, "d5")["drift"]
+    put_drop(lake, "d5", black)
+    drift = score_drop(lake, "d5")["drift"]
     assert drift["pixel_out_of_range_fraction"] == 1.0 and drift["flagged"] is True
 
 
 def test_empty_drop_and_bad_model(scored_store):
-    store, mv, *_ = scored_store
-    result = score_drop(store, "nothing-here")
+    lake, mv, *_ = scored_store
+    result = score_drop(lake, "nothing-here")
     assert result["counts"] == {"listed": 0, "priced": 0, "rejected": 0}
-    assert store.exists(f"scores/nothing-here/{mv}/_manifest.json")
-    with pytest.raises(FileNotFoundError, match="no such model"):
-        score_drop(store, "nothing-here", model_version="m-nope")
+    assert lake.store.exists(f"scores/nothing-here/{mv}/_manifest.json")
+    with pytest.raises(FileNotFoundError, match=f"no such .complete. model version .known: {mv}"):
+        score_drop(lake, "nothing-here", model_version="m-nope")
     with pytest.raises(ValueError, match="invalid drop id"):
-        score_drop(store, "a/b")
+        score_drop(lake, "a/b")
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_score_new_drops(scored_store):
-    store, mv, *_ = scored_store
-    put_drop(store, "new-1", {"a.png": _save(Image.fromarray(garment()), "PNG")})
-    put_drop(store, "new-2", {"b.png": _save(Image.fromarray(garment()), "PNG")})
-    result = score_new_drops_flow(store=store.uri)
+    lake, mv, *_ = scored_store
+    put_drop(lake, "new-1", {"a.png": _save(Image.fromarray(garment()), "PNG")})
+    put_drop(lake, "new-2", {"b.png": _save(Image.fromarray(garment()), "PNG")})
+    result = score_new_drops_flow(store=lake.uri)
     assert set(result["scored"]) == {"new-1", "new-2"}
-    assert score_new_drops_flow(store=store.uri)["scored"] == {}
+    assert score_new_drops_flow(store=lake.uri)["scored"] == {}
 
 
-def test_preprocessing_parity_training_and_scoring(tmp_path, idx_source):
+def test_preprocessing_parity_training_and_scoring(tiny_lake):
     from tasks.scoring import decode_object
 
-    store = open_store(str(tmp_path / "lake"))
-    dv = ingest(store, find_source(idx_source))["version"]
-    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
-    trained = load_data(store, dv, lv, TINY, ("test",))["test"]["images"]
-    shard = load_split(store, dv, "test")
-    blobs = shard["image"].to_pylist()
+    lake, dv, lv, _ = tiny_lake
+    trained = load_data(lake, dv, lv, {"test": None}, 0).test.images
+    blobs = lake.dataset(dv).read_split("test")["image"].to_pylist()
     scored = np.stack([px for _, px, _ in decode_object("x.png", blobs[0], LIMIT)] +
                       [to_pixels(b) for b in blobs[1:]])  # fmt: skip
     assert (scored == trained).all(), "training and scoring see the same pixels"
@@ -256,6 +258,24 @@ def test_preprocessing_parity_training_and_scoring(tmp_path, idx_source):
     # A larger image is fitted into the square without distortion.
     wide = to_pixels(_save(Image.fromarray(garment((56, 28))), "PNG"))
     assert wide.shape == (28, 28) and wide[:7].max() == 0 and wide[-7:].max() == 0
+
+
+def test_model_cache_is_keyed_by_store_and_content(tiny_lake, tmp_path):
+    """Two stores that hold the same model version with different bytes never share a
+    cached file; the cache lives under VGGPRICE_CACHE_DIR."""
+    source, _, _, mv = tiny_lake
+    a = copy_lake(source, str(tmp_path / "a"))
+    b = copy_lake(source, str(tmp_path / "b"))
+    model_b = b.model(mv)
+    body = bytearray(model_b.get_bytes(model_b.FILE))
+    body[-200:] = bytes(200)  # other bytes under the same version (here: a broken zip)
+    model_b.put_bytes(model_b.FILE, bytes(body))
+    path_a = cached_model_file(a.model(mv))
+    assert load_settings().cache_dir in path_a.parents
+    assert path_a.read_bytes() == source.model(mv).get_bytes(model_b.FILE)
+    with pytest.raises(RuntimeError, match="does not match lineage.json"):
+        cached_model_file(model_b)
+    assert path_a.read_bytes() == a.model(mv).get_bytes(model_b.FILE), "a's copy untouched"
 
 
 def test_bomb_is_refused_before_decoding():

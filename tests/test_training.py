@@ -9,30 +9,46 @@ import pytest
 
 from flows.evaluate import evaluate_flow, promote_flow
 from flows.train import train_flow
+from tasks.data import load_data
 from tasks.dataset import find_source, ingest
-from tasks.evaluation import load_model, predict_prices
 from tasks.features import augment_view
+from tasks.inference import ExportError, cached_model_file, export_model, load_inference_model
 from tasks.labels import PriceRule, make_labels
-from tasks.model import TrainSettings, WeightsError
+from tasks.lake import Lake
 from tasks.registry import decide, read_champion
-from tasks.storage import LocalStore, open_store
-from tasks.training import load_data, train
+from tasks.runtime import keras_precision
+from tasks.storage import open_store
+from tasks.train_settings import TrainSettings
+from tasks.training import train
+from tasks.weights import WeightsError
+from tests.conftest import TINY
 
-# Small and fast: 32x32 input, random init, two cached views.
-TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 2}
+TINY = TINY | {"views": 2}  # two cached views: the image and its flip
+
+
+def make_versions(store_uri, idx_source):
+    lake = Lake(open_store(store_uri))
+    dv = ingest(lake, find_source(idx_source))["version"]
+    lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
+    return lake, dv, lv
 
 
 @pytest.fixture
 def versions(store_uri, idx_source):
-    store = open_store(store_uri)
-    dv = ingest(store, find_source(idx_source))["version"]
-    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
-    return store, dv, lv
+    """Both backends."""
+    return make_versions(store_uri, idx_source)
+
+
+@pytest.fixture
+def local_versions(tmp_path, idx_source):
+    """The local store only: for behaviour that does not depend on the backend."""
+    return make_versions(str(tmp_path / "lake"), idx_source)
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_train_evaluate_promote(versions, store_uri):
-    store, dv, lv = versions
+    lake, dv, lv = versions
+    store = lake.store
     first = train_flow(dv, lv, store=store_uri, settings=TrainSettings(**TINY))
     mv = first["model_version"]
     assert first["features"]["hit"] is False and first["skipped"] is False
@@ -43,7 +59,7 @@ def test_train_evaluate_promote(versions, store_uri):
     assert (lineage["dataset_version"], lineage["labels_version"]) == (dv, lv)
     assert lineage["feature_cache_key"] == first["features"]["key"]
     manifest = store.get_json(f"features/{first['features']['key']}/manifest.json")
-    assert manifest["key"] == first["features"]["key"] and len(manifest["train"]) == 2
+    assert manifest["key"] == first["features"]["key"] and len(manifest["views"]) == 2
 
     metrics = evaluate_flow(mv, store=store_uri)
     assert metrics["n"] == 20 and metrics["rmse"] > 0 and metrics["noise_floor_rmse"] > 0
@@ -52,7 +68,7 @@ def test_train_evaluate_promote(versions, store_uri):
 
     decision = promote_flow(mv, store=store_uri)
     assert decision["promoted"] and decision["reason"] == "no champion yet"
-    assert read_champion(store)["model_version"] == mv
+    assert read_champion(lake)["model_version"] == mv
 
     # Same inputs, another top hyper-parameter: the feature cache is hit, not rebuilt.
     features_before = {o.key: o.etag for o in store.list("features/")}
@@ -65,10 +81,10 @@ def test_train_evaluate_promote(versions, store_uri):
 
     decision = promote_flow(second["model_version"], store=store_uri, margin=10.0)
     assert decision["promoted"] is False, "a 1000 % margin cannot be beaten"
-    assert read_champion(store)["model_version"] == mv
+    assert read_champion(lake)["model_version"] == mv
     forced = promote_flow(second["model_version"], store=store_uri, force=True)
     assert forced["promoted"] and forced["forced"]
-    champion = read_champion(store)
+    champion = read_champion(lake)
     assert champion["model_version"] == second["model_version"] and champion["forced"]
     decisions = [store.get_json(k) for k in store.keys("registry/decisions/")]
     assert [d["promoted"] for d in decisions] == [True, False, True]
@@ -77,39 +93,39 @@ def test_train_evaluate_promote(versions, store_uri):
 
 
 def test_resume_after_crash(versions):
-    store, dv, lv = versions
+    lake, dv, lv = versions
+    store = lake.store
     settings = TrainSettings(**TINY | {"epochs": 2})
 
     class Crash(Exception):
         pass
 
-    def crash_after_first(epoch, history):
+    def crash_after_first(epoch, history, fit):
         if epoch == 1:
             raise Crash("worker died")
 
     with pytest.raises(Crash):
-        train(store, dv, lv, settings, on_epoch=crash_after_first)
-    assert (
-        store.get_json(store.keys("checkpoints/")[-1].rsplit("/", 1)[0] + "/state.json")["epoch"]
-        == 1
-    )
+        train(lake, dv, lv, settings, on_epoch=crash_after_first)
+    (state,) = [k for k in store.keys("checkpoints/") if k.endswith("state.json")]
+    assert store.get_json(state)["epoch"] == 1
     seen = []
-    result = train(store, dv, lv, settings, on_epoch=lambda e, h: seen.append(e))
+    result = train(lake, dv, lv, settings, on_epoch=lambda e, h, f: seen.append(e))
     assert result["resumed_from_epoch"] == 1 and seen == [2]
     history = store.get_json(f"models/{result['model_version']}/history.json")
     assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
     assert store.keys("checkpoints/") == [], "checkpoints are removed once the model is stored"
 
 
-def test_checkpoint_from_other_code_is_not_resumed(versions, caplog):
-    store, dv, lv = versions
+def test_checkpoint_from_other_code_is_not_resumed(local_versions, caplog):
+    lake, dv, lv = local_versions
+    store = lake.store
     settings = TrainSettings(**TINY | {"epochs": 2})
 
-    def crash(epoch, history):
+    def crash(epoch, history, fit):
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError):
-        train(store, dv, lv, settings, on_epoch=crash)
+        train(lake, dv, lv, settings, on_epoch=crash)
     (npz,) = [k for k in store.keys("checkpoints/") if k.endswith(".npz")]
     arrays = dict(np.load(io.BytesIO(store.get_bytes(npz))))
     arrays.pop(sorted(k for k in arrays if k.startswith("o"))[-1])  # an optimizer slot fewer
@@ -117,86 +133,151 @@ def test_checkpoint_from_other_code_is_not_resumed(versions, caplog):
     np.savez(buf, **arrays)
     store.put_bytes(npz, buf.getvalue())
     seen = []
-    result = train(store, dv, lv, settings, on_epoch=lambda e, h: seen.append(e))
+    result = train(lake, dv, lv, settings, on_epoch=lambda e, h, f: seen.append(e))
     assert result["resumed_from_epoch"] == 0 and seen == [1, 2]
     assert "checkpoint does not fit" in caplog.text
 
 
-def test_weights_from_file(tmp_path, versions):
+def test_weights_from_file(tmp_path, local_versions):
     import hashlib
 
     import keras
 
-    store, dv, lv = versions
+    lake, dv, lv = local_versions
     path = tmp_path / "base.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
         path
     )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     settings = TrainSettings(**TINY | {"weights": str(path), "weights_sha256": digest})
-    result = train(store, dv, lv, settings)
-    lineage = store.get_json(f"models/{result['model_version']}/lineage.json")
+    result = train(lake, dv, lv, settings)
+    lineage = lake.model(result["model_version"]).lineage()
     assert lineage["base_weights"]["identity"] == f"sha256:{digest}"
 
     with pytest.raises(WeightsError, match="does not match the expected"):
         train(
-            store,
-            dv,
-            lv,
-            TrainSettings(**TINY | {"weights": str(path), "weights_sha256": "0" * 64}),
+            lake, dv, lv, TrainSettings(**TINY | {"weights": str(path), "weights_sha256": "0" * 64})
         )
 
     wrong = tmp_path / "wrong.weights.h5"
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).save_weights(wrong)
     with pytest.raises(WeightsError, match="wrong.weights.h5: not VGG16"):
-        train(store, dv, lv, TrainSettings(**TINY | {"weights": str(wrong)}))
+        train(lake, dv, lv, TrainSettings(**TINY | {"weights": str(wrong)}))
 
 
-def test_weights_from_store_uri(tmp_path, s3_uri, versions):
+def test_weights_from_store_uri(tmp_path, s3_uri, local_versions):
     import keras
 
-    store, dv, lv = versions
+    lake, dv, lv = local_versions
     path = tmp_path / "base.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
         path
     )
     open_store(s3_uri).put_file("weights/vgg16.weights.h5", path)
     settings = TrainSettings(**TINY | {"weights": f"{s3_uri}/weights/vgg16.weights.h5"})
-    result = train(store, dv, lv, settings)
+    result = train(lake, dv, lv, settings)
     assert result["skipped"] is False
 
 
-def test_imagenet_offline_fails_fast(versions, monkeypatch, tmp_path):
-    store, dv, lv = versions
+def test_imagenet_offline_fails_fast(local_versions, monkeypatch, tmp_path):
+    lake, dv, lv = local_versions
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no cached download
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no network
     with pytest.raises(WeightsError, match="weights=none"):
-        train(store, dv, lv, TrainSettings(**TINY | {"weights": "imagenet", "freeze": None}))
+        train(lake, dv, lv, TrainSettings(**TINY | {"weights": "imagenet", "freeze": None}))
 
 
-def test_stored_model_matches_in_memory(tmp_path, idx_source):
-    store = LocalStore(tmp_path / "lake")
-    dv = ingest(store, find_source(idx_source))["version"]
-    lv = make_labels(store, dv, PriceRule(), seed=0)["labels_version"]
-    settings = TrainSettings(**TINY | {"precision": "float32"})
-    result = train(store, dv, lv, settings)
-    images = load_data(store, dv, lv, settings, ("test",))["test"]["images"]
+def scaled_to_price(y: np.ndarray, scaling: dict) -> np.ndarray:
+    return (
+        np.asarray(y, np.float64).reshape(-1) * (scaling["max"] - scaling["min"]) + scaling["min"]
+    )
+
+
+def test_stored_model_is_the_trained_model(local_versions):
+    """The in-memory trained graphs (frozen layers, then the top with its fast
+    convolutions) and the stored model.keras give the same prices on the same images;
+    the bfloat16 and float16 scoring rebuilds stay close to float32."""
     import keras
 
-    stored = keras.models.load_model(
-        tmp_path / "lake" / "models" / result["model_version"] / "model.keras", safe_mode=True
-    )
-    again = load_model(store, result["model_version"])
-    a, b = predict_prices(stored, images), predict_prices(again, images)
-    assert np.allclose(a, b)
-    assert a.shape == (20,) and np.isfinite(a).all()
+    lake, dv, lv = local_versions
+    settings = TrainSettings(**TINY | {"precision": "float32"})
+    trained = {}
+    result = train(lake, dv, lv, settings, on_epoch=lambda e, h, fit: trained.update(fit=fit))
+    data = load_data(lake, dv, lv, {"test": None}, 0)
+    images, scaling = data.test.images, data.scaling
+    fit = trained["fit"]
+    assert type(fit.top.get_layer("block5_conv1")).__name__ == "PatchConv2D"
+    with keras_precision("float32"):
+        features = fit.frozen.predict(images[..., None], verbose=0)
+        in_memory = scaled_to_price(fit.top.predict(features, verbose=0), scaling)
+    model = lake.model(result["model_version"])
+    path = cached_model_file(model)
+    stored = keras.models.load_model(path, safe_mode=True)
+    from_store = np.asarray(stored.predict(images[..., None], verbose=0), np.float64).reshape(-1)
+    np.testing.assert_allclose(from_store, in_memory, rtol=1e-4, atol=1e-3)
+    assert np.ptp(from_store) > 0, "prices differ between images"
+
+    span = scaling["max"] - scaling["min"]
+    for precision in ("mixed_bfloat16", "mixed_float16"):
+        low = load_inference_model(path, model.config(), precision)
+        got = np.asarray(low.predict(images[..., None], verbose=0), np.float64).reshape(-1)
+        # Stated tolerance: within 2 % of the price range on every image.
+        assert np.abs(got - from_store).max() <= 0.02 * span, (precision, got - from_store)
+    assert keras.mixed_precision.global_policy().name == "float32", "policy restored"
 
 
-def test_online_mode_and_none_default_trains_all(versions, caplog):
-    store, dv, lv = versions
+def test_export_fails_naming_a_layer_without_trained_weights():
+    from tasks.graphs import build_graphs
+
+    settings = TrainSettings(**TINY)
+    with keras_precision("float32"):
+        frozen, top = build_graphs(settings)
+    with pytest.raises(ExportError, match="'block1_conv1' has no trained counterpart"):
+        export_model(settings, [top], {"min": 0.0, "max": 1.0})
+
+
+def test_mixed_float16_trains_with_loss_scaling(local_versions):
+    """The GPU pool's precision on CPU: Keras's loss scaling around the fused RMSprop."""
+    import keras
+
+    lake, dv, lv = local_versions
+    seen = {}
+
+    def look(epoch, history, fit):
+        seen["optimizer"] = fit.model.optimizer
+        seen["loss"] = history["loss"][-1]
+
+    settings = TrainSettings(**TINY | {"precision": "mixed_float16", "train_limit": 30})
+    result = train(lake, dv, lv, settings, on_epoch=look)
+    assert isinstance(seen["optimizer"], keras.optimizers.LossScaleOptimizer)
+    assert type(seen["optimizer"].inner_optimizer).__name__ == "FusedRMSprop"
+    assert np.isfinite(seen["loss"])
+    assert lake.model(result["model_version"]).lineage()["precision"] == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_training_leaves_no_global_state_behind(local_versions):
+    import random
+
+    import keras
+
+    lake, dv, lv = local_versions
+    random.seed(7)
+    np.random.seed(7)
+    expected = (random.random(), np.random.rand())
+    random.seed(7)
+    np.random.seed(7)
+    with keras_precision("float32"):
+        train(lake, dv, lv, TrainSettings(**TINY | {"precision": "mixed_bfloat16"}))
+        assert keras.mixed_precision.global_policy().name == "float32"
+    assert (random.random(), np.random.rand()) == expected, "seeds put back as they were"
+
+
+def test_online_mode_and_none_default_trains_all(local_versions, caplog):
+    lake, dv, lv = local_versions
     settings = TrainSettings(weights="none", input_size=32, epochs=1, augment="online")
     assert settings.frozen_layers() == 0 and not settings.uses_cache()
-    result = train(store, dv, lv, settings)
+    result = train(lake, dv, lv, settings)
     assert result["features"] is None
     assert "all layers train" in caplog.text
 
@@ -221,13 +302,13 @@ def test_augment_views_are_deterministic():
 def test_patch_conv_matches_conv2d(side):
     import keras
 
-    from tasks.model import as_patch_conv
+    from tasks.kernels import as_patch_conv
 
-    keras.mixed_precision.set_global_policy("float32")
-    inp = keras.Input((side, side, 64))
-    conv = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="block5_conv1")
-    model = keras.Model(inp, conv(inp))
-    twin = as_patch_conv(conv)
+    with keras_precision("float32"):
+        inp = keras.Input((side, side, 64))
+        conv = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="block5_conv1")
+        model = keras.Model(inp, conv(inp))
+        twin = as_patch_conv(conv)
     assert type(twin).__name__ == "PatchConv2D" and twin.name == conv.name
     x = np.random.default_rng(0).normal(size=(5, side, side, 64)).astype("float32")
     assert np.allclose(model.predict(x, verbose=0), np.asarray(twin(x)), atol=1e-5)
@@ -236,9 +317,8 @@ def test_patch_conv_matches_conv2d(side):
 def test_patch_conv_leaves_other_convolutions():
     import keras
 
-    from tasks.model import as_patch_conv
+    from tasks.kernels import as_patch_conv
 
-    keras.mixed_precision.set_global_policy("float32")
     strided = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")
     strided(keras.Input((6, 6, 4)))
     assert as_patch_conv(strided) is strided, "only the 3x3/stride-1/same/relu shape is swapped"
@@ -250,9 +330,8 @@ def test_patch_conv_leaves_other_convolutions():
 def test_fused_rmsprop_matches_keras_rmsprop():
     import keras
 
-    from tasks.model import fused_rmsprop
+    from tasks.kernels import fused_rmsprop
 
-    keras.mixed_precision.set_global_policy("float32")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 16)).astype("float32")
     y = rng.normal(size=(64, 1)).astype("float32")

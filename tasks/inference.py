@@ -1,0 +1,148 @@
+"""The stored model: export from the trained graphs (checked), load for scoring at a
+precision, a local cache of model files, and prices from pixels."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from tasks.graphs import build_inference
+from tasks.lake import Model, digest
+from tasks.runtime import keras_precision
+from tasks.settings import load_settings
+from tasks.storage import sha256_file
+from tasks.train_settings import TrainSettings
+
+
+class ExportError(RuntimeError):
+    """The stored model would not hold the trained weights; the message names the layer."""
+
+
+def resolve_precision(precision: str) -> str:
+    """auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on GPUs, else float32."""
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def hardware() -> dict:
+    import platform
+
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "gpus": gpus}
+
+
+def export_model(settings: TrainSettings, trained: list, scaling: dict):
+    """The float32 model to store. Every layer with weights gets them from the trained
+    layer of the same name and shapes, and every trained layer is used; else
+    ExportError names the layer (a layer left at its random start would be silent)."""
+    model = build_inference(settings, scaling, "float32")
+    source = {}
+    for m in trained:
+        if m is not None:
+            source.update({layer.name: layer for layer in m.layers if layer.weights})
+    used = set()
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in source:
+            raise ExportError(f"export: layer {layer.name!r} has no trained counterpart")
+        weights = source[layer.name].get_weights()
+        shapes = [tuple(w.shape) for w in weights]
+        if shapes != [tuple(w.shape) for w in layer.weights]:
+            raise ExportError(
+                f"export: layer {layer.name!r} has weights {shapes} in training but "
+                f"{[tuple(w.shape) for w in layer.weights]} in the stored model"
+            )
+        layer.set_weights([np.asarray(w, dtype="float32") for w in weights])
+        used.add(layer.name)
+    if unused := sorted(set(source) - used):
+        raise ExportError(f"export: trained layers {unused} are not in the stored model")
+    return model
+
+
+def load_inference_model(path: Path, config: dict, precision: str = "auto"):
+    """A stored model.keras for scoring: as stored in float32, or rebuilt at a lower
+    precision (bfloat16 on AMX CPUs, float16 on GPUs) with the stored weights."""
+    import keras
+
+    precision = resolve_precision(precision)
+    if precision == "float32":
+        with keras_precision("float32"):
+            return keras.models.load_model(path, safe_mode=True)
+    model = build_inference(TrainSettings(**config["settings"]), config["scaling"], precision)
+    model.load_weights(path)
+    return model
+
+
+def cached_model_file(model: Model) -> Path:
+    """model.keras on this machine, under the cache directory, keyed by the store and
+    the file's content hash (recorded in lineage.json): one store's model is never
+    taken for another's, and a file whose bytes differ is fetched again."""
+    sha = model.lineage().get("model_sha256")
+    if sha is None:  # written before hashes were recorded: key by the listed ETag
+        (info,) = [o for o in model.store.list(model.key(model.FILE))]
+        sha = digest(info.etag, 64)
+    where = f"{digest(model.store.uri)}/{model.version}-{sha[:16]}"
+    local = load_settings().cache_dir / "models" / where / model.FILE
+    if not local.is_file():
+        model.download(local)
+        if "model_sha256" in model.lineage() and sha256_file(local) != sha:
+            local.unlink()
+            raise ExportError(f"{model.uri(model.FILE)}: content does not match lineage.json")
+    return local
+
+
+_MODELS: dict[tuple, tuple] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def get_model(model: Model, precision: str = "auto") -> tuple:
+    """(keras model, config, predict lock), loaded once per process, store, model
+    version and precision."""
+    key = (model.store.uri, model.version, precision)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            config = model.config()
+            net = load_inference_model(cached_model_file(model), config, precision)
+            _MODELS[key] = (net, config, threading.Lock())
+        return _MODELS[key]
+
+
+def predict_prices(model, pixels: np.ndarray, batch_size: int = 256, lock=None) -> np.ndarray:
+    """Prices for uint8 (n, 28, 28) gray images. Padded to whole batches: one traced
+    shape, no retracing for every ragged end. One predict at a time per model."""
+    n = len(pixels)
+    if n == 0:
+        return np.zeros(0)
+    padded = np.zeros(
+        ((n + batch_size - 1) // batch_size * batch_size, *pixels.shape[1:]), np.uint8
+    )
+    padded[:n] = pixels
+    with lock or threading.Lock():
+        out = model.predict(padded[..., None], batch_size=batch_size, verbose=0)
+    return np.asarray(out, dtype=np.float64).reshape(-1)[:n]
+
+
+def load_stored_model(model: Model):
+    """The stored model.keras as it is (float32), loaded with safe_mode=True: no
+    vggprice code needed."""
+    import keras
+
+    with keras_precision("float32"):
+        return keras.models.load_model(cached_model_file(model), safe_mode=True)

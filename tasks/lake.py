@@ -1,0 +1,576 @@
+"""The lake's catalog: every thing the store holds, as a typed entry.
+
+Each entry knows its keys, its completion marker, how it is (de)serialised and
+how its version is derived; no other module builds a key (``storage.py`` only
+moves bytes). Flows and tasks pass versions and these entries, never key
+strings. Compare Kedro's data catalog and Dagster's IO managers.
+
+```
+datasets/fashion-mnist/<dataset>/{manifest.json, train/part-*.parquet, test/part-*.parquet}
+labels/<dataset>/<labels>/{prices.parquet, scaling.json}
+features/<key>/{train-view-N.npy, test.npy, manifest.json}
+checkpoints/<model>/{state.json, epoch-N.npz}
+models/<model>/{model.keras, config.json, history.json, summary.txt, plots/, lineage.json}
+models/<model>/[eval/<labels>/]{metrics.json, plots/}
+registry/champion.json, registry/decisions/<time>-<model>.json
+drops/<drop>/...
+scores/<drop>/<model>/{_plans/, _leases/, _shards/, _rejected/, part-*.parquet,
+                       rejected.parquet, _manifest.json}
+```
+
+The file named last in each entry is its completion marker: it is written
+last, so an entry whose marker exists is whole.
+
+Versions are content hashes. Models and feature caches also hash the code that
+computes them (``code_fingerprint``): a change to that code gives new versions,
+so "found, not redone" never hands back the output of other code. Datasets and
+labels hash a format constant that ``tests/test_lake.py`` pins to a golden
+output, so a change that alters their bytes fails the tests until it is bumped.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.storage import ObjectInfo, ObjectNotFound, Store
+
+DATASET_FORMAT = "vggprice-fashion-mnist-v1"  # bump when ingest writes other bytes
+LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
+
+# The modules whose code decides what a cache or model holds (see code_fingerprint).
+# tests/test_lake.py checks that each list holds every module its code imports.
+FEATURE_CODE = (
+    "tasks.images",
+    "tasks.data",
+    "tasks.train_settings",
+    "tasks.weights",
+    "tasks.kernels",
+    "tasks.graphs",
+    "tasks.features",
+)
+MODEL_CODE = FEATURE_CODE + ("tasks.checkpoints", "tasks.inference", "tasks.training")
+
+
+class NotInLake(ObjectNotFound):
+    """A version or entry that the store does not hold (the message lists what it does)."""
+
+
+# --- versions -----------------------------------------------------------------------
+
+
+def digest(spec: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            body[0] = ast.Pass()
+    return tree
+
+
+@functools.cache
+def code_fingerprint(modules: tuple[str, ...]) -> str:
+    """A hash of what the modules compute: their syntax trees without docstrings and
+    comments, so editing prose or formatting keeps versions, and editing code does not."""
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"cannot fingerprint {name}: module not found")
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = _strip_docstrings(ast.parse(f.read()))
+        h.update(f"{name}\n{ast.dump(tree)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def dataset_version(file_digests: dict[str, str]) -> str:
+    """Derived from the source files' SHA-256 only: same bytes, same version."""
+    h = hashlib.sha256(DATASET_FORMAT.encode())
+    for name in sorted(file_digests):
+        h.update(f"{name}:{file_digests[name]}\n".encode())
+    return "fm-" + h.hexdigest()[:16]
+
+
+def labels_version(dataset: str, rule: dict, seed: int) -> str:
+    spec = {"dataset": dataset, "rule": rule, "seed": seed, "format": LABELS_FORMAT}
+    return "px-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def feature_key(spec: dict) -> str:
+    """The cache key of frozen-layer outputs: data, base weights, input size, cut layer,
+    precision, views, and the code that computes them."""
+    return "ft-" + digest(spec | {"code": code_fingerprint(FEATURE_CODE)})
+
+
+def model_version(spec: dict) -> str:
+    """Dataset, labels, settings, base weights, and the code that trains."""
+    return "m-" + digest(spec | {"code": code_fingerprint(MODEL_CODE)})
+
+
+# --- (de)serialisation ------------------------------------------------------------------
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def read_parquet(body: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(body), columns=columns)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_npy(body: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(body), allow_pickle=False)
+
+
+# --- entries ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Something under one prefix of a store."""
+
+    store: Store
+    prefix: str
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def uri(self, name: str = "") -> str:
+        return self.store.uri_for(self.prefix + name) if name else self.store.uri_for(self.prefix)
+
+    def link(self, name: str) -> str:
+        return self.store.link_for(self.prefix + name)
+
+    def get_json(self, name: str) -> Any:
+        return self.store.get_json(self.prefix + name)
+
+    def put_json(self, name: str, obj: Any) -> None:
+        self.store.put_json(self.prefix + name, obj)
+
+    def get_bytes(self, name: str) -> bytes:
+        return self.store.get_bytes(self.prefix + name)
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self.store.put_bytes(self.prefix + name, data)
+
+    def exists(self, name: str) -> bool:
+        return self.store.exists(self.prefix + name)
+
+    def names(self, sub: str = "") -> list[str]:
+        """Keys under ``prefix + sub``, relative to the prefix, in order."""
+        return [k[len(self.prefix) :] for k in self.store.keys(self.prefix + sub)]
+
+    def delete_all(self) -> int:
+        return self.store.delete_prefix(self.prefix)
+
+
+@dataclass(frozen=True)
+class Dataset(Entry):
+    version: str = ""
+    MARKER = "manifest.json"
+
+    @property
+    def complete(self) -> bool:
+        return self.exists(self.MARKER)
+
+    def manifest(self) -> dict:
+        try:
+            return self.get_json(self.MARKER)
+        except ObjectNotFound:
+            raise NotInLake(
+                f"{self.uri(self.MARKER)}: no such dataset version "
+                f"(known: {', '.join(Lake(self.store).dataset_versions()) or 'none'})"
+            ) from None
+
+    def write_shard(self, split: str, index: int, table: pa.Table) -> dict:
+        """One Parquet shard; returns its manifest row."""
+        name = f"{split}/part-{index:05d}.parquet"
+        body = parquet_bytes(table)
+        self.put_bytes(name, body)
+        return {"name": name, "rows": table.num_rows, "sha256": hashlib.sha256(body).hexdigest()}
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.put_json(self.MARKER, manifest)
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """All shards of one split as one table (in image_id order)."""
+        shards = self.manifest()["splits"][split]["shards"]
+        return pa.concat_tables(
+            [read_parquet(self.get_bytes(_shard_name(self, s)), columns) for s in shards]
+        )
+
+    def shard_uris(self, split: str) -> list[str]:
+        return [self.uri(_shard_name(self, s)) for s in self.manifest()["splits"][split]["shards"]]
+
+
+def _shard_name(dataset: Dataset, row: dict) -> str:
+    # Manifests written before the catalog held the whole key; newer ones the name.
+    return row.get("name") or row["key"][len(dataset.prefix) :]
+
+
+@dataclass(frozen=True)
+class Labels(Entry):
+    dataset_version: str = ""
+    version: str = ""
+    MARKER = "scaling.json"
+    PRICES = "prices.parquet"
+
+    @property
+    def complete(self) -> bool:
+        return self.exists(self.MARKER)
+
+    def write(self, prices: pa.Table, scaling: dict) -> None:
+        self.put_bytes(self.PRICES, parquet_bytes(prices))
+        self.put_json(self.MARKER, scaling)
+
+    def scaling(self) -> dict:
+        try:
+            return self.get_json(self.MARKER)
+        except ObjectNotFound:
+            known = Lake(self.store).labels_versions(self.dataset_version)
+            raise NotInLake(
+                f"{self.uri(self.MARKER)}: no such labels version for dataset "
+                f"{self.dataset_version} (known: {', '.join(known) or 'none'})"
+            ) from None
+
+    def prices(self) -> pa.Table:
+        self.scaling()  # complete, or a clear error
+        return read_parquet(self.get_bytes(self.PRICES))
+
+
+@dataclass(frozen=True)
+class FeatureCache(Entry):
+    cache_key: str = ""
+    MARKER = "manifest.json"
+
+    def load(self) -> tuple[Iterator[np.ndarray], int, np.ndarray] | None:
+        """(train views as they load, how many, test features), or None on a miss."""
+        try:
+            manifest = self.get_json(self.MARKER)
+        except ObjectNotFound:
+            return None
+        names = manifest["views"]
+        views = (read_npy(self.get_bytes(n)) for n in names)
+        return views, len(names), read_npy(self.get_bytes("test.npy"))
+
+    def write_view(self, view: int, features: np.ndarray) -> str:
+        name = f"train-view-{view}.npy"
+        self.put_bytes(name, npy_bytes(features))
+        return name
+
+    def write(self, view_names: list[str], test: np.ndarray) -> None:
+        self.put_bytes("test.npy", npy_bytes(test))
+        self.put_json(
+            self.MARKER,
+            {"key": self.cache_key, "views": view_names, "shape": list(test.shape[1:])},
+        )
+
+
+@dataclass(frozen=True)
+class Checkpoints(Entry):
+    """checkpoints/<model>/: each epoch's arrays, then state.json naming the epoch."""
+
+    MARKER = "state.json"
+
+    def latest(self) -> tuple[dict, bytes] | None:
+        try:
+            state = self.get_json(self.MARKER)
+        except ObjectNotFound:
+            return None
+        return state, self.get_bytes(f"epoch-{state['epoch']}.npz")
+
+    def write(self, state: dict, arrays: bytes) -> None:
+        self.put_bytes(f"epoch-{state['epoch']}.npz", arrays)
+        self.put_json(self.MARKER, state)
+
+
+@dataclass(frozen=True)
+class Evaluation(Entry):
+    """metrics.json and plots of a model on one labels version."""
+
+    model_version: str = ""
+    labels_version: str = ""
+    MARKER = "metrics.json"
+
+    def metrics(self) -> dict | None:
+        try:
+            return self.get_json(self.MARKER)
+        except ObjectNotFound:
+            return None
+
+    def write_plot(self, name: str, png: bytes) -> str:
+        self.put_bytes(f"plots/{name}.png", png)
+        return self.link(f"plots/{name}.png")
+
+    def write_metrics(self, metrics: dict) -> None:
+        self.put_json(self.MARKER, metrics)
+
+
+@dataclass(frozen=True)
+class Model(Entry):
+    version: str = ""
+    MARKER = "lineage.json"
+    FILE = "model.keras"
+
+    @property
+    def complete(self) -> bool:
+        return self.exists(self.MARKER)
+
+    def lineage(self) -> dict:
+        try:
+            return self.get_json(self.MARKER)
+        except ObjectNotFound:
+            known = Lake(self.store).model_versions()
+            raise NotInLake(
+                f"{self.uri(self.MARKER)}: no such (complete) model version "
+                f"(known: {', '.join(known[-10:]) or 'none'})"
+            ) from None
+
+    def config(self) -> dict:
+        self.lineage()
+        return self.get_json("config.json")
+
+    def write_config(self, config: dict) -> None:
+        self.put_json("config.json", config)
+
+    def history(self) -> dict:
+        return self.get_json("history.json")
+
+    def write_history(self, history: dict) -> None:
+        self.put_json("history.json", history)
+
+    def write_summary(self, text: str) -> None:
+        self.put_bytes("summary.txt", text.encode())
+
+    def checkpoints(self) -> Checkpoints:
+        return Checkpoints(self.store, f"checkpoints/{self.version}/")
+
+    def evaluation(self, labels_version: str | None = None) -> Evaluation:
+        """Under models/<v>/ for the model's own labels, models/<v>/eval/<labels>/ else."""
+        own = self.lineage()["labels_version"]
+        lv = labels_version or own
+        sub = "" if lv == own else f"eval/{lv}/"
+        return Evaluation(self.store, self.prefix + sub, self.version, lv)
+
+    def write_file(self, path) -> None:
+        self.store.put_file(self.key(self.FILE), path)
+
+    def download(self, path) -> None:
+        self.store.get_file(self.key(self.FILE), path)
+
+    def write_plot(self, name: str, png: bytes) -> str:
+        self.put_bytes(f"plots/{name}.png", png)
+        return self.link(f"plots/{name}.png")
+
+    def plot_link(self, name: str) -> str:
+        return self.link(f"plots/{name}.png")
+
+    def write_lineage(self, lineage: dict) -> None:
+        self.put_json(self.MARKER, lineage)
+
+
+@dataclass(frozen=True)
+class Registry(Entry):
+    """registry/champion.json (which model serves) and every decision."""
+
+    CHAMPION = "champion.json"
+
+    def champion(self) -> dict | None:
+        return self.champion_versioned()[0]
+
+    def champion_versioned(self) -> tuple[dict | None, str | None]:
+        """(champion, version token for ``swap_champion``); (None, None) when none."""
+        try:
+            body, token = self.store.get_versioned(self.key(self.CHAMPION))
+        except ObjectNotFound:
+            return None, None
+        return json.loads(body), token
+
+    def swap_champion(self, champion: dict, token: str | None) -> bool:
+        """Replace the pointer only if it is still the version read (compare-and-swap).
+        A lost response reads as a lost race; the caller checks the writer it named."""
+        body = json.dumps(champion, indent=2, sort_keys=True).encode() + b"\n"
+        return self.store.put_if_match(self.key(self.CHAMPION), body, token)
+
+    def record_decision(self, stamp: str, model_version: str, decision: dict) -> None:
+        self.put_json(f"decisions/{stamp}-{model_version}.json", decision)
+
+    def decisions(self) -> list[dict]:
+        return [self.get_json(n) for n in self.names("decisions/")]
+
+
+@dataclass(frozen=True)
+class DropSource:
+    """Where a drop's images are: a store and a prefix in it."""
+
+    store: Store
+    prefix: str
+    drop_id: str
+
+    def listing(self) -> list[ObjectInfo]:
+        """The drop's objects once, keys relative to the drop; hidden names skipped."""
+        n = len(self.prefix)
+        return [
+            ObjectInfo(o.key[n:], o.size, o.etag)
+            for o in self.store.list(self.prefix)
+            if not o.key[n:].rsplit("/", 1)[-1].startswith(".")
+        ]
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.store.get_bytes(self.prefix + key)
+
+
+@dataclass(frozen=True)
+class ScoreRun(Entry):
+    """scores/<drop>/<model>/: plans, leases, shard parts, and the finished outputs."""
+
+    drop_id: str = ""
+    model_version: str = ""
+    MARKER = "_manifest.json"
+    PART = re.compile(r"^part-(.+)\.parquet$")
+
+    @property
+    def complete(self) -> bool:
+        return self.exists(self.MARKER)
+
+    def manifest(self) -> dict | None:
+        try:
+            return self.get_json(self.MARKER)
+        except ObjectNotFound:
+            return None
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.put_json(self.MARKER, manifest)
+
+    # plans: the shards a run set out to score, written before any is scored
+    def plans(self) -> dict[str, list[str]]:
+        shards: dict[str, list[str]] = {}
+        for name in self.names("_plans/"):
+            shards.update(self.get_json(name)["shards"])
+        return shards
+
+    def write_plan(self, plan_id: str, shards: dict[str, list[str]]) -> None:
+        self.put_json(f"_plans/{plan_id}.json", {"shards": shards})
+
+    # a shard: its rejections and facts, then its part (the shard's completion marker)
+    def done_shards(self) -> list[str]:
+        return [m.group(1) for n in self.names("part-") if (m := self.PART.match(n))]
+
+    def part_names(self) -> list[str]:
+        return self.names("part-")
+
+    def write_shard(self, shard: str, prices: pa.Table, rejected: pa.Table, facts: dict) -> None:
+        self.put_bytes(f"_rejected/part-{shard}.parquet", parquet_bytes(rejected))
+        self.put_json(f"_shards/{shard}.json", facts)
+        self.put_bytes(f"part-{shard}.parquet", parquet_bytes(prices))
+
+    def read_tables(self, names: list[str], columns: list[str] | None = None) -> pa.Table | None:
+        tables = [read_parquet(self.get_bytes(n), columns) for n in names]
+        return pa.concat_tables(tables) if tables else None
+
+    def prices(self, columns: list[str] | None = None) -> pa.Table | None:
+        return self.read_tables(self.part_names(), columns)
+
+    def shard_rejections(self) -> pa.Table | None:
+        return self.read_tables(self.names("_rejected/"))
+
+    def shard_facts(self) -> list[dict]:
+        return [self.get_json(n) for n in self.names("_shards/")]
+
+    def write_rejected(self, table: pa.Table) -> None:
+        self.put_bytes("rejected.parquet", parquet_bytes(table))
+
+    def rejected(self) -> pa.Table:
+        return read_parquet(self.get_bytes("rejected.parquet"))
+
+    # leases: numbered objects, the next number taken with a conditional write
+    def leases(self) -> list[tuple[int, str]]:
+        return [(int(n.rsplit("/", 1)[-1].split(".")[0]), n) for n in self.names("_leases/")]
+
+    def try_lease(self, number: int, body: dict) -> bool:
+        return self.store.put_if_absent(
+            self.key(f"_leases/{number:08d}.json"), json.dumps(body).encode()
+        )
+
+
+# --- the catalog ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lake:
+    """The entries of one store."""
+
+    store: Store
+
+    DATASETS = "datasets/fashion-mnist/"
+    DROPS = "drops/"
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def dataset(self, version: str) -> Dataset:
+        return Dataset(self.store, f"{self.DATASETS}{version}/", version)
+
+    def labels(self, dataset: str, version: str) -> Labels:
+        return Labels(self.store, f"labels/{dataset}/{version}/", dataset, version)
+
+    def features(self, key: str) -> FeatureCache:
+        return FeatureCache(self.store, f"features/{key}/", key)
+
+    def model(self, version: str) -> Model:
+        return Model(self.store, f"models/{version}/", version)
+
+    def registry(self) -> Registry:
+        return Registry(self.store, "registry/")
+
+    def score_run(self, drop_id: str, model_version: str) -> ScoreRun:
+        return ScoreRun(self.store, f"scores/{drop_id}/{model_version}/", drop_id, model_version)
+
+    def drop(self, drop_id: str) -> DropSource:
+        return DropSource(self.store, f"{self.DROPS}{drop_id}/", drop_id)
+
+    # what the lake holds (for listings and for error messages that name the known)
+    def _children(self, prefix: str, depth: int = 0) -> list[str]:
+        return sorted({k[len(prefix) :].split("/")[depth] for k in self.store.keys(prefix)})
+
+    def dataset_versions(self) -> list[str]:
+        return [v for v in self._children(self.DATASETS) if self.dataset(v).complete]
+
+    def labels_versions(self, dataset: str) -> list[str]:
+        return self._children(f"labels/{dataset}/")
+
+    def model_versions(self) -> list[str]:
+        return [v for v in self._children("models/") if self.model(v).complete]
+
+    def drop_ids(self) -> list[str]:
+        return self._children(self.DROPS)

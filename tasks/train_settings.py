@@ -1,0 +1,76 @@
+"""Training settings: one pydantic model (the Prefect UI renders it as a form).
+
+The defaults are the reference recipe; ``QUICK`` is the laptop preset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+N_VGG_LAYERS = 19  # VGG16 without top: input + 13 conv + 5 pool
+RECIPE_FREEZE = 15  # input through block4_pool
+
+# The laptop run: a seeded subset, small input, random init, a few minutes on 2 CPU cores.
+QUICK = {
+    "weights": "none",
+    "input_size": 32,
+    "epochs": 2,
+    "train_limit": 6000,
+    "test_limit": 1000,
+}
+
+
+class TrainSettings(BaseModel):
+    """Every training setting; the defaults are the reference recipe."""
+
+    input_size: int = Field(48, ge=32, description="VGG16 input side (>= 32)")
+    weights: str = Field(
+        "imagenet", description="imagenet, none, or a path / s3:// URI of a .h5 weights file"
+    )
+    weights_sha256: str | None = Field(None, description="expected SHA-256 of a weights file")
+    freeze: int | None = Field(
+        None,
+        ge=0,
+        le=N_VGG_LAYERS,
+        description="VGG16 layers frozen from the input; default 15 (through block4_pool) "
+        "with pretrained weights, 0 with weights=none",
+    )
+    head_units: int = Field(256, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    decay: float = Field(1e-6, ge=0, description="inverse-time decay per step (Keras 2 'decay')")
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(5, ge=1)
+    augment: Literal["cached", "online", "none"] = Field(
+        "cached",
+        description="cached: train the top on pre-augmented cached views; online: the "
+        "recipe's full model with random shifts per batch; none: no augmentation",
+    )
+    views: int = Field(
+        4, ge=1, description="cached views per train image: original, flip, then shifted"
+    )
+    shift: float = Field(0.1, ge=0, lt=0.5, description="max width/height shift fraction")
+    flip: bool = Field(True, description="random horizontal flips")
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    train_limit: int | None = Field(None, ge=1, description="train on a seeded subset")
+    test_limit: int | None = Field(None, ge=1, description="validate on a seeded subset")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights_named(self) -> TrainSettings:
+        if self.weights.strip() == "":
+            raise ValueError("weights must be imagenet, none, or a path/URI of a weights file")
+        return self
+
+    def frozen_layers(self) -> int:
+        if self.freeze is not None:
+            return self.freeze
+        return 0 if self.weights == "none" else RECIPE_FREEZE
+
+    def uses_cache(self) -> bool:
+        return self.frozen_layers() > 1 and self.augment != "online"
+
+    def cached_views(self) -> int:
+        return self.views if self.augment == "cached" else 1

@@ -1,0 +1,188 @@
+"""The catalog: one place builds keys, versions follow the code that computes, format
+constants are pinned to golden outputs, and unknown versions are named."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks import lake as catalog
+from tasks.dataset import shard_table
+from tasks.labels import PriceRule, draw_prices, fit_scaling
+from tasks.lake import Lake, NotInLake, code_fingerprint
+from tasks.storage import LocalStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What dataset and labels versions promise: the same format constant, the same bytes.
+# A change that makes ingest or the price draw produce other content fails here: bump
+# the format constant in tasks/lake.py (new versions, nothing stale is found) and add
+# its digest.
+GOLDEN_DATASET = {"vggprice-fashion-mnist-v1": "a9fbd2f205230460"}
+GOLDEN_LABELS = {1: "5f1404d6ba88f575"}
+
+# A literal that builds a lake key: one that starts with a zone or a part of one, or
+# is an object name. Only the catalog (and storage, which moves bytes) may hold them.
+ZONES = ("datasets/", "labels/", "features/", "models/", "checkpoints/", "registry/",
+         "drops/", "scores/", "plots/", "part-", "_plans", "_leases", "_shards", "_rejected",
+         "eval/")  # fmt: skip
+OBJECT_NAME = re.compile(r"^[\w.-]+\.(json|parquet|npz|npy|keras|txt|png)$")
+OWNERS = {"tasks/lake.py", "tasks/storage.py"}
+NOT_THE_LAKE = {"tasks/pools.py"}  # names files of infra/ in the repository
+
+
+def dataset_digest() -> str:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    table = shard_table("train", 0, images, np.arange(12) % 10)
+    from tasks.images import to_pixels
+
+    h = hashlib.sha256()
+    for image_id, label, png in zip(*(table[c].to_pylist() for c in table.column_names),
+                                    strict=True):  # fmt: skip
+        h.update(f"{image_id}:{label}:".encode() + to_pixels(png).tobytes())
+    return h.hexdigest()[:16]
+
+
+def labels_digest() -> str:
+    labels = np.arange(200) % 10
+    prices = draw_prices(labels, PriceRule(), seed=0)
+    splits = np.array(["train"] * 150 + ["test"] * 50)
+    scaling = fit_scaling(prices, splits)
+    return hashlib.sha256(prices.tobytes() + repr(sorted(scaling.items())).encode()).hexdigest()[
+        :16
+    ]
+
+
+def test_dataset_format_is_pinned():
+    assert catalog.DATASET_FORMAT in GOLDEN_DATASET, "new format: add its golden digest here"
+    assert dataset_digest() == GOLDEN_DATASET[catalog.DATASET_FORMAT], (
+        "ingest now writes other content: bump DATASET_FORMAT in tasks/lake.py"
+    )
+
+
+def test_labels_format_is_pinned():
+    assert catalog.LABELS_FORMAT in GOLDEN_LABELS, "new format: add its golden digest here"
+    assert labels_digest() == GOLDEN_LABELS[catalog.LABELS_FORMAT], (
+        "the price draw now gives other prices: bump LABELS_FORMAT in tasks/lake.py"
+    )
+
+
+def layout_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal (f-string parts too) naming a lake place."""
+    found = []
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and (node.value.startswith(ZONES) or OBJECT_NAME.match(node.value))
+        ):
+            found.append((node.lineno, node.value))
+    return found
+
+
+def test_no_key_is_built_outside_the_catalog():
+    offenders = []
+    for path in sorted([*REPO.glob("tasks/*.py"), *REPO.glob("flows/*.py")]):
+        rel = path.relative_to(REPO).as_posix()
+        if rel not in OWNERS | NOT_THE_LAKE:
+            offenders += [f"{rel}:{line}: {text!r}" for line, text in layout_strings(path)]
+    assert offenders == [], "keys built outside tasks/lake.py:\n" + "\n".join(offenders)
+
+
+INFRASTRUCTURE = {"tasks", "tasks.lake", "tasks.storage", "tasks.settings", "tasks.runtime",
+                  "tasks.reports"}  # fmt: skip
+
+
+def imported_tasks_modules(start: str) -> set[str]:
+    """tasks.* modules that ``start`` imports, transitively (from its source)."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        source = Path(importlib.util.find_spec(name).origin).read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tasks"):
+                todo.append(node.module)
+                if node.module == "tasks":  # from tasks import module (or a name)
+                    names = (f"tasks.{a.name}" for a in node.names)
+                    todo += [n for n in names if importlib.util.find_spec(n) is not None]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("tasks.")]
+    return seen - INFRASTRUCTURE
+
+
+@pytest.mark.parametrize(
+    ("listed", "starts"),
+    [
+        (catalog.FEATURE_CODE, ("tasks.features", "tasks.graphs", "tasks.data")),
+        (catalog.MODEL_CODE, ("tasks.training",)),
+    ],
+)
+def test_versions_cover_all_the_code_that_computes(listed, starts):
+    needed = set().union(*(imported_tasks_modules(s) for s in starts))
+    assert needed <= set(listed), f"add to tasks/lake.py: {sorted(needed - set(listed))}"
+
+
+def test_fingerprint_follows_code_not_prose(tmp_path, monkeypatch):
+    pkg = tmp_path / "fpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    mod = pkg / "m.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fingerprint(text: str) -> str:
+        mod.write_text(text)
+        code_fingerprint.cache_clear()
+        importlib.invalidate_caches()
+        return code_fingerprint(("fpkg.m",))
+
+    base = fingerprint('"""Doc."""\ndef f(x):\n    """What f does."""\n    return x + 1\n')
+    prose = fingerprint('"""Other doc."""\n\n# a comment\ndef f(x):\n    """Reworded."""\n'
+                        "    return x + 1  # why\n")  # fmt: skip
+    code = fingerprint('"""Doc."""\ndef f(x):\n    """What f does."""\n    return x + 2\n')
+    code_fingerprint.cache_clear()
+    sys.modules.pop("fpkg", None)
+    assert base == prose, "docstrings, comments and layout do not change versions"
+    assert base != code, "a change to what the code computes does"
+
+
+def test_model_version_includes_the_code():
+    spec = {"dataset": "fm-a", "labels": "px-b", "settings": {}, "weights": "none:seed=0"}
+    v = catalog.model_version(spec)
+    assert v == catalog.model_version(spec)
+    assert v == "m-" + catalog.digest(spec | {"code": code_fingerprint(catalog.MODEL_CODE)})
+    assert v != "m-" + catalog.digest(spec | {"code": "another-code"})
+
+
+def test_unknown_versions_name_the_known_ones(tiny_lake, tmp_path):
+    lake, dv, lv, mv = tiny_lake
+    with pytest.raises(NotInLake, match=f"no such dataset version .known: {dv}"):
+        lake.dataset("fm-nope").manifest()
+    with pytest.raises(NotInLake, match=f"no such labels version .* .known: {lv}"):
+        lake.labels(dv, "px-nope").scaling()
+    with pytest.raises(NotInLake, match=f"no such .complete. model version .known: {mv}"):
+        lake.model("m-nope").lineage()
+    empty = Lake(LocalStore(tmp_path / "empty"))
+    with pytest.raises(NotInLake, match=r"known: none"):
+        empty.model("m-nope").config()
+    assert lake.dataset_versions() == [dv] and lake.model_versions() == [mv]
