@@ -37,7 +37,7 @@ import importlib.util
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,20 @@ class Entry:
 
     store: Store
     prefix: str
+    MARKER = ""  # the object written last: the entry is complete when it exists
+
+    @property
+    def complete(self) -> bool:
+        return self.exists(self.MARKER)
+
+    def read_marker(self, what: str, known: Callable[[], list[str]]) -> Any:
+        """The marker's JSON, or NotInLake naming what is missing and what the lake has."""
+        try:
+            return self.get_json(self.MARKER)
+        except ObjectNotFound:
+            raise NotInLake(
+                f"{self.uri(self.MARKER)}: no such {what} (known: {', '.join(known()) or 'none'})"
+            ) from None
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -198,18 +212,8 @@ class Dataset(Entry):
     version: str = ""
     MARKER = "manifest.json"
 
-    @property
-    def complete(self) -> bool:
-        return self.exists(self.MARKER)
-
     def manifest(self) -> dict:
-        try:
-            return self.get_json(self.MARKER)
-        except ObjectNotFound:
-            raise NotInLake(
-                f"{self.uri(self.MARKER)}: no such dataset version "
-                f"(known: {', '.join(Lake(self.store).dataset_versions()) or 'none'})"
-            ) from None
+        return self.read_marker("dataset version", Lake(self.store).dataset_versions)
 
     def write_shard(self, split: str, index: int, table: pa.Table) -> dict:
         """One Parquet shard; returns its manifest row."""
@@ -244,23 +248,15 @@ class Labels(Entry):
     MARKER = "scaling.json"
     PRICES = "prices.parquet"
 
-    @property
-    def complete(self) -> bool:
-        return self.exists(self.MARKER)
-
     def write(self, prices: pa.Table, scaling: dict) -> None:
         self.put_bytes(self.PRICES, parquet_bytes(prices))
         self.put_json(self.MARKER, scaling)
 
     def scaling(self) -> dict:
-        try:
-            return self.get_json(self.MARKER)
-        except ObjectNotFound:
-            known = Lake(self.store).labels_versions(self.dataset_version)
-            raise NotInLake(
-                f"{self.uri(self.MARKER)}: no such labels version for dataset "
-                f"{self.dataset_version} (known: {', '.join(known) or 'none'})"
-            ) from None
+        return self.read_marker(
+            f"labels version for dataset {self.dataset_version}",
+            lambda: Lake(self.store).labels_versions(self.dataset_version),
+        )
 
     def prices(self) -> pa.Table:
         self.scaling()  # complete, or a clear error
@@ -341,19 +337,10 @@ class Model(Entry):
     MARKER = "lineage.json"
     FILE = "model.keras"
 
-    @property
-    def complete(self) -> bool:
-        return self.exists(self.MARKER)
-
     def lineage(self) -> dict:
-        try:
-            return self.get_json(self.MARKER)
-        except ObjectNotFound:
-            known = Lake(self.store).model_versions()
-            raise NotInLake(
-                f"{self.uri(self.MARKER)}: no such (complete) model version "
-                f"(known: {', '.join(known[-10:]) or 'none'})"
-            ) from None
+        return self.read_marker(
+            "(complete) model version", lambda: Lake(self.store).model_versions()[-10:]
+        )
 
     def config(self) -> dict:
         self.lineage()
@@ -457,10 +444,6 @@ class ScoreRun(Entry):
     model_version: str = ""
     MARKER = "_manifest.json"
     PART = re.compile(r"^part-(.+)\.parquet$")
-
-    @property
-    def complete(self) -> bool:
-        return self.exists(self.MARKER)
 
     def manifest(self) -> dict | None:
         try:

@@ -13,6 +13,7 @@ from tasks.reports import emit, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
 
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
+RECENT = 32  # promotion ids the pointer remembers, newest first
 
 
 def read_champion(lake: Lake) -> dict | None:
@@ -87,11 +88,16 @@ def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = 
             "forced": force,
             "promotion_id": promotion_id,
             "replaced": champion["model_version"] if champion else None,
+            # Every pointer carries the ids of the promotions before it, so a write whose
+            # response was lost is recognised even after later promotions replaced it.
+            "recent_promotions": [promotion_id, *(champion or {}).get("recent_promotions", [])][
+                :RECENT
+            ],
         }
         if registry.swap_champion(pointer, token):
             break
-        current = registry.champion()
-        if current is not None and current.get("promotion_id") == promotion_id:
+        current = registry.champion() or {}
+        if promotion_id in current.get("recent_promotions", []):
             break  # our write was applied; only its response was lost
         get_logger().info("another promotion changed the champion meanwhile; deciding again")
     else:
