@@ -14,6 +14,7 @@ from pydantic import ValidationError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tasks.labels import PriceRule
+from tasks.scoring import DropBusy
 
 
 def _rule(args: argparse.Namespace) -> PriceRule | None:
@@ -102,12 +103,31 @@ def _cmd_promote(args: argparse.Namespace) -> dict:
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
 
-    return score_flow(
+    flow, scorers = score_flow, 2
+    if args.workers or args.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        if args.dask_address:  # an existing cluster: one scorer per worker unless told
+            from distributed import Client
+
+            with Client(args.dask_address, timeout=30) as client:
+                scorers = args.workers or len(client.scheduler_info()["workers"])
+            runner = DaskTaskRunner(address=args.dask_address)
+        else:  # N local scorer processes, one thread each
+            scorers = args.workers
+            runner = DaskTaskRunner(
+                cluster_kwargs={"n_workers": scorers, "threads_per_worker": 1, "processes": True}
+            )
+        flow = score_flow.with_options(task_runner=runner)
+    return flow(
         drop=args.drop,
         store=args.store,
         model=args.model,
         shard_size=args.shard_size,
         max_pixels=args.max_pixels,
+        scorers=scorers,
+        claim_seconds=args.claim_seconds,
+        wait=not args.no_wait,
     )
 
 
@@ -242,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="refuse larger images (bombs)"
     )
+    p.add_argument("--workers", type=int, help="N local scorer processes (a Dask LocalCluster)")
+    p.add_argument("--dask-address", help="an existing Dask cluster, e.g. tcp://scheduler:8786")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="stop (status 3) instead of waiting for shards that live scorers hold",
+    )
+    p.add_argument("--claim-seconds", type=float, default=90.0,
+                   help="a scorer's claim expires this long after its last heartbeat")  # fmt: skip
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
@@ -279,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         where = ".".join(str(x) for x in first["loc"])
         print(f"vggprice: error: {where + ': ' if where else ''}{first['msg']}", file=sys.stderr)
         return 2
+    except DropBusy as err:
+        print(f"vggprice: error: {err}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, KeyError) as err:
         msg = str(err).strip("'\"") or type(err).__name__
         print(f"vggprice: error: {msg.splitlines()[0]}", file=sys.stderr)

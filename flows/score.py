@@ -1,57 +1,119 @@
-"""Score flows: price a drop (its shards mapped as Prefect tasks) and find drops to price."""
+"""Score flows: price a drop with any number of scorers, and find drops to price.
+
+Where the scorers run, all through the same ledger in the store:
+
+- ``score-drop`` runs ``scorers`` scorer tasks on its task runner: threads by
+  default; ``score_flow.with_options(task_runner=DaskTaskRunner(...))`` (what
+  ``vggprice score --workers N`` and ``--dask-address`` do) spreads them over the
+  processes of a Dask cluster;
+- with ``score_pool``, it instead fans out ``partitions`` flow runs of the
+  ``score-partition`` deployment on that work pool (``cpu`` or ``gpu``) and waits
+  for them; a partition is one scorer that claims whole shards until none is left.
+
+In every case the drop is finished once, when every shard has its part.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import time
 
-from prefect import flow, task, unmapped
-from prefect.futures import as_completed
+from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
-from tqdm import tqdm
 
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.lake import DropSource, Lake
 from tasks.reports import artifact_key, drop_markdown, price_bands, publish_markdown, publish_table
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.scoring import (
-    DropBusy,
     Job,
     ScoreOptions,
     drops_needing_scores,
     resolve_model,
     score_drop,
-    score_shard,
+    scorer_name,
+    work,
 )
 from tasks.settings import load_settings
 from tasks.storage import open_store
 
+PARTITION_DEPLOYMENT = "score-partition/score-partition-{pool}"
 
-@task(name="score-shard", **TASK_RETRIES)
-def score_shard_task(
-    store_uri: str, drop_id: str, model_version: str, source: tuple[str, str], shard: str,
-    keys: list[str], options: dict,
-) -> dict:  # fmt: skip
-    """Price one shard of a drop; the model is loaded once per worker process."""
-    run = Lake(open_store(store_uri)).score_run(drop_id, model_version)
+
+def _scorer(store: str, drop_id: str, mv: str, source: list[str], options: dict, start: int):
+    run = Lake(open_store(store)).score_run(drop_id, mv)
     drop = DropSource(open_store(source[0]), source[1], drop_id)
-    return score_shard(run, drop, shard, keys, ScoreOptions(**options))
+    return work(run, drop, ScoreOptions(**options), start)
 
 
-def run_shards_as_tasks(job: Job, options: ScoreOptions) -> None:
-    """The shards as Prefect task runs on the flow's task runner (threads by default;
-    another runner spreads them further), with a progress bar in a terminal."""
-    shards = sorted(job.todo.items())
-    futures = score_shard_task.map(
-        unmapped(job.run.store.uri), unmapped(job.run.drop_id), unmapped(job.run.model_version),
-        unmapped((job.source.store.uri, job.source.prefix)), [name for name, _ in shards],
-        [keys for _, keys in shards], unmapped(dataclasses.asdict(options)),
-    )  # fmt: skip
-    bar = tqdm(total=len(futures), unit="shard", disable=not sys.stderr.isatty())
-    for future in as_completed(futures):
-        job.shard_facts.append(future.result())  # a failed shard fails the run
-        bar.update()
-    bar.close()
+@task(name="scorer", **TASK_RETRIES)
+def scorer_task(
+    store: str, drop_id: str, mv: str, source: list[str], options: dict, start: int
+) -> list[dict]:
+    """One scorer: claims and prices whole shards until none is left unclaimed."""
+    return _scorer(store, drop_id, mv, source, options, start)
+
+
+def _job_parameters(job: Job, options: ScoreOptions) -> dict:
+    return {
+        "store": job.run.store.uri,
+        "drop_id": job.run.drop_id,
+        "mv": job.run.model_version,
+        "source": [job.source.store.uri, job.source.prefix],
+        "options": dataclasses.asdict(options),
+    }
+
+
+def scorers_as_tasks(count: int):
+    """Scorer runner: ``count`` scorer tasks on the flow's task runner."""
+
+    def run(job: Job, options: ScoreOptions) -> list[dict]:
+        params = _job_parameters(job, options)
+        futures = [scorer_task.submit(**params, start=i) for i in range(count)]
+        return [facts for f in futures for facts in f.result()]
+
+    return run
+
+
+def scorers_on_pool(pool: str, partitions: int):
+    """Scorer runner: ``partitions`` runs of the score-partition deployment on ``pool``,
+    launched at once, waited for; a failed one fails the run with its message."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    def run(job: Job, options: ScoreOptions) -> list[dict]:
+        params = _job_parameters(job, options)
+        runs = [
+            run_deployment(PARTITION_DEPLOYMENT.format(pool=pool), timeout=0,
+                           parameters=params | {"start": i})
+            for i in range(partitions)
+        ]  # fmt: skip
+        get_logger().info("launched %d score partitions on pool %r", partitions, pool)
+        with get_client(sync_client=True) as client:
+            while True:
+                states = [client.read_flow_run(r.id).state for r in runs]
+                if all(s is not None and s.is_final() for s in states):
+                    break
+                time.sleep(2)
+        failed = [(r.name, s) for r, s in zip(runs, states, strict=True) if not s.is_completed()]
+        if failed:
+            name, state = failed[0]
+            raise RuntimeError(
+                f"score partition {name!r} on pool {pool!r} ended {state.type.value}: "
+                f"{state.message}"
+            )
+        return []  # the shards' facts are in the store; the manifest gathers them
+
+    return run
+
+
+@flow(name="score-partition")
+def score_partition_flow(
+    store: str, drop_id: str, mv: str, source: list[str], options: dict, start: int = 0
+) -> dict:
+    """One partition of a drop on a work pool: a scorer that claims whole shards."""
+    scored = _scorer(store, drop_id, mv, source, options, start)
+    return {"scorer": scorer_name(), "shards": len(scored)}
 
 
 def publish_drop(lake: Lake, manifest: dict) -> None:
@@ -62,15 +124,16 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
     publish_markdown(key, drop_markdown(manifest, n / seconds if seconds else None), "drop scoring")
     mv = manifest["model_version"]
     lineage = lake.model(mv).lineage()
-    means = lake.labels(lineage["dataset_version"], lineage["labels_version"]).scaling()["rule"]
-    priced = lake.score_run(manifest["drop_id"], mv).read_tables(manifest["parts"], ["price"])
+    rule = lake.labels(lineage["dataset_version"], lineage["labels_version"]).scaling()["rule"]
+    priced = lake.score_run(manifest["drop_id"], mv).prices(["price"])
     prices = priced["price"].to_pylist() if priced is not None else []
-    publish_table(key + "-bands", price_bands(prices, means["means"]), "prices by class band")
+    publish_table(key + "-bands", price_bands(prices, rule["means"]), "prices by class band")
 
 
 def _summary(manifest: dict) -> dict:
-    keys = ("drop_id", "model_version", "counts", "rejections", "prices", "drift", "timings")
-    return {k: manifest[k] for k in keys} | {"skipped": manifest["skipped"]}
+    keys = ("drop_id", "model_version", "counts", "rejections", "prices", "drift", "timings",
+            "scorer_counts", "skipped")  # fmt: skip
+    return {k: manifest[k] for k in keys if k in manifest}
 
 
 @flow(name="score-drop", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -81,32 +144,37 @@ def score_flow(
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     precision: str = "auto",
+    scorers: int = 2,
+    score_pool: str | None = None,
+    partitions: int = 2,
+    claim_seconds: float = 90.0,
+    wait: bool = True,
 ) -> dict:
     """Price every image of a drop exactly once with the champion (or a pinned model)."""
     lake = Lake(open_store(load_settings(store=store).store))
-    options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, precision=precision)
-    try:
-        manifest = score_drop(lake, drop, model, options, run_shards=run_shards_as_tasks)
-    except DropBusy as err:
-        get_logger().warning("drop %s: %s; leaving it to that run", drop, err)
-        return {"drop_id": drop, "busy": True, "skipped": True}
-    if not manifest["skipped"]:
+    options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, precision=precision,
+                           claim_seconds=claim_seconds, wait=wait)  # fmt: skip
+    runner = scorers_on_pool(score_pool, partitions) if score_pool else scorers_as_tasks(scorers)
+    manifest = score_drop(lake, drop, model, options, run_scorers=runner)
+    if manifest["skipped"]:
+        get_logger().info("drop %s was already priced by %s", drop, manifest["model_version"])
+    else:
         publish_drop(lake, manifest)
     return _summary(manifest)
 
 
 @flow(name="score-new-drops")
-def score_new_drops_flow(store: str | None = None, shard_size: int = 1000) -> dict:
+def score_new_drops_flow(
+    store: str | None = None, shard_size: int = 1000, score_pool: str | None = None
+) -> dict:
     """Score every drop that has no complete manifest for the champion (or new files)."""
     uri = load_settings(store=store).store
     lake = Lake(open_store(uri))
     mv = resolve_model(lake, None)
     drops = drops_needing_scores(lake, mv)
     get_logger().info("%d drops to score with %s: %s", len(drops), mv, ", ".join(drops) or "-")
-    results = {d: score_flow(drop=d, store=uri, shard_size=shard_size) for d in drops}
-    return {
-        "model_version": mv,
-        "scored": {
-            d: r.get("counts", "busy: another run is scoring it") for d, r in results.items()
-        },
+    results = {
+        d: score_flow(drop=d, store=uri, shard_size=shard_size, score_pool=score_pool)
+        for d in drops
     }
+    return {"model_version": mv, "scored": {d: r["counts"] for d, r in results.items()}}

@@ -78,6 +78,8 @@ def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageRejected("not an image PIL can identify") from None
     except Image.DecompressionBombError as err:
         raise ImageRejected(f"decompression bomb: {err}") from None
+    except Exception as err:  # e.g. a JPEG cut inside its header: OSError from the plugin
+        raise ImageRejected(f"not an image PIL can open: {type(err).__name__}: {err}") from None
     if im.format not in FORMATS:
         raise ImageRejected(f"unsupported format {im.format}")
     w, h = im.size
@@ -94,8 +96,10 @@ def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             im.load()
             im = ImageOps.exif_transpose(im) or im
             return fit_square(_to_gray(im))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageRejected(f"truncated or corrupt {im.format}: {err}") from None
+    except Exception as err:  # any plugin error (OSError, SyntaxError, MemoryError, ...)
+        raise ImageRejected(
+            f"truncated or corrupt {im.format}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def to_pixels_batch(blobs: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -405,8 +405,7 @@ class Registry(Entry):
     def swap_champion(self, champion: dict, token: str | None) -> bool:
         """Replace the pointer only if it is still the version read (compare-and-swap).
         A lost response reads as a lost race; the caller checks the writer it named."""
-        body = json.dumps(champion, indent=2, sort_keys=True).encode() + b"\n"
-        return self.store.put_if_match(self.key(self.CHAMPION), body, token)
+        return self.store.put_if_match(self.key(self.CHAMPION), json_bytes(champion), token)
 
     def record_decision(self, stamp: str, model_version: str, decision: dict) -> None:
         self.put_json(f"decisions/{stamp}-{model_version}.json", decision)
@@ -423,14 +422,18 @@ class DropSource:
     prefix: str
     drop_id: str
 
-    def listing(self) -> list[ObjectInfo]:
-        """The drop's objects once, keys relative to the drop; hidden names skipped."""
-        n = len(self.prefix)
-        return [
-            ObjectInfo(o.key[n:], o.size, o.etag)
-            for o in self.store.list(self.prefix)
-            if not o.key[n:].rsplit("/", 1)[-1].startswith(".")
-        ]
+    def listing(self) -> tuple[list[ObjectInfo], int]:
+        """(the drop's objects, keys relative to the drop; how many were skipped): folder
+        markers (keys ending in '/', as consoles write them) and hidden names are not
+        images to price."""
+        n, objects, skipped = len(self.prefix), [], 0
+        for o in self.store.list(self.prefix):
+            key = o.key[n:]
+            if key == "" or key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
+                skipped += 1
+            else:
+                objects.append(ObjectInfo(key, o.size, o.etag))
+        return objects, skipped
 
     def get_bytes(self, key: str) -> bytes:
         return self.store.get_bytes(self.prefix + key)
@@ -438,12 +441,21 @@ class DropSource:
 
 @dataclass(frozen=True)
 class ScoreRun(Entry):
-    """scores/<drop>/<model>/: plans, leases, shard parts, and the finished outputs."""
+    """scores/<drop>/<model>/: the ledger and work queue of a drop's scoring.
+
+    ``_plans/<n>.json`` (numbered, each created once by a conditional write) split
+    the listed objects into shards; a scorer claims a shard with ``_claims/<shard>``
+    (conditional create, renewed by heartbeats, taken over by compare-and-swap once
+    expired), writes ``_rejected/part-<shard>``, ``_shards/<shard>`` and last
+    ``part-<shard>.parquet``, the shard's completion marker. Finishing writes
+    ``superseded.parquet``, ``rejected.parquet`` and ``_manifest.json`` last.
+    """
 
     drop_id: str = ""
     model_version: str = ""
     MARKER = "_manifest.json"
     PART = re.compile(r"^part-(.+)\.parquet$")
+    PLAN = re.compile(r"^_plans/(\d+)\.json$")
 
     def manifest(self) -> dict | None:
         try:
@@ -454,19 +466,49 @@ class ScoreRun(Entry):
     def write_manifest(self, manifest: dict) -> None:
         self.put_json(self.MARKER, manifest)
 
-    # plans: the shards a run set out to score, written before any is scored
-    def plans(self) -> dict[str, list[str]]:
-        shards: dict[str, list[str]] = {}
-        for name in self.names("_plans/"):
-            shards.update(self.get_json(name)["shards"])
-        return shards
+    # plans
+    def plans(self) -> dict[int, dict]:
+        names = ((m, n) for n in self.names("_plans/") if (m := self.PLAN.match(n)))
+        return {int(m.group(1)): self.get_json(n) for m, n in names}
 
-    def write_plan(self, plan_id: str, shards: dict[str, list[str]]) -> None:
-        self.put_json(f"_plans/{plan_id}.json", {"shards": shards})
+    def create_plan(self, number: int, plan: dict) -> bool:
+        return self.store.put_if_absent(self.key(f"_plans/{number:08d}.json"), json_bytes(plan))
+
+    def plan(self, number: int) -> dict:
+        return self.get_json(f"_plans/{number:08d}.json")
+
+    @staticmethod
+    def shard_name(plan: int, index: int) -> str:
+        return f"{plan:08d}-{index:05d}"
+
+    # claims
+    def _claim(self, name: str) -> str:
+        return self.key(f"_claims/{name}.json")
+
+    def create_claim(self, name: str, claim: dict) -> bool:
+        return self.store.put_if_absent(self._claim(name), json_bytes(claim))
+
+    def read_claim(self, name: str) -> tuple[dict, str] | None:
+        try:
+            body, token = self.store.get_versioned(self._claim(name))
+        except ObjectNotFound:
+            return None
+        return json.loads(body), token
+
+    def replace_claim(self, name: str, claim: dict, token: str) -> bool:
+        return self.store.put_if_match(self._claim(name), json_bytes(claim), token)
+
+    def drop_claim(self, name: str) -> None:
+        self.store.delete(self._claim(name))
+
+    def claims(self) -> dict[str, dict]:
+        return {
+            n[len("_claims/") : -len(".json")]: self.get_json(n) for n in self.names("_claims/")
+        }
 
     # a shard: its rejections and facts, then its part (the shard's completion marker)
-    def done_shards(self) -> list[str]:
-        return [m.group(1) for n in self.names("part-") if (m := self.PART.match(n))]
+    def done_shards(self) -> set[str]:
+        return {m.group(1) for n in self.names("part-") if (m := self.PART.match(n))}
 
     def part_names(self) -> list[str]:
         return self.names("part-")
@@ -474,7 +516,19 @@ class ScoreRun(Entry):
     def write_shard(self, shard: str, prices: pa.Table, rejected: pa.Table, facts: dict) -> None:
         self.put_bytes(f"_rejected/part-{shard}.parquet", parquet_bytes(rejected))
         self.put_json(f"_shards/{shard}.json", facts)
+        self.write_part(shard, prices)
+
+    def write_part(self, shard: str, prices: pa.Table) -> None:
         self.put_bytes(f"part-{shard}.parquet", parquet_bytes(prices))
+
+    def part(self, shard: str) -> pa.Table:
+        return read_parquet(self.get_bytes(f"part-{shard}.parquet"))
+
+    def shard_rejections(self, shard: str) -> pa.Table:
+        return read_parquet(self.get_bytes(f"_rejected/part-{shard}.parquet"))
+
+    def write_shard_rejections(self, shard: str, table: pa.Table) -> None:
+        self.put_bytes(f"_rejected/part-{shard}.parquet", parquet_bytes(table))
 
     def read_tables(self, names: list[str], columns: list[str] | None = None) -> pa.Table | None:
         tables = [read_parquet(self.get_bytes(n), columns) for n in names]
@@ -483,11 +537,10 @@ class ScoreRun(Entry):
     def prices(self, columns: list[str] | None = None) -> pa.Table | None:
         return self.read_tables(self.part_names(), columns)
 
-    def shard_rejections(self) -> pa.Table | None:
-        return self.read_tables(self.names("_rejected/"))
-
-    def shard_facts(self) -> list[dict]:
-        return [self.get_json(n) for n in self.names("_shards/")]
+    def shard_facts(self) -> dict[str, dict]:
+        return {
+            n[len("_shards/") : -len(".json")]: self.get_json(n) for n in self.names("_shards/")
+        }
 
     def write_rejected(self, table: pa.Table) -> None:
         self.put_bytes("rejected.parquet", parquet_bytes(table))
@@ -495,14 +548,18 @@ class ScoreRun(Entry):
     def rejected(self) -> pa.Table:
         return read_parquet(self.get_bytes("rejected.parquet"))
 
-    # leases: numbered objects, the next number taken with a conditional write
-    def leases(self) -> list[tuple[int, str]]:
-        return [(int(n.rsplit("/", 1)[-1].split(".")[0]), n) for n in self.names("_leases/")]
+    def superseded(self) -> pa.Table | None:
+        try:
+            return read_parquet(self.get_bytes("superseded.parquet"))
+        except ObjectNotFound:
+            return None
 
-    def try_lease(self, number: int, body: dict) -> bool:
-        return self.store.put_if_absent(
-            self.key(f"_leases/{number:08d}.json"), json.dumps(body).encode()
-        )
+    def write_superseded(self, table: pa.Table) -> None:
+        self.put_bytes("superseded.parquet", parquet_bytes(table))
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode()
 
 
 # --- the catalog ---------------------------------------------------------------------
@@ -544,7 +601,8 @@ class Lake:
 
     # what the lake holds (for listings and for error messages that name the known)
     def _children(self, prefix: str, depth: int = 0) -> list[str]:
-        return sorted({k[len(prefix) :].split("/")[depth] for k in self.store.keys(prefix)})
+        names = {k[len(prefix) :].split("/")[depth] for k in self.store.keys(prefix)}
+        return sorted(names - {""})  # a bare folder marker names nothing
 
     def dataset_versions(self) -> list[str]:
         return [v for v in self._children(self.DATASETS) if self.dataset(v).complete]

@@ -1,34 +1,44 @@
-"""Bulk scoring of drops: every listed object priced or rejected exactly once.
+"""Bulk scoring of drops: every listed object priced or rejected exactly once, by any
+number of scorers on any machines, through crashes and lost responses.
 
-Layout under ``scores/<drop-id>/<model-version>/``:
+The store is the ledger and the work queue (``lake.ScoreRun``):
 
-- ``_plans/<plan>.json``: the shards (lists of keys) a run set out to score,
-  written before any of them is scored;
-- ``_rejected/part-<shard>.parquet`` and ``_shards/<shard>.json``: a shard's
-  rejections and facts, then ``part-<shard>.parquet`` (its prices), written
-  last: a shard is done when its part exists;
-- ``rejected.parquet`` (all rejections) and ``_manifest.json`` (counts, model,
-  timings, drift), written last by the finishing step.
+1. **Plan.** The drop is listed as (key, ETag) and every object not yet in a plan
+   (or whose ETag changed since) goes into the next numbered plan, split into
+   shards. A plan is created with a conditional write, so two scorers that list
+   at once cannot both plan the same objects; the plan names its writer, so a
+   create whose response was lost is recognised.
+2. **Claim and score.** A scorer claims a shard with a conditional create, keeps
+   the claim alive with heartbeats (every third of ``claim_seconds``), writes the
+   shard's rejections and facts and, last, its ``part-<shard>.parquet``, then
+   drops the claim. A claim whose heartbeat stopped (a crashed scorer) is taken
+   over by compare-and-swap once it expires. A shard is done when its part
+   exists; writing a part again gives the same rows, so a slow scorer that lost
+   its claim cannot make duplicates.
+3. **Finish.** When every shard has its part, one scorer (holding the finishing
+   claim) moves rows that a later plan re-priced (an object overwritten in place)
+   into ``superseded.parquet``, so the parts keep exactly one current row per key;
+   then writes ``rejected.parquet`` and, last, ``_manifest.json`` with the counts
+   and which scorer priced each shard.
 
 One runner (``score_drop``) serves the CLI, the flows, the tests and the
-benchmarks; where its shards run is a parameter. A re-run reads the plans: shards without a part are redone, keys in no plan
-(files added since) go into a new plan, and if there is neither the run says so
-and does nothing. Runs on one drop exclude each other with a lease taken by a
-conditional write (``If-None-Match: *`` on S3, a hard link locally): leases are
-numbered objects under ``_leases/`` and whoever creates the next number holds
-it, so two runs can never both score, and a crashed run's lease expires.
+benchmarks; where the scorers run (threads, Prefect tasks on Dask, flow runs on
+a work pool) is a parameter. Every scorer runs the same ``work`` loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -39,25 +49,18 @@ from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, to_pixels
 from tasks.inference import get_model, predict_prices
 from tasks.lake import DropSource, Lake, NotInLake, ScoreRun
 from tasks.runtime import get_logger
+from tasks.settings import load_settings
 from tasks.storage import ObjectInfo, ObjectNotFound, open_store
 
-PRICED_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("price", pa.float64()),
-        ("model_version", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("reason", pa.string()),
-        ("model_version", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
+_ROW = [("key", pa.string()), ("object", pa.string())]
+_STAMP = [("model_version", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))]
+PRICED_SCHEMA = pa.schema([*_ROW, ("price", pa.float64()), *_STAMP])
+REJECTED_SCHEMA = pa.schema([*_ROW, ("reason", pa.string()), *_STAMP])
+SUPERSEDED_SCHEMA = pa.schema(
+    [*_ROW, ("shard", pa.string()), ("price", pa.float64()), ("reason", pa.string()), *_STAMP]
 )
 DRIFT_FRACTION = 0.2  # flag a drop when more than this share looks unlike training
+MAX_PLAN_RACES = 50
 
 
 @dataclass(frozen=True)
@@ -66,68 +69,179 @@ class ScoreOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"
     batch_size: int = 256
-    lease_seconds: int = 3600
+    claim_seconds: float = 90.0  # a claim without a heartbeat for this long is taken over
+    wait: bool = True  # wait for shards that live scorers hold; else stop and say so
 
 
 class DropBusy(RuntimeError):
-    """Another run holds this drop's lease."""
+    """Live scorers hold every shard left and the run was told not to wait."""
+
+
+class DropError(ValueError):
+    """The drop does not exist or holds nothing to price; nothing was written."""
+
+
+def scorer_name() -> str:
+    """Who is scoring: host and process (and the worker, when named), as the manifest
+    records it."""
+    worker = load_settings().worker_name
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"@{worker}" if worker else "")
 
 
 # --- where the drop is ------------------------------------------------------------
 
 
 def locate_drop(lake: Lake, drop: str) -> DropSource:
-    """A drop id in the store's drops/, or an explicit s3:// URI or directory."""
+    """A drop id in the store's drops/, or an explicit s3:// URI or directory (its id
+    is derived from the whole URI, so two URIs with one last segment never collide)."""
     if "://" in drop or drop.startswith(("/", ".", "~")):
         uri = drop.rstrip("/")
-        return DropSource(open_store(uri), "", uri.rsplit("/", 1)[-1])
+        source = open_store(uri)
+        name = uri.rsplit("/", 1)[-1] or "drop"
+        return DropSource(
+            source, "", f"{name}-{hashlib.sha256(source.uri.encode()).hexdigest()[:8]}"
+        )
     drop_id = drop.strip("/")
     if not drop_id or "/" in drop_id:
-        raise ValueError(f"invalid drop id {drop!r}: use a single name or a URI")
+        raise DropError(f"invalid drop id {drop!r}: use a single name or a URI")
     return lake.drop(drop_id)
 
 
-# --- the lease ---------------------------------------------------------------------
-
-
-def acquire_lease(run: ScoreRun, owner: str, seconds: int) -> int:
-    """Take the drop's lease or raise DropBusy; returns the lease number held."""
-    leases = run.leases()
-    number = leases[-1][0] if leases else 0
-    if leases:
-        last = run.get_json(leases[-1][1])
-        if last["state"] == "held" and last["expires"] > time.time():
-            raise DropBusy(f"{last['owner']} is scoring this drop (lease {number})")
-    body = {"state": "held", "owner": owner, "expires": time.time() + seconds}
-    if not run.try_lease(number + 1, body):
-        raise DropBusy("another run took the lease at the same moment")
-    return number + 1
-
-
-def release_lease(run: ScoreRun, number: int, owner: str) -> None:
-    run.try_lease(number + 1, {"state": "free", "owner": owner, "expires": 0})
+def list_drop(lake: Lake, source: DropSource) -> tuple[list[ObjectInfo], int]:
+    """The drop's objects, or DropError when it has none (nothing is written then)."""
+    listing, skipped = source.listing()
+    if listing:
+        return listing, skipped
+    where = source.store.uri_for(source.prefix.rstrip("/")) if source.prefix else source.store.uri
+    if skipped:
+        raise DropError(f"drop {source.drop_id} ({where}) is empty: {skipped} folder markers "
+                        "or hidden files, no images")  # fmt: skip
+    known = ", ".join(lake.drop_ids()[:10]) or "none"
+    raise DropError(f"no such drop {source.drop_id!r} at {where} (drops in the store: {known})")
 
 
 # --- planning -----------------------------------------------------------------------
 
 
-def plan_work(run: ScoreRun, listing: list[ObjectInfo], shard_size: int) -> dict:
-    """Shards still to score: unfinished ones from earlier plans, plus new keys."""
-    plans = run.plans()
-    done = set(run.done_shards())
-    covered = {key for keys in plans.values() for key in keys}
-    todo = {name: keys for name, keys in plans.items() if name not in done}
-    redo = len(todo)
-    new = [o.key for o in listing if o.key not in covered]
-    if new:
-        plan_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+def current_shards(plans: dict[int, dict]) -> dict[str, tuple[str, str]]:
+    """object key -> (ETag, shard) of its latest plan."""
+    current: dict[str, tuple[str, str]] = {}
+    for n in sorted(plans):
+        for shard, entries in plans[n]["shards"].items():
+            for key, etag in entries:
+                current[key] = (etag, shard)
+    return current
+
+
+def plan_work(run: ScoreRun, listing: list[ObjectInfo], shard_size: int) -> dict[int, dict]:
+    """Put every object that no plan holds with its current ETag into a new plan;
+    returns all plans. Plans are numbered and created with a conditional write: when
+    another scorer created the number first, look again at what is left."""
+    writer = uuid.uuid4().hex
+    for _ in range(MAX_PLAN_RACES):
+        plans = run.plans()
+        current = current_shards(plans)
+        new = [o for o in listing if current.get(o.key, ("", ""))[0] != o.etag]
+        if not new:
+            return plans
+        number = max(plans, default=0) + 1
         shards = {
-            f"{plan_id}-{i // shard_size:05d}": new[i : i + shard_size]
+            run.shard_name(number, i // shard_size): [
+                [o.key, o.etag] for o in new[i : i + shard_size]
+            ]
             for i in range(0, len(new), shard_size)
         }
-        run.write_plan(plan_id, shards)
-        todo.update(shards)
-    return {"todo": todo, "new": len(new), "redo": redo}
+        plan = {"writer": writer, "shards": shards, "created_at": datetime.now(UTC).isoformat()}
+        if run.create_plan(number, plan) or run.plan(number).get("writer") == writer:
+            return plans | {number: plan}  # (the second: our create's answer was lost)
+    raise RuntimeError(f"{run.uri()}: other scorers kept planning; run again")
+
+
+def pending(run: ScoreRun, plans: dict[int, dict]) -> dict[str, list]:
+    """Planned shards without a part: shard -> [[key, etag], ...]."""
+    done = run.done_shards()
+    return {
+        shard: entries
+        for n in sorted(plans)
+        for shard, entries in plans[n]["shards"].items()
+        if shard not in done
+    }
+
+
+# --- claims ---------------------------------------------------------------------------
+
+
+def take_claim(run: ScoreRun, name: str, owner: str, seconds: float) -> str | None:
+    """Claim ``name`` for ``owner``: the claim's id, or None while a live claim holds it."""
+    claim_id = uuid.uuid4().hex
+    body = {"owner": owner, "claim": claim_id, "expires": time.time() + seconds}
+    if run.create_claim(name, body):
+        return claim_id
+    found = run.read_claim(name)
+    if found is None:
+        return None  # released just now: the shard was finished
+    held, token = found
+    if held["claim"] == claim_id:
+        return claim_id  # our create was applied; only its answer was lost
+    if held["expires"] > time.time():
+        return None
+    if run.replace_claim(name, body, token):
+        get_logger().warning("%s: took over %s from %s (claim expired)", owner, name, held["owner"])
+        return claim_id
+    found = run.read_claim(name)
+    return claim_id if found and found[0]["claim"] == claim_id else None
+
+
+def renew_claim(run: ScoreRun, name: str, claim_id: str, seconds: float) -> bool:
+    """Push the claim's expiry on, if it is still ours."""
+    found = run.read_claim(name)
+    if found is None or found[0]["claim"] != claim_id:
+        return False
+    held, token = found
+    renewed = held | {"expires": time.time() + seconds}
+    if run.replace_claim(name, renewed, token):
+        return True
+    found = run.read_claim(name)  # a lost answer, or a takeover
+    return bool(found and found[0]["claim"] == claim_id)
+
+
+class Heartbeat:
+    """Renews this scorer's claims every third of their lifetime, in a thread."""
+
+    def __init__(self, run: ScoreRun, seconds: float):
+        self.run, self.seconds = run, seconds
+        self.held: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="claim-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def hold(self, name: str, claim_id: str) -> None:
+        with self.lock:
+            self.held[name] = claim_id
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            self.held.pop(name, None)
+        self.run.drop_claim(name)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.seconds / 3):
+            with self.lock:
+                held = dict(self.held)
+            for name, claim_id in held.items():
+                try:
+                    if not renew_claim(self.run, name, claim_id, self.seconds):
+                        get_logger().warning("lost the claim on %s (another scorer took it)", name)
+                except Exception as err:  # a missed beat is retried at the next one
+                    get_logger().warning("heartbeat for %s failed: %s", name, err)
 
 
 # --- one shard -------------------------------------------------------------------------
@@ -149,88 +263,187 @@ def decode_object(key: str, body: bytes, max_pixels: int):
                 yield row, to_pixels(image or b"", max_pixels), None
             except ImageRejected as err:
                 yield row, None, str(err)
+            except Exception as err:
+                yield row, None, f"undecodable: {type(err).__name__}: {err}"
         return
     try:
         yield key, to_pixels(body, max_pixels), None
     except ImageRejected as err:
         yield key, None, str(err)
+    except Exception as err:  # whatever a decoder raises, one bad file is one row
+        yield key, None, f"undecodable: {type(err).__name__}: {err}"
 
 
-def _rows(schema: pa.Schema, keys: list, values, mv: str, now: datetime) -> pa.Table:
-    """A part table: one row per key with its value (price or reason), model and time."""
-    columns = {"key": keys, schema.names[1]: values}
-    columns |= {"model_version": [mv] * len(keys), "scored_at": [now] * len(keys)}
+def _rows(schema: pa.Schema, rows: list[tuple], values, mv: str, now: datetime) -> pa.Table:
+    """A part table: one row per (row key, object) with its value (price or reason)."""
+    columns = {"key": [r for r, _ in rows], "object": [o for _, o in rows], schema.names[2]: values}
+    columns |= {"model_version": [mv] * len(rows), "scored_at": [now] * len(rows)}
     return pa.table(columns, schema=schema)
 
 
+def read_object(source: DropSource, key: str) -> tuple[bytes | None, str | None]:
+    """(body, None), or (None, why it cannot be read) for a gone or unusable key."""
+    try:
+        return source.get_bytes(key), None
+    except ObjectNotFound:
+        return None, "gone: deleted after it was listed"
+    except ValueError as err:  # keys with empty segments and the like
+        return None, f"unusable key: {err}"
+
+
 def score_shard(
-    run: ScoreRun, source: DropSource, shard: str, keys: list[str], options: ScoreOptions
-) -> dict:
+    run: ScoreRun, source: DropSource, shard: str, entries: list, options: ScoreOptions,
+    scorer: str,
+) -> dict:  # fmt: skip
     """Price one shard; writes rejections and facts, then the part (the done marker)."""
     t0 = time.time()
     mv = run.model_version
     model, config, lock = get_model(Lake(run.store).model(mv), options.precision)
     rows, pixels, rejected = [], [], []
-    for key in keys:
-        try:
-            body = source.get_bytes(key)
-        except ObjectNotFound:
-            rejected.append((key, "gone: deleted after it was listed"))
+    for key, _etag in entries:
+        body, why = read_object(source, key)
+        if body is None:
+            rejected.append(((key, key), why))
             continue
         for row, px, reason in decode_object(key, body, options.max_pixels):
             if px is None:
-                rejected.append((row, reason))
+                rejected.append(((row, key), reason))
             else:
-                rows.append(row)
+                rows.append((row, key))
                 pixels.append(px)
     images = np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.uint8)
     prices = predict_prices(model, images, options.batch_size, lock)
     now = datetime.now(UTC)
     stats = config.get("train_stats", {})
     means = images.reshape(len(images), -1).mean(axis=1) if len(images) else np.zeros(0)
+    low, high = stats.get("pixel_mean_p01", -1), stats.get("pixel_mean_p99", 256)
     facts = {
         "shard": shard,
-        "listed": len(keys),
+        "scorer": scorer,
+        "listed": len(entries),
         "priced": len(rows),
         "rejected": len(rejected),
-        "reasons": dict(Counter(r.split(":")[0] for _, r in rejected)),
-        "pixel_out_of_range": int(
-            (
-                (means < stats.get("pixel_mean_p01", -1))
-                | (means > stats.get("pixel_mean_p99", 256))
-            ).sum()
-        ),
+        "pixel_out_of_range": int(((means < low) | (means > high)).sum()),
         "pixel_mean_sum": float(means.sum()),
         "seconds": round(time.time() - t0, 3),
     }
     run.write_shard(
         shard,
         _rows(PRICED_SCHEMA, rows, prices, mv, now),
-        _rows(REJECTED_SCHEMA, [k for k, _ in rejected], [r for _, r in rejected], mv, now),
+        _rows(REJECTED_SCHEMA, [r for r, _ in rejected], [why for _, why in rejected], mv, now),
         facts,
     )
     return facts
 
 
+def work(
+    run: ScoreRun, source: DropSource, options: ScoreOptions, start: int = 0,
+    on_shard: Callable[[dict], None] | None = None,
+) -> list[dict]:  # fmt: skip
+    """One scorer: claim and score planned shards until none is left unclaimed; returns
+    the facts of the shards it scored. ``start`` spreads scorers over the list."""
+    scorer, log = scorer_name(), get_logger()
+    todo = list(pending(run, run.plans()).items())
+    todo = todo[start % len(todo) :] + todo[: start % len(todo)] if todo else []
+    scored = []
+    with Heartbeat(run, options.claim_seconds) as heartbeat:
+        for shard, entries in todo:
+            claim_id = take_claim(run, shard, scorer, options.claim_seconds)
+            if claim_id is None:
+                continue
+            heartbeat.hold(shard, claim_id)
+            try:
+                if shard in run.done_shards():
+                    continue  # finished by another scorer since the list was read
+                facts = score_shard(run, source, shard, entries, options, scorer)
+                log.info("%s: shard %s priced %d, rejected %d (%.1f s)", scorer, shard,
+                         facts["priced"], facts["rejected"], facts["seconds"])  # fmt: skip
+                scored.append(facts)
+                if on_shard is not None:
+                    on_shard(facts)
+            finally:
+                heartbeat.release(shard)
+    return scored
+
+
 # --- finishing -----------------------------------------------------------------------
 
 
-def finalize(run: ScoreRun, listing: list[ObjectInfo], timings: dict) -> dict:
-    """rejected.parquet and _manifest.json (last) from every finished shard."""
-    rejected = run.shard_rejections()
-    if rejected is None:
-        rejected = REJECTED_SCHEMA.empty_table()
-    run.write_rejected(rejected)
-    shards = run.shard_facts()
-    parts = run.part_names()
-    priced = run.read_tables(parts, ["price"])
+def _superseded(run: ScoreRun, plans: dict[int, dict]) -> dict[str, set[str]]:
+    """shard -> object keys in it that a later plan re-priced."""
+    current = current_shards(plans)
+    stale: dict[str, set[str]] = {}
+    for n in plans:
+        for shard, entries in plans[n]["shards"].items():
+            for key, _ in entries:
+                if current[key][1] != shard:
+                    stale.setdefault(shard, set()).add(key)
+    return stale
+
+
+def _move_superseded(run: ScoreRun, plans: dict[int, dict]) -> int:
+    """Rows of re-priced objects out of their older shard, into superseded.parquet:
+    afterwards the parts hold exactly one current row per key. Idempotent."""
+    moved = []
+    for shard, keys in sorted(_superseded(run, plans).items()):
+        for table, write, value in (
+            (run.part(shard), run.write_part, "price"),
+            (run.shard_rejections(shard), run.write_shard_rejections, "reason"),
+        ):
+            stale = np.isin(np.asarray(table["object"].to_pylist(), dtype=object), list(keys))
+            if not stale.any():
+                continue
+            old = table.filter(pa.array(stale))
+            other = "reason" if value == "price" else "price"
+            old = old.append_column("shard", pa.array([shard] * old.num_rows, pa.string()))
+            old = old.append_column(
+                other, pa.nulls(old.num_rows, SUPERSEDED_SCHEMA.field(other).type)
+            )
+            moved.append(old.select(SUPERSEDED_SCHEMA.names).cast(SUPERSEDED_SCHEMA))
+            write(shard, table.filter(pa.array(~stale)))
+    if moved:
+        earlier = run.superseded()
+        run.write_superseded(pa.concat_tables(([earlier] if earlier is not None else []) + moved))
+    return sum(t.num_rows for t in moved)
+
+
+def finish(
+    run: ScoreRun, plans: dict[int, dict], listing: list[ObjectInfo], skipped: int, timings: dict
+) -> dict | None:
+    """The drop's outputs, once per plan generation: None while another scorer holds the
+    finishing claim."""
+    last = max(plans)
+    manifest = run.manifest()
+    if manifest is not None and manifest.get("last_plan") == last:
+        return manifest | {"skipped": True}
+    name = f"finish-{last:08d}"
+    claim_id = take_claim(run, name, scorer_name(), 600)
+    if claim_id is None:
+        return None
+    try:
+        moved = _move_superseded(run, plans)
+        done = sorted(run.done_shards())
+        rejected = pa.concat_tables(
+            [REJECTED_SCHEMA.empty_table()] + [run.shard_rejections(s) for s in done]
+        )
+        run.write_rejected(rejected)
+        manifest = summarise(run, plans, done, rejected, listing, skipped, moved)
+        manifest |= {"timings": timings, "completed_at": datetime.now(UTC).isoformat()}
+        run.write_manifest(manifest)
+        return manifest | {"skipped": False}
+    finally:
+        run.drop_claim(name)
+
+
+def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> dict:  # noqa: PLR0913
+    """The manifest's body: counts, reasons, price quantiles, drift, who scored what."""
+    facts = run.shard_facts()
+    priced = run.read_tables([f"part-{s}.parquet" for s in done], ["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
     stats = Lake(run.store).model(run.model_version).config().get("train_stats", {})
     n = len(prices)
-    reasons = Counter()
-    for s in shards:
-        reasons.update(s["reasons"])
-    pixel_out = sum(s["pixel_out_of_range"] for s in shards)
+    reasons = Counter(r.split(":")[0] for r in rejected["reason"].to_pylist())
+    pixel_out = sum(facts[s]["pixel_out_of_range"] for s in done if s in facts)
     price_out = int(
         (
             (prices < stats.get("price_p01", -np.inf)) | (prices > stats.get("price_p99", np.inf))
@@ -239,7 +452,9 @@ def finalize(run: ScoreRun, listing: list[ObjectInfo], timings: dict) -> dict:
     drift = {
         "pixel_out_of_range_fraction": pixel_out / n if n else 0.0,
         "price_out_of_range_fraction": price_out / n if n else 0.0,
-        "pixel_mean": sum(s["pixel_mean_sum"] for s in shards) / n if n else None,
+        "pixel_mean": sum(facts[s]["pixel_mean_sum"] for s in done if s in facts) / n
+        if n
+        else None,
         "train_pixel_mean": stats.get("pixel_mean"),
         "price_mean": float(prices.mean()) if n else None,
         "train_price_mean": stats.get("price_mean"),
@@ -247,29 +462,23 @@ def finalize(run: ScoreRun, listing: list[ObjectInfo], timings: dict) -> dict:
     worst = max(drift["pixel_out_of_range_fraction"], drift["price_out_of_range_fraction"])
     # None: the model recorded no training statistics, so there is nothing to compare.
     drift["flagged"] = bool(worst > DRIFT_FRACTION) if stats else None
-    pct = (5, 25, 50, 75, 95)
-    quantiles = {f"p{p}": float(np.percentile(prices, p)) for p in pct} if n else {}
-    manifest = {
+    quantiles = {f"p{p}": float(np.percentile(prices, p)) for p in (5, 25, 50, 75, 95)} if n else {}
+    scorers = {s: facts[s]["scorer"] for s in done if s in facts}
+    return {
         "drop_id": run.drop_id,
         "model_version": run.model_version,
         "counts": {"listed": len(listing), "priced": n, "rejected": rejected.num_rows},
+        "skipped_keys": skipped,
+        "superseded_rows": moved,
         "rejections": dict(reasons),
-        "prices": {
-            "quantiles": quantiles,
-            "mean": float(prices.mean()) if n else None,
-        },
+        "prices": {"quantiles": quantiles, "mean": float(prices.mean()) if n else None},
         "drift": drift,
         "listing": [[o.key, o.size, o.etag] for o in listing],
-        "parts": parts,
-        "timings": timings,
-        "completed_at": datetime.now(UTC).isoformat(),
+        "last_plan": max(plans),
+        "parts": [f"part-{s}.parquet" for s in done],
+        "scorers": scorers,
+        "scorer_counts": dict(Counter(scorers.values())),
     }
-    run.write_manifest(manifest)
-    if not listing:
-        get_logger().warning(
-            "drop %s has no files: nothing to price (empty manifest written)", run.drop_id
-        )
-    return manifest
 
 
 # --- one whole run: the only scoring runner (CLI, flows, tests, benchmarks) -------------
@@ -287,31 +496,23 @@ def resolve_model(lake: Lake, model_version: str | None) -> str:
 
 @dataclass
 class Job:
-    """One run's work on a drop: what was listed, and the shards it still has to score."""
+    """What the scorers of one run work on."""
 
     run: ScoreRun
     source: DropSource
-    listing: list[ObjectInfo]
-    todo: dict[str, list[str]]
-    new_keys: int
-    redo_shards: int
-    owner: str
-    lease: int = 0
-    shard_facts: list[dict] = field(default_factory=list)
+    shards: dict[str, list]
 
 
-ShardRunner = Callable[[Job, ScoreOptions], None]
+# Runs scorers (each the ``work`` loop) somewhere, returns the facts of their shards.
+ScorerRunner = Callable[[Job, ScoreOptions], list[dict]]
 
 
-def run_shards_in_threads(job: Job, options: ScoreOptions) -> None:
-    """The laptop default: two threads, so one shard decodes while another predicts
-    (predict holds the model's lock and uses every core)."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [
-            pool.submit(score_shard, job.run, job.source, shard, keys, options)
-            for shard, keys in sorted(job.todo.items())
-        ]
-        job.shard_facts = [f.result() for f in futures]
+def run_scorers_in_threads(job: Job, options: ScoreOptions, scorers: int = 2) -> list[dict]:
+    """The laptop default: two scorers as threads of this process, so one shard decodes
+    while another predicts (predict holds the model's lock and uses every core)."""
+    with ThreadPoolExecutor(max_workers=scorers) as pool:
+        futures = [pool.submit(work, job.run, job.source, options, i) for i in range(scorers)]
+        return [facts for f in futures for facts in f.result()]
 
 
 def score_drop(
@@ -319,45 +520,53 @@ def score_drop(
     drop: str,
     model_version: str | None = None,
     options: ScoreOptions | None = None,
-    run_shards: ShardRunner = run_shards_in_threads,
+    run_scorers: ScorerRunner = run_scorers_in_threads,
 ) -> dict:
-    """Price every image of a drop exactly once; ``run_shards`` decides where the
-    shards run (threads here; Prefect tasks in the score flow)."""
+    """Price every image of a drop exactly once, joining any scorers already at it;
+    returns the manifest (``skipped``: it was finished before this run)."""
     options = options or ScoreOptions()
     log = get_logger()
     mv = resolve_model(lake, model_version)
     source = locate_drop(lake, drop)
+    listing, skipped = list_drop(lake, source)
     run = lake.score_run(source.drop_id, mv)
-    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     t0 = time.time()
-    lease = acquire_lease(run, owner, options.lease_seconds)
-    try:
-        listing = source.listing()
-        plan = plan_work(run, listing, options.shard_size)
-        if not plan["todo"] and run.complete:
-            log.info("drop %s already scored by %s: nothing to do", source.drop_id, mv)
-            return run.manifest() | {"skipped": True}
-        job = Job(run, source, listing, plan["todo"], plan["new"], plan["redo"], owner, lease)
-        log.info(
-            "drop %s: %d objects listed, %d new, %d unfinished shards to redo, %d shards to score",
-            source.drop_id, len(listing), job.new_keys, job.redo_shards, len(job.todo),
-        )  # fmt: skip
-        run_shards(job, options)
-        timings = {"seconds": round(time.time() - t0, 3), "shards_scored": len(job.todo)}
-        return finalize(run, listing, timings) | {"skipped": False}
-    finally:
-        release_lease(run, lease, owner)
+    plans = plan_work(run, listing, options.shard_size)
+    todo = pending(run, plans)
+    log.info("drop %s: %d objects listed (%d skipped), %d shards to score with %s",
+             source.drop_id, len(listing), skipped, len(todo), mv)  # fmt: skip
+    scored = 0
+    while True:
+        if todo:
+            scored += len(run_scorers(Job(run, source, todo), options))
+            todo = pending(run, plans)
+        if not todo:
+            timings = {"seconds": round(time.time() - t0, 3), "shards_scored_here": scored}
+            manifest = finish(run, plans, listing, skipped, timings)
+            if manifest is not None:
+                return manifest
+        held = {c["owner"] for n, c in run.claims().items() if n in todo or n.startswith("finish")}
+        if not options.wait:
+            left = f"{len(todo)} shards" if todo else "the finishing step"
+            raise DropBusy(
+                f"drop {source.drop_id}: {scored} shards priced here, {left} held by live "
+                f"scorers ({', '.join(sorted(held)) or 'just released'}); run again later, "
+                "or without --no-wait to wait for them"
+            )
+        time.sleep(min(options.claim_seconds / 3, 2.0))
+        todo = pending(run, plans)
 
 
 def drops_needing_scores(lake: Lake, mv: str) -> list[str]:
-    """Drops with no complete manifest for this model, or with files added since."""
+    """Drops with images and no complete manifest for this model, or with objects added
+    or overwritten since it was written."""
     todo = []
     for drop_id in lake.drop_ids():
-        manifest = lake.score_run(drop_id, mv).manifest()
-        if manifest is None:
-            todo.append(drop_id)
+        listing, _ = lake.drop(drop_id).listing()
+        if not listing:
             continue
-        listed = {k for k, _, _ in manifest["listing"]}
-        if any(o.key not in listed for o in lake.drop(drop_id).listing()):
+        manifest = lake.score_run(drop_id, mv).manifest()
+        scored = {k: etag for k, _, etag in (manifest or {}).get("listing", [])}
+        if any(scored.get(o.key) != o.etag for o in listing):
             todo.append(drop_id)
     return todo

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         description="downloaded models, base weights and data files, on this machine",
     )
     debug: bool = Field(False, description="tracebacks on the command line")
+    s3_max_attempts: int = Field(
+        8, ge=1, description="attempts per S3 request (boto3's standard retry mode)"
+    )
+    worker_name: str | None = Field(
+        None, description="names this worker in scoring manifests (default: host and pid)"
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

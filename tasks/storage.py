@@ -283,6 +283,7 @@ class S3Store(Store):
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         multipart_threshold: int = 64 * 1024 * 1024,
+        max_attempts: int = 8,
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -295,7 +296,7 @@ class S3Store(Store):
             "s3",
             endpoint_url=endpoint_url,
             region_name=region,
-            config=Config(retries={"mode": "standard", "max_attempts": 5}),
+            config=Config(retries={"mode": "standard", "total_max_attempts": max_attempts}),
         )
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -440,7 +441,11 @@ def open_store(uri: str | None = None, settings: Settings | None = None) -> Stor
         if not bucket:
             raise ValueError(f"invalid store URI {uri!r}: no bucket")
         return S3Store(
-            bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            bucket,
+            prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            max_attempts=settings.s3_max_attempts,
         )
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/prefix or a directory")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -19,12 +18,15 @@ from tasks.inference import cached_model_file
 from tasks.lake import Lake
 from tasks.scoring import (
     DropBusy,
+    DropError,
     ScoreOptions,
-    acquire_lease,
     locate_drop,
+    pending,
     plan_work,
     score_drop,
     score_shard,
+    scorer_name,
+    take_claim,
 )
 from tasks.settings import load_settings
 from tests.conftest import copy_lake
@@ -160,48 +162,49 @@ def test_score_drop_formats_bad_files_and_reruns(scored_store):
     assert len(priced) == len(set(priced)) == 15
 
 
-def test_resume_after_crash_redoes_only_missing_shards(scored_store):
+def test_crashed_scorer_costs_one_claim_lifetime(scored_store):
+    """A scorer that died holding a claim: a run that may not wait says who holds it;
+    one that waits takes the shard over when the claim expires, and redoes nothing."""
     lake, mv, *_ = scored_store
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(12)}
     put_drop(lake, "d2", files)
-    options = ScoreOptions(shard_size=4, lease_seconds=6)
+    options = ScoreOptions(shard_size=4, claim_seconds=3)
     run, source = lake.score_run("d2", mv), locate_drop(lake, "d2")
-    acquire_lease(run, "crashing-run", options.lease_seconds)
-    todo = plan_work(run, source.listing(), options.shard_size)["todo"]
-    first, keys = sorted(todo.items())[0]
-    score_shard(run, source, first, keys, options)
-    # ... and the worker dies here: no other shard, no manifest, the lease never released.
+    plans = plan_work(run, source.listing()[0], options.shard_size)
+    first, second, _ = sorted(pending(run, plans).items())
+    score_shard(run, source, first[0], first[1], options, "dead-host:1")
+    assert take_claim(run, second[0], "dead-host:1", options.claim_seconds)
+    # ... and that scorer dies here: one shard done, one claimed, no manifest.
     etag = {o.key: o.etag for o in lake.store.list(run.prefix + "part-")}
-    with pytest.raises(DropBusy):
-        score_drop(lake, "d2", options=options)
-    ((_, lease),) = run.leases()
-    time.sleep(max(0.0, run.get_json(lease)["expires"] - time.time()) + 0.1)  # it expires
+    no_wait = ScoreOptions(shard_size=4, claim_seconds=3, wait=False)
+    with pytest.raises(DropBusy, match=r"1 shards priced here, 1 shards held .*\(dead-host:1\)"):
+        score_drop(lake, "d2", options=no_wait)  # it prices the free shard, then stops
+    assert run.manifest() is None
     result = score_drop(lake, "d2", options=options)
-    assert result["timings"]["shards_scored"] == 2, "only the two unfinished shards"
+    assert result["timings"]["shards_scored_here"] == 1, "the shard taken over"
     assert {o.key: o.etag for o in lake.store.list(run.prefix + "part-")}.items() >= etag.items()
     priced, rejected = outputs(lake, "d2", mv)
     assert sorted(priced) == sorted(files) and rejected == {}
+    assert set(result["scorers"].values()) == {"dead-host:1", scorer_name()}
 
 
 def test_concurrent_runs_make_no_duplicates(scored_store):
     lake, mv, *_ = scored_store
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(16)}
     put_drop(lake, "d3", files)
-    barrier, results = threading.Barrier(2), []
+    barrier, results = threading.Barrier(3), []
 
     def run():
         barrier.wait()
-        try:
-            results.append(score_drop(lake, "d3", options=ScoreOptions(shard_size=4)))
-        except DropBusy as err:
-            results.append(err)
+        results.append(score_drop(lake, "d3", options=ScoreOptions(shard_size=2)))
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert any(isinstance(r, dict) for r in results)
+    assert len(results) == 3 and all(r["counts"]["priced"] == 16 for r in results)
+    assert sum(not r["skipped"] for r in results) == 1, "finished once"
     priced, _ = outputs(lake, "d3", mv)
     assert sorted(priced) == sorted(files), "every key exactly once"
 
@@ -221,15 +224,22 @@ def test_parquet_drop_of_the_datasets_own_shards(scored_store):
     assert drift["pixel_out_of_range_fraction"] == 1.0 and drift["flagged"] is True
 
 
-def test_empty_drop_and_bad_model(scored_store):
+def test_missing_or_empty_drop_and_bad_model_write_nothing(scored_store, tmp_path):
     lake, mv, *_ = scored_store
-    result = score_drop(lake, "nothing-here")
-    assert result["counts"] == {"listed": 0, "priced": 0, "rejected": 0}
-    assert lake.store.exists(f"scores/nothing-here/{mv}/_manifest.json")
+    before = lake.store.keys()
+    with pytest.raises(DropError, match="no such drop 'nothing-here'"):
+        score_drop(lake, "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DropError, match="no such drop"):
+        score_drop(lake, str(tmp_path / "empty"))
+    lake.store.put_bytes("drops/hidden/.DS_Store", b"x")
+    with pytest.raises(DropError, match="is empty: 1 folder markers or hidden files"):
+        score_drop(lake, "hidden")
     with pytest.raises(FileNotFoundError, match=f"no such .complete. model version .known: {mv}"):
-        score_drop(lake, "nothing-here", model_version="m-nope")
+        score_drop(lake, "hidden", model_version="m-nope")
     with pytest.raises(ValueError, match="invalid drop id"):
         score_drop(lake, "a/b")
+    assert lake.store.keys() == sorted([*before, "drops/hidden/.DS_Store"]), "nothing written"
 
 
 @pytest.mark.usefixtures("prefect_server")
