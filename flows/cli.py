@@ -102,7 +102,15 @@ def _cmd_promote(args: argparse.Namespace) -> dict:
 
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
+    from tasks.lake import Lake
+    from tasks.scoring import list_drop, locate_drop, resolve_model
+    from tasks.settings import load_settings
+    from tasks.storage import open_store
 
+    # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
+    lake = Lake(open_store(load_settings(store=args.store).store))
+    resolve_model(lake, args.model)
+    list_drop(lake, locate_drop(lake, args.drop))
     flow, scorers = score_flow, 2
     if args.workers or args.dask_address:
         from prefect_dask import DaskTaskRunner
@@ -164,7 +172,8 @@ def _cmd_automations(args: argparse.Namespace) -> dict:
 def _cmd_worker(args: argparse.Namespace) -> dict:
     from tasks.pools import worker_command
 
-    os.execv(worker_command(args.pool)[0], worker_command(args.pool))
+    cmd = worker_command(args.pool, args.limit)
+    os.execv(cmd[0], cmd)
     return {}  # not reached
 
 
@@ -291,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="start a process worker for a pool (prefect worker start)")
     p.add_argument("--pool", default="cpu", help="cpu or gpu (default cpu)")
+    p.add_argument("--limit", type=int, help="flow runs at a time (e.g. 1 per GPU)")
     p.set_defaults(func=_cmd_worker, json=False)
 
     p = sub.add_parser("champion", parents=[common], help="print the model in service")

@@ -53,9 +53,11 @@ def deploy_all(checkout: Path = REPO, api_url: str | None = None) -> str:
     return out.stdout
 
 
-def worker_command(pool: str) -> list[str]:
+def worker_command(pool: str, limit: int | None = None) -> list[str]:
+    """``prefect worker start`` for a process pool; ``limit``: flow runs at a time."""
     prefect = Path(sys.executable).with_name("prefect")
-    return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
+    cmd = [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
+    return cmd + (["--limit", str(limit)] if limit else [])
 
 
 def render_job_template(template: dict, values: dict | None = None):

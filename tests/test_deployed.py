@@ -20,9 +20,9 @@ pytestmark = pytest.mark.deployed
 TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
 
 
-def _png() -> bytes:
+def _png(shade: int = 0) -> bytes:
     buf = io.BytesIO()
-    Image.new("L", (28, 28), 30).save(buf, format="PNG")
+    Image.new("L", (28, 28), 30 + shade % 200).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -37,18 +37,24 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    env = os.environ | {"PREFECT_API_URL": prefect_api, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = os.environ | {"PREFECT_API_URL": prefect_api, "TF_CPP_MIN_LOG_LEVEL": "2",
+                        "PREFECT_WORKER_QUERY_SECONDS": "2"}  # fmt: skip
     workers = []
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         assert apply_pools() == {"cpu": "created", "gpu": "created"}
         assert apply_pools() == {"cpu": "updated", "gpu": "updated"}
         deploy_all(REPO, api_url=prefect_api)
         try:
-            for pool in ("cpu", "gpu"):
-                log = open(tmp_path / f"worker-{pool}.log", "w")  # noqa: SIM115 - worker's lifetime
-                workers.append(
-                    subprocess.Popen(worker_command(pool), env=env, stdout=log, stderr=log)
-                )
+            # One cpu worker; two gpu workers taking one run at a time each.
+            for name, pool, limit in (
+                ("cpu", "cpu", None),
+                ("gpu-a", "gpu", 1),
+                ("gpu-b", "gpu", 1),
+            ):
+                log = open(tmp_path / f"worker-{name}.log", "w")  # noqa: SIM115 - worker's lifetime
+                named = env | {"VGGPRICE_WORKER_NAME": name}
+                workers.append(subprocess.Popen(worker_command(pool, limit), env=named,
+                                                stdout=log, stderr=log))  # fmt: skip
             params = {"store": s3_uri, "source": str(idx_source), "settings": TINY}
             first = run_deployment(
                 "retrain/retrain-nightly", parameters=params, timeout=600, poll_interval=2
@@ -113,6 +119,25 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             for drop in ("drop-a", "drop-b"):
                 manifest = store.get_json(f"scores/{drop}/{mv}/_manifest.json")
                 assert manifest["counts"] == {"listed": 3, "priced": 3, "rejected": 0}
+
+            # The fan-out: score-drop launches two partition runs on the gpu pool; each
+            # gpu worker takes one; the drop is priced once and the manifest names both.
+            for i in range(300):
+                store.put_bytes(f"drops/big/img-{i:03d}.png", _png(i))
+            fan = run_deployment(
+                "score-drop/score-drop",
+                parameters={"drop": "big", "store": s3_uri, "score_pool": "gpu",
+                            "partitions": 2, "shard_size": 10},
+                timeout=600,
+                poll_interval=2,
+            )  # fmt: skip
+            assert fan.state.is_completed(), (fan.state, _logs(tmp_path))
+            manifest = store.get_json(f"scores/big/{mv}/_manifest.json")
+            assert manifest["counts"] == {"listed": 300, "priced": 300, "rejected": 0}
+            workers_seen = {s.rsplit("@", 1)[-1] for s in manifest["scorer_counts"]}
+            assert workers_seen == {"gpu-a", "gpu-b"}, manifest["scorer_counts"]
+            priced = open_store(s3_uri).keys(f"scores/big/{mv}/part-")
+            assert len(priced) == 30
         finally:
             for proc in workers:
                 stop_process(proc)
