@@ -320,6 +320,7 @@ def score_shard(
     facts = {
         "shard": shard,
         "scorer": scorer,
+        "started": t0,
         "listed": len(entries),
         "priced": len(rows),
         "rejected": len(rejected),

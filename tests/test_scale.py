@@ -253,3 +253,35 @@ def test_an_overwritten_file_is_priced_again_once(tiny_lake, tmp_path):
     assert old["key"].to_pylist() == ["img-0001.png"] and old["shard"][0].as_py() != ""
     prices = dict(zip(*(run.prices()[c].to_pylist() for c in ("key", "price")), strict=True))
     assert first["counts"] == again["counts"] and len(prices) == 6
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_lake, tmp_path, capsys):
+    from flows.cli import main
+
+    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
+    put_images(lake, "real", 2)
+    before = lake.store.keys()
+    for args, expected in (
+        (["score", "nope"], "no such drop 'nope'"),
+        (["score", str(tmp_path / "missing-dir")], "no such drop"),
+        (["score", "real", "--model", "m-nope"], "no such (complete) model version"),
+    ):
+        assert main([*args, "--store", lake.uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vggprice: error: ") and expected in err[0]
+    assert lake.store.keys() == before, "nothing written"
+
+
+def test_dask_cluster_by_address(tiny_lake, tmp_path):
+    from distributed import LocalCluster
+
+    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
+    keys = put_images(lake, "remote", 200)
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
+        out = cli("score", "remote", "--store", lake.uri, "--dask-address",
+                  cluster.scheduler_address, "--shard-size", "10", "--json", env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["counts"]["priced"] == 200
+    manifest = assert_exactly_once(lake, "remote", tiny_lake[3], keys)
+    assert len(manifest["scorer_counts"]) == 2, "one scorer per Dask worker"
