@@ -3,8 +3,8 @@ the work-pool fan-out with 1 and 2 workers, against bare Keras predict in the sa
 
 Prints images/s for each, the ratio to bare ``model.predict`` on the decoded array,
 and the per-partition overhead: seconds from a scorer's launch to its first shard
-starting (process start, imports, model load; for the pool also the worker's pickup
-and the flow run's start). On a 2-core machine two scorers cannot be twice as fast:
+priced (process start, imports, model load, one shard; for the pool also the
+worker's pickup and the flow run's start). On a 2-core machine two scorers cannot be twice as fast:
 the point is that the overhead is small and the work spreads.
 
     .venv/bin/python bench/score_scale.py [--images 4000] [--shard-size 250] [--no-pool]
@@ -47,10 +47,12 @@ work(run, locate_drop(lake, sys.argv[2]), ScoreOptions(shard_size=int(sys.argv[4
 
 
 def overheads(lake: Lake, drop: str, mv: str, launched: float) -> list[float]:
-    """Per scorer: its first shard's start minus the launch time."""
+    """Per scorer: seconds from the launch to its first shard priced (process start,
+    imports, model load, and that shard's own work)."""
     first: dict[str, float] = {}
     for facts in lake.score_run(drop, mv).shard_facts().values():
-        first[facts["scorer"]] = min(first.get(facts["scorer"], 1e18), facts["started"])
+        done = facts["started"] + facts["seconds"]
+        first[facts["scorer"]] = min(first.get(facts["scorer"], 1e18), done)
     return sorted(t - launched for t in first.values())
 
 
@@ -59,9 +61,11 @@ def local_processes(lake: Lake, drop: str, mv: str, n: int, shard_size: int) -> 
     run, source = lake.score_run(drop, mv), locate_drop(lake, drop)
     listing, skipped = list_drop(lake, source)
     plans = plan_work(run, listing, shard_size)
+    # The cores are shared between the scorers, as `vggprice score --workers N` does.
+    env = os.environ | {"TF_NUM_INTRAOP_THREADS": str(max(1, len(os.sched_getaffinity(0)) // n))}
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-c", SCORER, lake.uri, drop, mv, str(shard_size),
-                               str(i)], cwd=REPO) for i in range(n)]  # fmt: skip
+                               str(i)], cwd=REPO, env=env) for i in range(n)]  # fmt: skip
     for p in procs:
         assert p.wait() == 0
     manifest = finish(run, plans, listing, skipped, {"seconds": time.time() - t0})
@@ -76,7 +80,9 @@ def pool_fan_out(lake: Lake, drop: str, n: int, shard_size: int, api: str) -> tu
 
     from tasks.pools import worker_command
 
-    env = os.environ | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    threads = str(max(1, len(os.sched_getaffinity(0)) // n))  # the cores shared, as above
+    env = os.environ | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1",
+                        "TF_NUM_INTRAOP_THREADS": threads}  # fmt: skip
     workers = [subprocess.Popen(worker_command(p, 1), env=env | {"VGGPRICE_WORKER_NAME": f"w{i}"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for i, p in enumerate(["cpu"] + ["gpu"] * n)]  # fmt: skip
@@ -94,7 +100,7 @@ def pool_fan_out(lake: Lake, drop: str, n: int, shard_size: int, api: str) -> tu
             assert parent.state.is_completed(), parent.state
             with get_client(sync_client=True) as client:
                 children = [r for r in client.read_flow_runs() if r.parent_task_run_id
-                            and r.name != parent.name and r.start_time]  # fmt: skip
+                            and r.expected_start_time.timestamp() >= t0 - 1]  # fmt: skip
             launched = min(r.expected_start_time.timestamp() for r in children)
     finally:
         for w in workers:

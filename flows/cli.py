@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
 
 from pydantic import ValidationError
 
-# TensorFlow's C++ start-up chatter (no CUDA, CPU flags) is noise on a laptop.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter (CPU flags; on machines without an NVIDIA device,
+# its failed CUDA probe) is noise on a laptop. The embedded Prefect server sends no
+# telemetry unless the user turned it on.
+os.environ.setdefault(
+    "TF_CPP_MIN_LOG_LEVEL",
+    "2" if any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")) else "3",
+)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from tasks.labels import PriceRule
 from tasks.scoring import DropBusy
@@ -33,15 +40,28 @@ def _rule(args: argparse.Namespace) -> PriceRule | None:
     return PriceRule(**fields)
 
 
+def _lake(args: argparse.Namespace):
+    """The store of ``--store`` (or VGGPRICE_STORE), checked: fails fast with one line."""
+    from tasks.lake import Lake
+    from tasks.settings import load_settings
+    from tasks.storage import open_store
+
+    store = open_store(load_settings(store=args.store).store)
+    store.check()
+    return Lake(store)
+
+
 def _cmd_ingest(args: argparse.Namespace) -> dict:
     from flows.ingest import ingest_flow
 
+    _lake(args)
     return ingest_flow(store=args.store, source=args.source)
 
 
 def _cmd_label(args: argparse.Namespace) -> dict:
     from flows.label import label_flow
 
+    _lake(args).dataset(args.dataset_version).manifest()  # known, or the known ones listed
     return label_flow(
         dataset_version=args.dataset_version, store=args.store, rule=_rule(args), seed=args.seed
     )
@@ -63,6 +83,7 @@ def _train_settings(args: argparse.Namespace):
 def _cmd_run(args: argparse.Namespace) -> dict:
     from flows.pipeline import retrain_flow
 
+    _lake(args)
     return retrain_flow(
         store=args.store,
         source=args.source,
@@ -76,17 +97,25 @@ def _cmd_run(args: argparse.Namespace) -> dict:
 def _cmd_train(args: argparse.Namespace) -> dict:
     from flows.train import train_flow
 
+    lake = _lake(args)
+    lake.dataset(args.dataset_version).manifest()  # each known, or the known ones listed
+    lake.labels(args.dataset_version, args.labels_version).scaling()
+    settings = _train_settings(args)
     return train_flow(
         dataset_version=args.dataset_version,
         labels_version=args.labels_version,
         store=args.store,
-        settings=_train_settings(args),
+        settings=settings,
     )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
     from flows.evaluate import evaluate_flow
 
+    lake = _lake(args)
+    lineage = lake.model(args.model_version).lineage()  # known, or the known ones listed
+    if args.labels:
+        lake.labels(lineage["dataset_version"], args.labels).scaling()
     return evaluate_flow(
         model_version=args.model_version, store=args.store, labels_version=args.labels
     )
@@ -95,9 +124,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict:
 def _cmd_promote(args: argparse.Namespace) -> dict:
     from flows.evaluate import promote_flow
 
+    _lake(args).model(args.model_version).lineage()
     return promote_flow(
         model_version=args.model_version, store=args.store, margin=args.margin, force=args.force
     )
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cmd_score(args: argparse.Namespace) -> dict:
@@ -109,6 +143,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
 
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
     lake = Lake(open_store(load_settings(store=args.store).store))
+    lake.store.check()
     resolve_model(lake, args.model)
     list_drop(lake, locate_drop(lake, args.drop))
     flow, scorers = score_flow, 2
@@ -121,8 +156,9 @@ def _cmd_score(args: argparse.Namespace) -> dict:
             with Client(args.dask_address, timeout=30) as client:
                 scorers = args.workers or len(client.scheduler_info()["workers"])
             runner = DaskTaskRunner(address=args.dask_address)
-        else:  # N local scorer processes, one thread each
+        else:  # N local scorer processes, one thread each, sharing the cores between them
             scorers = args.workers
+            os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, _cores() // scorers)))
             runner = DaskTaskRunner(
                 cluster_kwargs={"n_workers": scorers, "threads_per_worker": 1, "processes": True}
             )
@@ -141,7 +177,9 @@ def _cmd_score(args: argparse.Namespace) -> dict:
 
 def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
+    from tasks.scoring import resolve_model
 
+    resolve_model(_lake(args), None)  # a champion, or one line saying there is none
     return score_new_drops_flow(store=args.store, shard_size=args.shard_size)
 
 
@@ -178,26 +216,31 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def _cmd_champion(args: argparse.Namespace) -> dict:
-    from tasks.lake import Lake
-    from tasks.settings import load_settings
-    from tasks.storage import open_store
-
-    settings = load_settings(store=args.store)
-    champion = Lake(open_store(settings.store, settings)).registry().champion()
+    lake = _lake(args)
+    champion = lake.registry().champion()
     if champion is None:
-        raise FileNotFoundError(f"no champion in {settings.store} yet: run 'vggprice run'")
+        raise FileNotFoundError(f"no champion in {lake.uri} yet: run 'vggprice run'")
     return champion
 
 
 def _human(result: dict, indent: str = "") -> str:
+    """A result a person reads: nested keys indented, numbers rounded, empties left out."""
     lines = []
     for key, value in result.items():
+        if value is None or value == [] or value == {}:
+            continue
         if isinstance(value, dict):
             lines.append(f"{indent}{key}:")
             lines.append(_human(value, indent + "  "))
+        elif isinstance(value, float):
+            lines.append(
+                f"{indent}{key}: {value:.4g}" if abs(value) < 1 else f"{indent}{key}: {value:,.2f}"
+            )
+        elif isinstance(value, list):
+            lines.append(f"{indent}{key}: {', '.join(str(v) for v in value)}")
         else:
             lines.append(f"{indent}{key}: {value}")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def _add_label_args(p: argparse.ArgumentParser) -> None:
@@ -229,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", help="s3://bucket/prefix or a directory (default ./lake)")
     common.add_argument("--json", action="store_true", help="print a JSON result")
+    common.add_argument("--debug", action="store_true",
+                        help="show tracebacks (also VGGPRICE_DEBUG=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", parents=[common], help="Fashion-MNIST into the store")
@@ -308,25 +353,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoTracebacks(logging.Filter):
+    """Log records keep their one-line message; their tracebacks go (see --debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(n) for n in logging.root.manager.loggerDict),
+    ]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            handler.addFilter(_NoTracebacks())
+
+
+def _error(message: str) -> None:
+    lines = str(message).strip().strip("'\"").splitlines() or ["unknown error"]
+    print(f"vggprice: error: {lines[0]}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tasks.settings import load_settings
+
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or load_settings().debug
+    if not debug:
+        import prefect  # noqa: F401 - its log handlers exist once it is imported
+
+        _quiet_tracebacks()
     func: Callable[[argparse.Namespace], dict] = args.func
     try:
         result = func(args)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        print(f"vggprice: error: {where + ': ' if where else ''}{first['msg']}", file=sys.stderr)
-        return 2
-    except DropBusy as err:
-        print(f"vggprice: error: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        msg = str(err).strip("'\"") or type(err).__name__
-        print(f"vggprice: error: {msg.splitlines()[0]}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if debug:
+            raise
+        return _report(err)
     print(json.dumps(result, indent=2, default=str) if args.json else _human(result))
     return 0
+
+
+def _report(err: Exception) -> int:
+    """One line for the user, and the exit status: 2 bad input or settings, 3 the drop is
+    held by other scorers, 1 anything else (the traceback with --debug)."""
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        _error(f"{where + ': ' if where else ''}{first['msg']}")
+        return 2
+    if isinstance(err, DropBusy):
+        _error(str(err))
+        return 3
+    if isinstance(err, (ValueError, FileNotFoundError, KeyError)):
+        _error(str(err) or type(err).__name__)
+        return 2
+    _error(f"{type(err).__name__}: {str(err).strip() or 'no message'} (for the traceback: "
+           "--debug or VGGPRICE_DEBUG=1)")  # fmt: skip
+    return 1
 
 
 if __name__ == "__main__":

@@ -101,7 +101,10 @@ def retrain_flow(
         )
         if result.get("skipped")
     ]  # fmt: skip
-    get_logger().info("skipped (inputs unchanged): %s", ", ".join(skipped) or "none")
+    if skipped:
+        get_logger().info("skipped (inputs unchanged): %s", ", ".join(skipped))
+    else:
+        get_logger().info("every stage ran: no earlier output matched these inputs")
     return {
         "ingest": ingested,
         "label": labelled,

@@ -18,12 +18,20 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.lake import DropSource, Lake
-from tasks.reports import artifact_key, drop_markdown, price_bands, publish_markdown, publish_table
+from tasks.reports import (
+    artifact_key,
+    drop_markdown,
+    price_bands,
+    price_histogram,
+    publish_markdown,
+    publish_table,
+)
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.scoring import (
     Job,
@@ -121,13 +129,21 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
     n = manifest["counts"]["priced"] + manifest["counts"]["rejected"]
     seconds = manifest["timings"]["seconds"]
     key = artifact_key(f"drop-{manifest['drop_id']}")
-    publish_markdown(key, drop_markdown(manifest, n / seconds if seconds else None), "drop scoring")
     mv = manifest["model_version"]
+    run = lake.score_run(manifest["drop_id"], mv)
+    priced = run.prices(["price"])
+    prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
+    plots = {}
+    if len(prices):
+        png = price_histogram(prices)
+        plots["price histogram"] = (png, run.write_plot("prices", png))
+    speed = n / seconds if seconds else None
+    publish_markdown(key, drop_markdown(manifest, speed, plots), "drop scoring")
     lineage = lake.model(mv).lineage()
     rule = lake.labels(lineage["dataset_version"], lineage["labels_version"]).scaling()["rule"]
-    priced = lake.score_run(manifest["drop_id"], mv).prices(["price"])
-    prices = priced["price"].to_pylist() if priced is not None else []
-    publish_table(key + "-bands", price_bands(prices, rule["means"]), "prices by class band")
+    publish_table(
+        key + "-bands", price_bands(prices.tolist(), rule["means"]), "prices by class band"
+    )
 
 
 def _summary(manifest: dict) -> dict:

@@ -24,7 +24,7 @@ from prefect import task
 from tasks import __version__
 from tasks.lake import DATASET_FORMAT, Lake
 from tasks.lake import dataset_version as version_of
-from tasks.runtime import TASK_RETRIES, get_logger
+from tasks.runtime import TASK_RETRIES, get_logger, progress
 from tasks.settings import load_settings
 from tasks.storage import sha256_file
 
@@ -230,12 +230,15 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
     # Parse and check everything before the first write.
     splits = {split: read_split(source.directory, split) for split in SPLITS}
     manifest_splits = {}
+    bar = progress(sum(-(-len(i) // shard_rows) for i, _ in splits.values()), "ingest", "shard")
     for split, (images, labels) in splits.items():
-        shards = [
-            dataset.write_shard(split, i, shard_table(split, start, images[start : start + shard_rows],
-                                                      labels[start : start + shard_rows]))
-            for i, start in enumerate(range(0, len(images), shard_rows))
-        ]  # fmt: skip
+        shards = []
+        for i, start in enumerate(range(0, len(images), shard_rows)):
+            rows = slice(start, start + shard_rows)
+            shards.append(
+                dataset.write_shard(split, i, shard_table(split, start, images[rows], labels[rows]))
+            )
+            bar.update()
         manifest_splits[split] = {
             "rows": len(images),
             "image_shape": list(images.shape[1:]),
@@ -262,6 +265,7 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
         "image_encoding": "png",
         "created_by": {"package": "vggprice", "version": __version__},
     }
+    bar.close()
     dataset.write_manifest(manifest)  # last: marks the version complete
     return manifest | {"skipped": False}
 

@@ -10,11 +10,14 @@ from tasks.inference import load_stored_model, predict_prices
 from tasks.labels import PriceRule
 from tasks.lake import Lake
 from tasks.reports import (
+    GARMENTS,
     artifact_key,
+    plots_markdown,
     pred_vs_true_plot,
     publish_markdown,
     publish_table,
     residuals_plot,
+    rounded,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.train_settings import TrainSettings
@@ -24,9 +27,11 @@ RECIPE_RMSE = 25.0  # about that, in price units
 
 
 def metrics_for(
-    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, rule: PriceRule
-) -> dict:
-    """RMSE/MAE/MAPE in price units, scaled MSE, the noise floor and a per-class table."""
+    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, rule: PriceRule,
+    train_mean: float,
+) -> dict:  # fmt: skip
+    """RMSE/MAE/MAPE in price units, scaled MSE, the noise floor, the baseline that always
+    predicts the mean train price, and a per-class table."""
     err = pred - true
     span = scaling["max"] - scaling["min"]
     floor = np.asarray(rule.means)[labels] - true
@@ -37,6 +42,7 @@ def metrics_for(
             per_class.append(
                 {
                     "class": c,
+                    "garment": GARMENTS[c] if c < len(GARMENTS) else str(c),
                     "count": int(m.sum()),
                     "rmse": float(np.sqrt(np.mean(err[m] ** 2))),
                     "mean_pred": float(pred[m].mean()),
@@ -50,39 +56,56 @@ def metrics_for(
         "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(true), 1e-9)) * 100),
         "mse_scaled": float(np.mean((err / span) ** 2)),
         "noise_floor_rmse": float(np.sqrt(np.mean(floor**2))),
+        "baseline_rmse": float(np.sqrt(np.mean((true - train_mean) ** 2))),
+        "baseline_price": float(train_mean),
         "recipe_mse_scaled": RECIPE_MSE_SCALED,
         "recipe_rmse": RECIPE_RMSE,
         "per_class": per_class,
     }
 
 
-def report_markdown(mv: str, labels_version: str, m: dict, links: dict, sigma: float) -> str:
+def verdict(m: dict) -> str:
+    """One line a person reads first."""
+    rmse, base, floor = m["rmse"], m["baseline_rmse"], m["noise_floor_rmse"]
+    if rmse >= base:
+        return (f"**Learned nothing useful yet**: RMSE {rmse:.1f} is no better than always "
+                f"predicting the mean train price ({base:.1f}).")  # fmt: skip
+    gain = f"{1 - rmse / base:.0%} better than always predicting the mean train price"
+    if rmse <= m["recipe_rmse"]:
+        return f"**Beats the reference recipe** (~{m['recipe_rmse']:.0f}): RMSE {rmse:.1f}, {gain}; the noise floor is {floor:.1f}."
+    return (f"**Learned something**: RMSE {rmse:.1f}, {gain} ({base:.1f}); the reference "
+            f"recipe reaches about {m['recipe_rmse']:.0f} and no model beats the noise floor "
+            f"({floor:.1f}).")  # fmt: skip
+
+
+def report_markdown(mv: str, labels_version: str, m: dict, plots: dict, sigma: float) -> str:
+    """The evaluation report: verdict, metrics, per-garment table, plots inline."""
     rows = "\n".join(
-        f"| {r['class']} | {r['count']} | {r['rmse']:.2f} | {r['mean_pred']:.2f} | "
-        f"{r['mean_true']:.2f} |"
+        f"| {r['class']} {r['garment']} | {r['count']} | {r['rmse']:.1f} | {r['mean_pred']:.1f} | "
+        f"{r['mean_true']:.1f} |"
         for r in m["per_class"]
     )
-    plots = "\n".join(f"- [{name}]({url})" for name, url in links.items())
     return f"""# Evaluation of `{mv}`
+
+{verdict(m)}
 
 Labels `{labels_version}`, {m["n"]} test images.
 
-| metric | this model | noise floor | reference recipe |
-| --- | --- | --- | --- |
-| RMSE (price units) | **{m["rmse"]:.2f}** | {m["noise_floor_rmse"]:.2f} | ~{RECIPE_RMSE:.0f} |
-| MAE (price units) | {m["mae"]:.2f} | | |
-| MAPE | {m["mape"]:.1f} % | | |
-| MSE on the scaled price | {m["mse_scaled"]:.4f} | | {RECIPE_MSE_SCALED} |
+| | RMSE (price units) | MAE | MAPE | MSE on the scaled price |
+| --- | --- | --- | --- | --- |
+| **this model** | **{m["rmse"]:.1f}** | {m["mae"]:.1f} | {m["mape"]:.1f} % | {m["mse_scaled"]:.4f} |
+| always the mean train price ({m["baseline_price"]:.2f}) | {m["baseline_rmse"]:.1f} | | | |
+| reference recipe | ~{RECIPE_RMSE:.0f} | | | {RECIPE_MSE_SCALED} |
+| noise floor | {m["noise_floor_rmse"]:.1f} | | | |
 
 No model can beat the noise floor on average: prices are drawn around a class
 mean with sigma {sigma:g}.
 
-| class | count | RMSE | mean predicted | mean true |
+| class | test images | RMSE | mean predicted | mean true |
 | --- | --- | --- | --- | --- |
 {rows}
 
-Plots:
-{plots}
+{plots_markdown(plots)}
 """
 
 
@@ -104,21 +127,28 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
     test = data.test
     pred = predict_prices(load_stored_model(model), test.images)
     rule = PriceRule(**{k: data.scaling["rule"][k] for k in ("means", "sigma")})
-    metrics = metrics_for(test.price, pred, test.labels, data.scaling, rule)
+    prices = lake.labels(lineage["dataset_version"], evaluation.labels_version).prices()
+    train_mean = float(np.mean([p for p, s in zip(prices["price"].to_pylist(),
+                                                  prices["split"].to_pylist(), strict=True)
+                                if s == "train"]))  # fmt: skip
+    metrics = metrics_for(test.price, pred, test.labels, data.scaling, rule, train_mean)
     metrics |= {"model_version": mv, "labels_version": evaluation.labels_version}
-    links = {
-        "pred_vs_true": evaluation.write_plot("pred_vs_true", pred_vs_true_plot(test.price, pred)),
-        "residuals": evaluation.write_plot("residuals", residuals_plot(test.price, pred)),
+    plots = {
+        "predicted vs true": (pred_vs_true_plot(test.price, pred), "pred_vs_true"),
+        "residuals": (residuals_plot(test.price, pred), "residuals"),
     }
+    shown = {title: (png, evaluation.write_plot(name, png)) for title, (png, name) in plots.items()}
     evaluation.write_metrics(metrics)
     if evaluation.labels_version == lineage["labels_version"]:
-        links["loss"] = model.plot_link("loss")
+        shown["training curves"] = (model.plot("loss"), model.plot_link("loss"))
     publish_markdown(
         artifact_key(f"eval-{mv}"),
-        report_markdown(mv, evaluation.labels_version, metrics, links, rule.sigma),
-        f"evaluation of {mv}",
+        report_markdown(mv, evaluation.labels_version, metrics, shown, rule.sigma),
+        f"evaluation of {mv}: {verdict(metrics).split(':')[0].strip('*')}",
     )
-    publish_table(artifact_key(f"eval-{mv}-classes"), metrics["per_class"], "per-class errors")
+    publish_table(
+        artifact_key(f"eval-{mv}-classes"), rounded(metrics["per_class"]), "per-garment errors"
+    )
     get_logger().info(
         "%s: RMSE %.2f (noise floor %.2f), scaled MSE %.4f on %d images",
         mv,

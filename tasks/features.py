@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tasks.lake import FeatureCache, feature_key
-from tasks.runtime import get_logger
+from tasks.runtime import get_logger, progress
 
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
 
@@ -104,15 +104,20 @@ def load_or_extract(
     log.info("feature cache miss: extracting %d views of %d images", views.n, len(train_images))
     names: list[str] = []
 
+    bar = progress(views.n + 1, "frozen features", "view")
+
     def extracted():
         for v in range(views.n):
             feats = extract(
                 frozen, augment_view(train_images, v, views.shift, views.flip, views.seed)
             )
             names.append(cache.write_view(v, feats))
+            bar.update()
             yield feats
 
     train = _stacked(views.n, extracted())
     test = extract(frozen, test_images)
+    bar.update()
+    bar.close()
     cache.write(names, test)
     return train, test, False

@@ -199,6 +199,18 @@ class Entry:
     def exists(self, name: str) -> bool:
         return self.store.exists(self.prefix + name)
 
+    # plots: plots/<name>.png under the entry
+    def write_plot(self, name: str, png: bytes) -> str:
+        """Store a plot; returns a link a person can open (a presigned URL on S3)."""
+        self.put_bytes(f"plots/{name}.png", png)
+        return self.plot_link(name)
+
+    def plot(self, name: str) -> bytes:
+        return self.get_bytes(f"plots/{name}.png")
+
+    def plot_link(self, name: str) -> str:
+        return self.link(f"plots/{name}.png")
+
     def names(self, sub: str = "") -> list[str]:
         """Keys under ``prefix + sub``, relative to the prefix, in order."""
         return [k[len(self.prefix) :] for k in self.store.keys(self.prefix + sub)]
@@ -323,10 +335,6 @@ class Evaluation(Entry):
         except ObjectNotFound:
             return None
 
-    def write_plot(self, name: str, png: bytes) -> str:
-        self.put_bytes(f"plots/{name}.png", png)
-        return self.link(f"plots/{name}.png")
-
     def write_metrics(self, metrics: dict) -> None:
         self.put_json(self.MARKER, metrics)
 
@@ -373,13 +381,6 @@ class Model(Entry):
 
     def download(self, path) -> None:
         self.store.get_file(self.key(self.FILE), path)
-
-    def write_plot(self, name: str, png: bytes) -> str:
-        self.put_bytes(f"plots/{name}.png", png)
-        return self.link(f"plots/{name}.png")
-
-    def plot_link(self, name: str) -> str:
-        return self.link(f"plots/{name}.png")
 
     def write_lineage(self, lineage: dict) -> None:
         self.put_json(self.MARKER, lineage)

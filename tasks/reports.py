@@ -2,13 +2,41 @@
 
 The plot and markdown builders are plain functions; the ``publish_*`` helpers
 create Prefect artifacts when called inside a run and do nothing outside one.
+Plots go into the markdown inline (``data:image/png;base64``), so the Prefect UI
+shows them on a local store and on S3 alike, with no second server; each also
+links to its stored copy.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
+
+# Fashion-MNIST's classes, in label order.
+GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+            "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+
+
+def inline_png(png: bytes, alt: str) -> str:
+    """A markdown image whose bytes travel inside the markdown."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def plots_markdown(plots: dict[str, tuple[bytes, str]]) -> str:
+    """title -> (PNG, link to the stored copy): each plot shown, then its link."""
+    return "\n\n".join(
+        f"### {title}\n\n{inline_png(png, title)}\n\n[stored copy]({link})"
+        for title, (png, link) in plots.items()
+    )
+
+
+def rounded(rows: list[dict], digits: int = 2) -> list[dict]:
+    """Table rows with floats rounded to what a person reads."""
+    return [
+        {k: round(v, digits) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+    ]
 
 
 def _in_run() -> bool:
@@ -40,6 +68,9 @@ def loss_plot(history: dict) -> bytes:
     epochs = np.arange(1, len(history["loss"]) + 1)
     ax.plot(epochs, history["loss"], "o-", label="loss (train)")
     ax.plot(epochs, history["val_loss"], "s-", label="val_loss (test)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE on the scaled price")
     ax.set_title("Training curves")
@@ -68,8 +99,29 @@ def residuals_plot(true: np.ndarray, pred: np.ndarray) -> bytes:
     return _png(fig)
 
 
+def epochs_markdown(model_version: str, history: dict, epochs: int, images: int) -> str:
+    """The training artifact: one row per finished epoch, and the loss curves."""
+    rows = "\n".join(
+        f"| {i + 1} | {loss:.4f} | {val:.4f} | {sec:.1f} | {images / sec:.0f} |"
+        for i, (loss, val, sec) in enumerate(
+            zip(history["loss"], history["val_loss"], history["seconds"], strict=True)
+        )
+    )
+    return f"""# Training `{model_version}`: epoch {len(history["loss"])} of {epochs}
+
+| epoch | loss (train) | val loss (test) | seconds | images/s |
+| --- | --- | --- | --- | --- |
+{rows}
+
+Loss: MSE on the min-max scaled price.
+
+{inline_png(loss_plot(history), "training curves")}
+"""
+
+
 class TrainingProgress:
-    """The progress artifact of one training run, updated every epoch (inside a run)."""
+    """The artifacts of one training run, updated every epoch (inside a run): a
+    progress bar and the per-epoch table with the loss curves (key train-<model>)."""
 
     def __init__(self, model_version: str, epochs: int):
         self.model_version, self.epochs = model_version, epochs
@@ -83,11 +135,14 @@ class TrainingProgress:
         pct = 100.0 * epoch / self.epochs
         desc = f"training {self.model_version}: epoch {epoch}/{self.epochs}"
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(
-                pct, key=artifact_key(f"train-{self.model_version}")[:60], description=desc
-            )
+            self.artifact_id = create_progress_artifact(pct, description=desc)
         else:
             update_progress_artifact(self.artifact_id, pct, description=desc)
+        publish_markdown(
+            artifact_key(f"train-{self.model_version}"),
+            epochs_markdown(self.model_version, history, self.epochs, images),
+            desc,
+        )
 
 
 def emit(event: str, resource_id: str, payload: dict) -> None:
@@ -109,7 +164,7 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
     if _in_run():
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(rows, key=key, description=description)
+        create_table_artifact(rounded(rows), key=key, description=description)
 
 
 def artifact_key(text: str) -> str:
@@ -117,8 +172,17 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower())[:100]
 
 
-def drop_markdown(m: dict, throughput: float | None) -> str:
-    """The per-drop summary: counts, rejections, prices, drift."""
+def price_histogram(prices: np.ndarray) -> bytes:
+    fig, ax = _figure()
+    ax.hist(prices, bins=50)
+    ax.set_xlabel("predicted price")
+    ax.set_ylabel("images")
+    ax.set_title("Predicted prices in this drop")
+    return _png(fig)
+
+
+def drop_markdown(m: dict, throughput: float | None, plots: dict | None = None) -> str:
+    """The per-drop summary: counts, why images were rejected, prices, drift, who scored."""
     c, d, p = m["counts"], m["drift"], m["prices"]
     reasons = "\n".join(f"| {r} | {n} |" for r, n in sorted(m["rejections"].items())) or "| - | 0 |"
     quant = " / ".join(f"{k} {v:.2f}" for k, v in p["quantiles"].items()) or "no prices"
@@ -128,11 +192,12 @@ def drop_markdown(m: dict, throughput: float | None) -> str:
         None: "unknown (the model recorded no training statistics)",
     }[d["flagged"]]
     speed = f"{throughput:.0f} images/s" if throughput else "-"
+    scorers = "\n".join(f"| {s} | {n} |" for s, n in sorted(m.get("scorer_counts", {}).items()))
     return f"""# Drop `{m["drop_id"]}` priced by `{m["model_version"]}`
 
-| listed | priced | rejected | throughput |
-| --- | --- | --- | --- |
-| {c["listed"]} | {c["priced"]} | {c["rejected"]} | {speed} |
+| listed | priced | rejected | skipped keys | throughput |
+| --- | --- | --- | --- | --- |
+| {c["listed"]} | {c["priced"]} | {c["rejected"]} | {m.get("skipped_keys", 0)} | {speed} |
 
 Prices: {quant}
 
@@ -143,6 +208,12 @@ Prices: {quant}
 Drift: {flag} ({d["pixel_out_of_range_fraction"]:.0%} of images have a mean
 brightness outside the training 1st-99th percentiles, {d["price_out_of_range_fraction"]:.0%}
 of prices outside the training price range).
+
+| scorer | shards |
+| --- | --- |
+{scorers}
+
+{plots_markdown(plots or {})}
 """
 
 
@@ -152,6 +223,7 @@ def price_bands(prices: list[float], means: list[float]) -> list[dict]:
     centers = np.asarray(means, dtype=np.float64)
     nearest = np.abs(arr[:, None] - centers[None, :]).argmin(axis=1) if len(arr) else arr
     return [
-        {"class": c, "mean_price": float(centers[c]), "images": int((nearest == c).sum())}
+        {"class": c, "garment": GARMENTS[c] if c < len(GARMENTS) else str(c),
+         "mean_price": float(centers[c]), "images": int((nearest == c).sum())}
         for c in range(len(centers))
-    ]
+    ]  # fmt: skip

@@ -32,6 +32,15 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 TASK_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_transient}
 
 
+def progress(total: int, desc: str, unit: str):
+    """A progress bar in a terminal; elsewhere a no-op (the log lines are the progress)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty())
+
+
 @contextlib.contextmanager
 def keras_precision(policy: str) -> Iterator[None]:
     """Keras's global dtype policy set for the layers built inside, restored after."""

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, to_pixels
 from tasks.inference import get_model, predict_prices
 from tasks.lake import DropSource, Lake, NotInLake, ScoreRun
-from tasks.runtime import get_logger
+from tasks.runtime import get_logger, progress
 from tasks.settings import load_settings
 from tasks.storage import ObjectInfo, ObjectNotFound, open_store
 
@@ -511,8 +511,10 @@ ScorerRunner = Callable[[Job, ScoreOptions], list[dict]]
 def run_scorers_in_threads(job: Job, options: ScoreOptions, scorers: int = 2) -> list[dict]:
     """The laptop default: two scorers as threads of this process, so one shard decodes
     while another predicts (predict holds the model's lock and uses every core)."""
-    with ThreadPoolExecutor(max_workers=scorers) as pool:
-        futures = [pool.submit(work, job.run, job.source, options, i) for i in range(scorers)]
+    bar = progress(len(job.shards), f"drop {job.run.drop_id}", "shard")
+    with bar, ThreadPoolExecutor(max_workers=scorers) as pool:
+        futures = [pool.submit(work, job.run, job.source, options, i, lambda _: bar.update())
+                   for i in range(scorers)]  # fmt: skip
         return [facts for f in futures for facts in f.result()]
 
 

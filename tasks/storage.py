@@ -57,6 +57,10 @@ class ObjectNotFound(FileNotFoundError):
     """The key has no object in the store."""
 
 
+class StoreUnavailable(ValueError):
+    """The store cannot be used at all (no credentials, endpoint, bucket or permission)."""
+
+
 class PreconditionFailed(Exception):
     """A conditional write lost: the object already exists, or changed since it was read."""
 
@@ -135,6 +139,10 @@ class Store(ABC):
             self.delete(info.key)
             n += 1
         return n
+
+    def check(self) -> None:  # noqa: B027 - a local directory needs no check
+        """Fail fast, with one line saying what to do, when the store cannot be used."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -289,7 +297,7 @@ class S3Store(Store):
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        self.bucket = bucket
+        self.bucket, self.endpoint_url, self.region = bucket, endpoint_url, region
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = boto3.session.Session().client(
@@ -305,6 +313,50 @@ class S3Store(Store):
 
     def _key(self, key: str) -> str:
         return self.prefix + validate_key(key)
+
+    def check(self) -> None:
+        """One HEAD of the bucket, without retries and with short timeouts: missing
+        credentials, an unreachable endpoint, a missing bucket or a refusal do not heal
+        by waiting, so they fail at once with one line that says what to do."""
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import (
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
+        )
+
+        quick = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            config=Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=10),
+        )
+        where = self.endpoint_url or "AWS S3"
+        try:
+            quick.head_bucket(Bucket=self.bucket)
+        except (NoCredentialsError, PartialCredentialsError):
+            raise StoreUnavailable(
+                f"{self.uri}: no AWS credentials — set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE), or use an instance role"
+            ) from None
+        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError):
+            raise StoreUnavailable(
+                f"{self.uri}: cannot reach {where} — check VGGPRICE_S3_ENDPOINT_URL "
+                "(or AWS_ENDPOINT_URL) and the network"
+            ) from None
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code"))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                why = f"bucket {self.bucket!r} does not exist at {where} — create it or fix --store"
+            elif code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                why = "access denied — check the credentials and their rights on the bucket"
+            else:
+                why = f"{where} answered {code}"
+            raise StoreUnavailable(f"{self.uri}: {why}") from None
 
     def _missing(self, err: Exception) -> bool:
         code = getattr(err, "response", {}).get("Error", {}).get("Code")

@@ -93,6 +93,30 @@ def compile_top(model, settings: TrainSettings) -> None:
     model.compile(optimizer=fused_rmsprop(lr), loss="mse", jit_compile=jit)
 
 
+def epoch_bar(epoch: int, epochs: int, steps: int) -> list:
+    """A progress bar for one epoch in a terminal ("Epoch 1/5", batches, loss), as a
+    Keras callback; none elsewhere, where each epoch's log line is the progress. (Keras's
+    own bar cannot say "Epoch 1/N" when fit runs one epoch at a time.)"""
+    if not sys.stderr.isatty():
+        return []
+    import keras
+    from tqdm import tqdm
+
+    class Bar(keras.callbacks.Callback):
+        def on_epoch_begin(self, _epoch, logs=None):
+            self.bar = tqdm(total=steps, desc=f"Epoch {epoch + 1}/{epochs}", unit="batch")
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{(logs or {}).get('loss', float('nan')):.4f}")
+
+        def on_epoch_end(self, _epoch, logs=None):
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", val_loss=f"{logs['val_loss']:.4f}")
+            self.bar.close()
+
+    return [Bar()]
+
+
 @dataclass
 class Fit:
     """What the epoch loop trains: the compiled model and its inputs. With ``views`` the
@@ -136,7 +160,10 @@ def fit_epochs(
             initial_epoch=epoch,
             validation_data=val,
             shuffle=False,  # batches() has shuffled
-            verbose=1 if sys.stdout.isatty() else 0,  # Keras's progress bar in a terminal
+            verbose=0,
+            callbacks=epoch_bar(
+                epoch, settings.epochs, -(-len(fit.train_y) // settings.batch_size)
+            ),
         )
         seconds = time.time() - t0
         fit_seconds += seconds

@@ -12,7 +12,13 @@ from flows.train import train_flow
 from tasks.data import load_data
 from tasks.dataset import find_source, ingest
 from tasks.features import augment_view
-from tasks.inference import ExportError, cached_model_file, export_model, load_inference_model
+from tasks.inference import (
+    ExportError,
+    cached_model_file,
+    export_model,
+    load_inference_model,
+    load_stored_model,
+)
 from tasks.labels import PriceRule, make_labels
 from tasks.lake import Lake
 from tasks.registry import decide, read_champion
@@ -24,6 +30,15 @@ from tasks.weights import WeightsError
 from tests.conftest import TINY
 
 TINY = TINY | {"views": 2}  # two cached views: the image and its flip
+
+
+def artifacts_by_key() -> dict[str, str]:
+    """The newest markdown of each artifact key on the Prefect server."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = sorted(client.read_artifacts(), key=lambda a: a.created)
+    return {a.key: a.data for a in found if a.key and a.type == "markdown"}
 
 
 def make_versions(store_uri, idx_source):
@@ -65,6 +80,13 @@ def test_train_evaluate_promote(versions, store_uri):
     assert metrics["n"] == 20 and metrics["rmse"] > 0 and metrics["noise_floor_rmse"] > 0
     for name in ("metrics.json", "plots/pred_vs_true.png", "plots/residuals.png"):
         assert store.exists(f"models/{mv}/{name}"), name
+    assert metrics["baseline_rmse"] > 0 and metrics["baseline_price"] > 0
+    reports = artifacts_by_key()
+    evaluation, training = reports[f"eval-{mv}"], reports[f"train-{mv}"]
+    assert evaluation.count("](data:image/png;base64,") == 3, "plots inline, loss curve too"
+    assert "always the mean train price" in evaluation and "| 0 T-shirt/top |" in evaluation
+    assert evaluation.split("\n")[2].startswith(("**Learned", "**Beats")), "a verdict first"
+    assert "| 1 | " in training and training.count("](data:image/png;base64,") == 1
 
     decision = promote_flow(mv, store=store_uri)
     assert decision["promoted"] and decision["reason"] == "no champion yet"
@@ -224,6 +246,22 @@ def test_stored_model_is_the_trained_model(local_versions):
         # Stated tolerance: within 2 % of the price range on every image.
         assert np.abs(got - from_store).max() <= 0.02 * span, (precision, got - from_store)
     assert keras.mixed_precision.global_policy().name == "float32", "policy restored"
+
+
+def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
+    """One model version, one model: the same inputs and settings train the same
+    weights on this machine (seeded, with a seeded batch order)."""
+    lake, dv, lv = local_versions
+    other, dv2, lv2 = make_versions(str(tmp_path / "other"), idx_source)
+    assert (dv2, lv2) == (dv, lv)
+    settings = TrainSettings(**TINY | {"epochs": 2})
+    a, b = train(lake, dv, lv, settings), train(other, dv, lv, settings)
+    assert a["model_version"] == b["model_version"]
+    mv = a["model_version"]
+    assert lake.model(mv).history()["loss"] == other.model(mv).history()["loss"]
+    assert lake.model(mv).get_bytes("summary.txt") == other.model(mv).get_bytes("summary.txt")
+    wa, wb = (load_stored_model(x.model(mv)).get_weights() for x in (lake, other))
+    assert all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
 
 
 def test_export_fails_naming_a_layer_without_trained_weights():
