@@ -229,8 +229,10 @@ class Heartbeat:
 
     def release(self, name: str) -> None:
         with self.lock:
-            self.held.pop(name, None)
-        self.run.drop_claim(name)
+            claim_id = self.held.pop(name, None)
+        found = self.run.read_claim(name)
+        if found is not None and found[0]["claim"] == claim_id:  # not one taken over since
+            self.run.drop_claim(name)
 
     def _beat(self) -> None:
         while not self.stop.wait(self.seconds / 3):
@@ -384,8 +386,10 @@ def _superseded(run: ScoreRun, plans: dict[int, dict]) -> dict[str, set[str]]:
 
 def _move_superseded(run: ScoreRun, plans: dict[int, dict]) -> int:
     """Rows of re-priced objects out of their older shard, into superseded.parquet:
-    afterwards the parts hold exactly one current row per key. Idempotent."""
-    moved = []
+    afterwards the parts hold exactly one current row per key. The superseded rows are
+    stored before any part is rewritten, and stored once per (key, shard): a finisher
+    that crashed half-way and is run again loses and duplicates nothing."""
+    moved, rewrites = [], []
     for shard, keys in sorted(_superseded(run, plans).items()):
         for table, write, value in (
             (run.part(shard), run.write_part, "price"),
@@ -401,10 +405,18 @@ def _move_superseded(run: ScoreRun, plans: dict[int, dict]) -> int:
                 other, pa.nulls(old.num_rows, SUPERSEDED_SCHEMA.field(other).type)
             )
             moved.append(old.select(SUPERSEDED_SCHEMA.names).cast(SUPERSEDED_SCHEMA))
-            write(shard, table.filter(pa.array(~stale)))
-    if moved:
-        earlier = run.superseded()
-        run.write_superseded(pa.concat_tables(([earlier] if earlier is not None else []) + moved))
+            rewrites.append((write, shard, table.filter(pa.array(~stale))))
+    if not moved:
+        return 0
+    earlier = run.superseded()
+    rows = pa.concat_tables(([earlier] if earlier is not None else []) + moved)
+    seen, keep = set(), []
+    for pair in zip(rows["key"].to_pylist(), rows["shard"].to_pylist(), strict=True):
+        keep.append(pair not in seen)
+        seen.add(pair)
+    run.write_superseded(rows.filter(pa.array(keep)))
+    for write, shard, table in rewrites:
+        write(shard, table)
     return sum(t.num_rows for t in moved)
 
 
