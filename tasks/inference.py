@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -108,19 +109,23 @@ def cached_model_file(model: Model) -> Path:
     return local
 
 
-_MODELS: dict[tuple, tuple] = {}
+_MODELS: OrderedDict[tuple, tuple] = OrderedDict()
 _MODELS_LOCK = threading.Lock()
+MODELS_KEPT = 4  # a long-lived worker that scores for many stores keeps its memory bounded
 
 
 def get_model(model: Model, precision: str = "auto") -> tuple:
     """(keras model, config, predict lock), loaded once per process, store, model
-    version and precision."""
+    version and precision; the least recently used beyond MODELS_KEPT are let go."""
     key = (model.store.uri, model.version, precision)
     with _MODELS_LOCK:
         if key not in _MODELS:
             config = model.config()
             net = load_inference_model(cached_model_file(model), config, precision)
             _MODELS[key] = (net, config, threading.Lock())
+            while len(_MODELS) > MODELS_KEPT:
+                _MODELS.popitem(last=False)
+        _MODELS.move_to_end(key)
         return _MODELS[key]
 
 

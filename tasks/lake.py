@@ -14,8 +14,8 @@ models/<model>/{model.keras, config.json, history.json, summary.txt, plots/, lin
 models/<model>/[eval/<labels>/]{metrics.json, plots/}
 registry/champion.json, registry/decisions/<time>-<model>.json
 drops/<drop>/...
-scores/<drop>/<model>/{_plans/, _leases/, _shards/, _rejected/, part-*.parquet,
-                       rejected.parquet, _manifest.json}
+scores/<drop>/<model>/{_plans/, _claims/, _shards/, _rejected/, part-*.parquet,
+                       superseded.parquet, rejected.parquet, plots/, _manifest.json}
 ```
 
 The file named last in each entry is its completion marker: it is written
