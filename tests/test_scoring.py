@@ -196,7 +196,7 @@ def test_concurrent_runs_make_no_duplicates(scored_store):
 
     def run():
         barrier.wait()
-        results.append(score_drop(lake, "d3", options=ScoreOptions(shard_size=2)))
+        results.append(score_drop(lake, "d3", options=ScoreOptions(shard_size=4)))
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:
