@@ -186,14 +186,19 @@ def _cmd_score_new(args: argparse.Namespace) -> dict:
 def _cmd_pools(args: argparse.Namespace) -> dict:
     from tasks.pools import apply_pools
 
-    return apply_pools()
+    return apply_pools(args.pool or None)
 
 
 def _cmd_deploy(args: argparse.Namespace) -> dict:
     from tasks.pools import apply_pools, deploy_all
 
     pools = apply_pools()
-    out = deploy_all()
+    out = deploy_all(
+        cpu_pool=args.cpu_pool,
+        gpu_pool=args.gpu_pool,
+        cpu_image=args.cpu_image,
+        gpu_image=args.gpu_image,
+    )
     names = [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
     return {"pools": pools, "deployments": sorted(set(names))}
 
@@ -332,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score_new)
 
     p = sub.add_parser("pools", parents=[common], help="work pools on PREFECT_API_URL")
-    p.add_argument("action", choices=["apply"], help="create or update cpu and gpu pools")
+    p.add_argument("action", choices=["apply"], help="create or update every pool from infra/")
+    p.add_argument("--pool", action="append", help="only this pool (repeatable)")
     p.set_defaults(func=_cmd_pools)
 
     p = sub.add_parser("deploy", parents=[common], help="pools + deployments on PREFECT_API_URL")
+    p.add_argument("--cpu-pool", default="cpu", help="cpu or cpu-docker (default cpu)")
+    p.add_argument("--gpu-pool", default="gpu",
+                   help="gpu, gpu-docker, gpu-k8s, gpu-ecs, or a cpu pool (default gpu)")  # fmt: skip
+    p.add_argument("--cpu-image", help="image for a container cpu pool (default: the pool's)")
+    p.add_argument("--gpu-image", help="image for a container gpu pool (your registry's tag)")
     p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("automations", parents=[common], help="notify on failures/rejections")
@@ -343,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", required=True, help="notification block, e.g. slack-webhook/alerts")
     p.set_defaults(func=_cmd_automations)
 
-    p = sub.add_parser("worker", help="start a process worker for a pool (prefect worker start)")
-    p.add_argument("--pool", default="cpu", help="cpu or gpu (default cpu)")
+    p = sub.add_parser("worker", help="start a worker for a pool (prefect worker start)")
+    p.add_argument("--pool", default="cpu", help="a pool of infra/work-pools (default cpu)")
     p.add_argument("--limit", type=int, help="flow runs at a time (e.g. 1 per GPU)")
     p.set_defaults(func=_cmd_worker, json=False)
 

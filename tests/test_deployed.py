@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.pools import REPO, apply_pools, deploy_all, worker_command
+from tasks.pools import POOLS, REPO, apply_pools, deploy_all, worker_command
 from tasks.storage import open_store
 from tests.conftest import stop_process
 
@@ -41,8 +41,8 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
                         "PREFECT_WORKER_QUERY_SECONDS": "2"}  # fmt: skip
     workers = []
     with temporary_settings({PREFECT_API_URL: prefect_api}):
-        assert apply_pools() == {"cpu": "created", "gpu": "created"}
-        assert apply_pools() == {"cpu": "updated", "gpu": "updated"}
+        assert apply_pools() == dict.fromkeys(POOLS, "created")
+        assert apply_pools() == dict.fromkeys(POOLS, "updated")
         deploy_all(REPO, api_url=prefect_api)
         try:
             # One cpu worker; two gpu workers taking one run at a time each.

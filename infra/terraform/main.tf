@@ -1,7 +1,25 @@
-# GPU workers for vggprice: an auto-scaling group of GPU instances, each running
-# `prefect worker start --pool <pool_name>` as a systemd service from a checkout of
-# this repository. The instance role may read and write only the store bucket and
-# read the one secret that holds the Prefect API key.
+# GPU workers for vggprice: an auto-scaling group of GPU instances, each running one
+# `vggprice worker --pool <pool_name> --limit 1` per GPU (systemd) from a checkout of this
+# repository. The group is empty while idle: one instance starts on a schedule before the
+# nightly retrain (more on demand), and an instance that has run no flow for idle_minutes
+# takes itself out of the group. The instance role may read and write only the store
+# bucket, read the one secret that holds the Prefect API key, and remove its own instance
+# from the group.
+
+data "aws_ssm_parameter" "ami" {
+  count = var.ami_id == null ? 1 : 0
+  name  = var.ami_ssm_parameter
+}
+
+# The AMI itself, for its root device name (/dev/sda1 on Ubuntu, /dev/xvda on Amazon Linux).
+data "aws_ami" "worker" {
+  most_recent = true
+  owners      = ["amazon", "self"]
+  filter {
+    name   = "image-id"
+    values = [coalesce(var.ami_id, try(nonsensitive(data.aws_ssm_parameter.ami[0].value), null))]
+  }
+}
 
 data "aws_iam_policy_document" "assume" {
   statement {
@@ -36,6 +54,15 @@ data "aws_iam_policy_document" "worker" {
   }
 }
 
+# An idle (or broken) worker leaves the group and lowers its desired capacity.
+data "aws_iam_policy_document" "scale_in" {
+  statement {
+    sid       = "LeaveGroup"
+    actions   = ["autoscaling:TerminateInstanceInAutoScalingGroup"]
+    resources = [aws_autoscaling_group.worker.arn]
+  }
+}
+
 resource "aws_iam_role" "worker" {
   name               = "${var.name}-worker"
   assume_role_policy = data.aws_iam_policy_document.assume.json
@@ -45,6 +72,12 @@ resource "aws_iam_role_policy" "worker" {
   name   = "${var.name}-store"
   role   = aws_iam_role.worker.id
   policy = data.aws_iam_policy_document.worker.json
+}
+
+resource "aws_iam_role_policy" "scale_in" {
+  name   = "${var.name}-scale-in"
+  role   = aws_iam_role.worker.id
+  policy = data.aws_iam_policy_document.scale_in.json
 }
 
 resource "aws_iam_instance_profile" "worker" {
@@ -68,7 +101,7 @@ resource "aws_security_group" "worker" {
 
 resource "aws_launch_template" "worker" {
   name_prefix   = "${var.name}-"
-  image_id      = var.ami_id
+  image_id      = data.aws_ami.worker.id
   instance_type = var.instance_type
   user_data = base64encode(templatefile("${path.module}/user_data.sh.tftpl", {
     pool_name       = var.pool_name
@@ -78,7 +111,11 @@ resource "aws_launch_template" "worker" {
     store           = "s3://${var.bucket_name}/${var.store_prefix}"
     repo_url        = var.repo_url
     repo_ref        = var.repo_ref
+    idle_minutes    = var.idle_minutes
   }))
+
+  # A worker that powers itself off is gone, not stopped and billed for its volume.
+  instance_initiated_shutdown_behavior = "terminate"
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.worker.arn
@@ -96,9 +133,9 @@ resource "aws_launch_template" "worker" {
   }
 
   block_device_mappings {
-    device_name = "/dev/xvda"
+    device_name = data.aws_ami.worker.root_device_name
     ebs {
-      volume_size = 200
+      volume_size = var.root_volume_gb
       volume_type = "gp3"
       encrypted   = true
     }
@@ -117,7 +154,7 @@ resource "aws_autoscaling_group" "worker" {
   name                = "${var.name}-workers"
   min_size            = var.min_size
   max_size            = var.max_size
-  desired_capacity    = var.desired_capacity
+  desired_capacity    = var.min_size
   vpc_zone_identifier = var.subnet_ids
   health_check_type   = "EC2"
 
@@ -131,4 +168,20 @@ resource "aws_autoscaling_group" "worker" {
     value               = "${var.name}-worker"
     propagate_at_launch = true
   }
+
+  # The schedule, `aws autoscaling set-desired-capacity` and idle workers change it.
+  lifecycle {
+    ignore_changes = [desired_capacity]
+  }
+}
+
+# From zero on schedule: one worker shortly before the nightly retrain.
+resource "aws_autoscaling_schedule" "nightly" {
+  scheduled_action_name  = "${var.name}-nightly"
+  autoscaling_group_name = aws_autoscaling_group.worker.name
+  recurrence             = var.scale_up_recurrence
+  time_zone              = "Etc/UTC"
+  min_size               = -1
+  max_size               = -1
+  desired_capacity       = max(1, var.min_size)
 }

@@ -17,12 +17,25 @@ variable "instance_type" {
 }
 
 variable "ami_id" {
-  description = "A GPU AMI with NVIDIA drivers, Python 3.11 and git (e.g. an AWS Deep Learning Base AMI)."
+  description = "A GPU AMI with NVIDIA drivers and git; null: the latest AMI named by ami_ssm_parameter."
   type        = string
+  default     = null
+}
+
+variable "ami_ssm_parameter" {
+  description = "Public SSM parameter of the default AMI: AWS's Deep Learning Base OSS Nvidia Driver GPU AMI on Ubuntu 24.04, whose Python is 3.12."
+  type        = string
+  default     = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+}
+
+variable "root_volume_gb" {
+  description = "Root volume (gp3, encrypted) of each worker, on the AMI's own root device."
+  type        = number
+  default     = 200
 }
 
 variable "min_size" {
-  description = "Fewest GPU workers."
+  description = "Fewest GPU workers (0: none while idle)."
   type        = number
   default     = 0
 }
@@ -33,10 +46,16 @@ variable "max_size" {
   default     = 2
 }
 
-variable "desired_capacity" {
-  description = "GPU workers to run now."
+variable "scale_up_recurrence" {
+  description = "Cron (UTC) at which one worker starts: shortly before the nightly retrain at 02:00 UTC in prefect.yaml."
+  type        = string
+  default     = "45 1 * * *"
+}
+
+variable "idle_minutes" {
+  description = "A worker that has run no flow for this long takes itself out of the group (scale to zero)."
   type        = number
-  default     = 1
+  default     = 30
 }
 
 variable "subnet_ids" {
@@ -50,7 +69,7 @@ variable "vpc_id" {
 }
 
 variable "pool_name" {
-  description = "Prefect work pool the workers poll."
+  description = "Prefect work pool the workers poll (a process pool: vggprice pools apply)."
   type        = string
   default     = "gpu"
 }
@@ -82,7 +101,7 @@ variable "repo_url" {
 }
 
 variable "repo_ref" {
-  description = "Branch, tag or commit to check out."
+  description = "The commit (or tag) to check out: pin the one you deployed."
   type        = string
   default     = "main"
 }
