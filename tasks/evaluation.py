@@ -6,7 +6,7 @@ import numpy as np
 from prefect import task
 
 from tasks.data import load_data
-from tasks.inference import load_stored_model, predict_prices
+from tasks.inference import load_stored_model, predict_prices, preprocess_of
 from tasks.labels import PriceRule
 from tasks.lake import Lake
 from tasks.reports import (
@@ -123,7 +123,7 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
         return existing | {"skipped": True}
     settings = TrainSettings(**config["settings"])
     data = load_data(lake, lineage["dataset_version"], evaluation.labels_version,
-                     {"test": settings.test_limit}, settings.seed)  # fmt: skip
+                     {"test": settings.test_limit}, settings.seed, *preprocess_of(config))  # fmt: skip
     test = data.test
     pred = predict_prices(load_stored_model(model), test.images)
     rule = PriceRule(**{k: data.scaling["rule"][k] for k in ("means", "sigma")})
