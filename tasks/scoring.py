@@ -492,14 +492,32 @@ def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> 
 # --- one whole run: the only scoring runner (CLI, flows, tests, benchmarks) -------------
 
 
-def resolve_model(lake: Lake, model_version: str | None) -> str:
+class LineError(ValueError):
+    """Which model line to score with is unknown or ambiguous (the message lists them)."""
+
+
+def resolve_line(lake: Lake, line: str | None) -> str:
+    """The line named, or the store's only line; LineError when several need a choice."""
+    lines = lake.lines()
+    if line:
+        if line not in lines:
+            raise LineError(f"no model line {line!r} with a champion in {lake.uri} "
+                            f"(lines: {', '.join(lines) or 'none'})")  # fmt: skip
+        return line
+    if len(lines) > 1:
+        raise LineError(f"{lake.uri} holds several model lines ({', '.join(lines)}): "
+                        "pass --line NAME")  # fmt: skip
+    if not lines:
+        raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
+    return lines[0]
+
+
+def resolve_model(lake: Lake, model_version: str | None, line: str | None = None) -> str:
+    """A pinned model version, or the champion of the line (see resolve_line)."""
     if model_version:
         lake.model(model_version).lineage()  # complete, or NotInLake listing the known
         return model_version
-    champion = lake.registry().champion()
-    if champion is None:
-        raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
-    return champion["model_version"]
+    return lake.registry(resolve_line(lake, line)).champion()["model_version"]
 
 
 @dataclass
@@ -531,12 +549,13 @@ def score_drop(
     model_version: str | None = None,
     options: ScoreOptions | None = None,
     run_scorers: ScorerRunner = run_scorers_in_threads,
+    line: str | None = None,
 ) -> dict:
     """Price every image of a drop exactly once, joining any scorers already at it;
     returns the manifest (``skipped``: it was finished before this run)."""
     options = options or ScoreOptions()
     log = get_logger()
-    mv = resolve_model(lake, model_version)
+    mv = resolve_model(lake, model_version, line)
     source = locate_drop(lake, drop)
     listing, skipped = list_drop(lake, source)
     run = lake.score_run(source.drop_id, mv)
