@@ -23,6 +23,7 @@ from tasks.scoring import LineError, resolve_model
 from tasks.storage import LocalStore, open_store
 from tasks.train_settings import TrainSettings
 from tests.catalog_data import csv_text, encode, garments, tint, write_catalog
+from tests.catalog_data import tinted as tinted_rows
 from tests.conftest import TINY, copy_lake
 
 TINY_RGB = TINY | {"preprocess": "rgb"}
@@ -205,6 +206,11 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
         got = [by_key[f"{prefix}/{i.replace('/', '_')}.png"] for i in data.test.ids]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
+    from tests.test_training import artifacts_by_key
+
+    keys = set(artifacts_by_key())
+    assert {f"shoes-eval-{mv}", "shoes-champion", "shoes-drop-new"} <= keys, keys
+
     # Unchanged inputs: every stage skips, the champion stays.
     again = catalog_flow(source=source, prices=prices, name="shoes", store=store_uri,
                          settings=TrainSettings(**TINY_RGB), skip_bad_rows=True)  # fmt: skip
@@ -244,3 +250,46 @@ def test_demo_store_without_lines_keeps_working(tiny_lake, tmp_path):
     empty = Lake(LocalStore(tmp_path / "empty"))
     with pytest.raises(NotInLake, match="no champion"):
         resolve_model(empty, None)
+
+
+def test_parquet_images_parquet_prices_and_a_split_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, labels = garments(24, seed=5)
+    rows = list(tinted_rows(images, labels, 0))
+    pq.write_table(pa.table({"image_id": [f"sku-{i}" for i in range(len(rows))],
+                             "image": [body for _, body, _, _ in rows]}),
+                   tmp_path / "photos.parquet")  # fmt: skip
+    split = ["test" if i % 4 == 0 else "train" for i in range(len(rows))]
+    pq.write_table(pa.table({"image": [f"sku-{i}" for i in range(len(rows))],
+                             "price": [p for _, _, p, _ in rows], "split": split}),
+                   tmp_path / "prices.parquet")  # fmt: skip
+    lake = Lake(LocalStore(tmp_path / "lake"))
+    out = ingest_catalog(lake, str(tmp_path / "photos.parquet"), str(tmp_path / "prices.parquet"),
+                         "parquet_shop")  # fmt: skip
+    manifest = out["manifest"]
+    assert manifest["splits"]["test"]["rows"] == 6 and manifest["categories"] == []
+    assert manifest["rules"]["split"] == "column"
+    table = lake.labels(out["dataset_version"], out["labels_version"]).prices().to_pandas()
+    assert dict(zip(table.image_id, table.split, strict=True)) == {
+        f"sku-{i}": s for i, s in enumerate(split)
+    }
+    # The same table with a bad split value is a bad row.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,price,split\nsku-0,1,validation\nsku-1,2,train\n")
+    with pytest.raises(CatalogError, match=r"1 bad row \(row 1: split 'validation'"):
+        ingest_catalog(lake, str(tmp_path / "photos.parquet"), str(bad), "parquet_shop")
+
+
+def test_catalog_metrics_per_decile_without_categories():
+    from tasks.evaluation import catalog_metrics
+
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0, 100, 500)
+    true = rng.uniform(0, 100, 200)
+    pred = true + rng.normal(0, 5, 200)
+    m = catalog_metrics(true, pred, np.zeros(200, int), {"min": 0, "max": 100}, 50.0, train)
+    assert m["grouped_by"] == "price decile" and len(m["per_group"]) == 10
+    assert sum(g["count"] for g in m["per_group"]) == 200
+    assert m["rmse"] < m["baseline_rmse"] and m["baseline_price"] == 50.0
