@@ -126,8 +126,9 @@ def get_model(model: Model, precision: str = "auto") -> tuple:
 
 
 def predict_prices(model, pixels: np.ndarray, batch_size: int = 256, lock=None) -> np.ndarray:
-    """Prices for prepared uint8 images (gray (n, 28, 28) or RGB (n, s, s, 3)). Padded to whole batches: one traced
-    shape, no retracing for every ragged end. One predict at a time per model."""
+    """Prices for prepared uint8 images: gray (n, 28, 28) or RGB (n, s, s, 3). Padded to
+    whole batches: one traced shape, no retracing for every ragged end. One predict at a
+    time per model."""
     n = len(pixels)
     if n == 0:
         return np.zeros(0)
