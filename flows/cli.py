@@ -122,10 +122,10 @@ def _run_catalog(args: argparse.Namespace) -> dict:
 def _cmd_train(args: argparse.Namespace) -> dict:
     from flows.train import train_flow
 
+    settings = _train_settings(args)  # bad settings are named before the store is read
     lake = _lake(args)
     lake.dataset(args.dataset_version).manifest()  # each known, or the known ones listed
     lake.labels(args.dataset_version, args.labels_version).scaling()
-    settings = _train_settings(args)
     return train_flow(
         dataset_version=args.dataset_version,
         labels_version=args.labels_version,
