@@ -67,10 +67,11 @@ def _cmd_label(args: argparse.Namespace) -> dict:
     )
 
 
-def _train_settings(args: argparse.Namespace):
-    from tasks.train_settings import QUICK, TrainSettings
+def _train_settings(args: argparse.Namespace, catalog: bool = False):
+    from tasks.train_settings import CATALOG_INPUT_SIZE, QUICK, TrainSettings
 
-    fields: dict = dict(QUICK) if getattr(args, "quick", False) else {}
+    fields: dict = {"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE} if catalog else {}
+    fields |= dict(QUICK) if getattr(args, "quick", False) else {}
     for item in args.set or []:
         name, sep, value = item.partition("=")
         if not sep or name not in TrainSettings.model_fields:
@@ -83,6 +84,10 @@ def _train_settings(args: argparse.Namespace):
 def _cmd_run(args: argparse.Namespace) -> dict:
     from flows.pipeline import retrain_flow
 
+    if args.prices or args.name:
+        return _run_catalog(args)
+    if args.skip_bad_rows:
+        raise ValueError("--skip-bad-rows is for a catalog run (--source, --prices, --name)")
     _lake(args)
     return retrain_flow(
         store=args.store,
@@ -94,13 +99,33 @@ def _cmd_run(args: argparse.Namespace) -> dict:
     )
 
 
+def _run_catalog(args: argparse.Namespace) -> dict:
+    """vggprice run --source ... --prices ... --name ...: a catalog's own line."""
+    from flows.catalog import catalog_flow
+    from tasks.catalog import ingest_catalog
+    from tasks.lake import check_line_name
+
+    missing = [f for f in ("source", "prices", "name") if not getattr(args, f)]
+    if missing:
+        raise ValueError(f"a catalog run needs --{', --'.join(missing)} too (--source DIR_OR_S3, "
+                         "--prices CSV_OR_PARQUET, --name NAME)")  # fmt: skip
+    if args.means is not None or args.sigma is not None:
+        raise ValueError("--means and --sigma draw the demo's prices; a catalog has its own")
+    check_line_name(args.name)
+    settings = _train_settings(args, catalog=True)
+    # Bad inputs stop here with one line, before any flow run starts.
+    ingest_catalog(_lake(args), args.source, args.prices, args.name, args.skip_bad_rows)
+    return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
+                        settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows)  # fmt: skip
+
+
 def _cmd_train(args: argparse.Namespace) -> dict:
     from flows.train import train_flow
 
+    settings = _train_settings(args)  # bad settings are named before the store is read
     lake = _lake(args)
     lake.dataset(args.dataset_version).manifest()  # each known, or the known ones listed
     lake.labels(args.dataset_version, args.labels_version).scaling()
-    settings = _train_settings(args)
     return train_flow(
         dataset_version=args.dataset_version,
         labels_version=args.labels_version,
@@ -144,7 +169,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
     lake = Lake(open_store(load_settings(store=args.store).store))
     lake.store.check()
-    resolve_model(lake, args.model)
+    resolve_model(lake, args.model, args.line)
     list_drop(lake, locate_drop(lake, args.drop))
     flow, scorers = score_flow, 2
     if args.workers or args.dask_address:
@@ -172,6 +197,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
         scorers=scorers,
         claim_seconds=args.claim_seconds,
         wait=not args.no_wait,
+        line=args.line,
     )
 
 
@@ -179,8 +205,8 @@ def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
     from tasks.scoring import resolve_model
 
-    resolve_model(_lake(args), None)  # a champion, or one line saying there is none
-    return score_new_drops_flow(store=args.store, shard_size=args.shard_size)
+    resolve_model(_lake(args), None, args.line)  # a champion, or one line saying why not
+    return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line)
 
 
 def _cmd_pools(args: argparse.Namespace) -> dict:
@@ -221,8 +247,10 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def _cmd_champion(args: argparse.Namespace) -> dict:
+    from tasks.scoring import resolve_line
+
     lake = _lake(args)
-    champion = lake.registry().champion()
+    champion = lake.registry(resolve_line(lake, args.line)).champion()
     if champion is None:
         raise FileNotFoundError(f"no champion in {lake.uri} yet: run 'vggprice run'")
     return champion
@@ -272,6 +300,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+LINE_HELP = "the model line: demo or a catalog's name (default: the store's only line)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vggprice", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -291,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("run", parents=[common], help="the whole pipeline on this machine")
-    p.add_argument("--source", help="directory with the four IDX files")
+    p.add_argument("--source", help="directory with the four IDX files; with --prices: the "
+                   "catalog's images (a directory, s3:// prefix or Parquet file)")  # fmt: skip
+    p.add_argument("--prices", help="your catalog's prices table (CSV or Parquet: image, price"
+                   "[, category][, split])")  # fmt: skip
+    p.add_argument("--name", help="the catalog's name: its dataset and model line")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip (and record) bad rows of the prices table instead of failing")  # fmt: skip
     _add_label_args(p)
     _add_train_args(p)
     p.add_argument("--margin", type=float, default=0.01, help="promotion margin (0.01 = 1%%)")
@@ -330,10 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--claim-seconds", type=float, default=90.0,
                    help="a scorer's claim expires this long after its last heartbeat")  # fmt: skip
+    p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
     p.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
+    p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_score_new)
 
     p = sub.add_parser("pools", parents=[common], help="work pools on PREFECT_API_URL")
@@ -360,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_worker, json=False)
 
     p = sub.add_parser("champion", parents=[common], help="print the model in service")
+    p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_champion)
     return parser
 

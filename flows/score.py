@@ -23,7 +23,7 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.lake import DropSource, Lake
+from tasks.lake import DEMO_LINE, DropSource, Lake, line_of
 from tasks.reports import (
     artifact_key,
     drop_markdown,
@@ -128,8 +128,10 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
     """The drop-<id> artifacts: summary markdown and price bands by class."""
     n = manifest["counts"]["priced"] + manifest["counts"]["rejected"]
     seconds = manifest["timings"]["seconds"]
-    key = artifact_key(f"drop-{manifest['drop_id']}")
     mv = manifest["model_version"]
+    lineage = lake.model(mv).lineage()
+    line = line_of(lineage["dataset_version"])
+    key = artifact_key(("" if line == DEMO_LINE else f"{line}-") + f"drop-{manifest['drop_id']}")
     run = lake.score_run(manifest["drop_id"], mv)
     priced = run.prices(["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
@@ -138,9 +140,11 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
         png = price_histogram(prices)
         plots["price histogram"] = (png, run.write_plot("prices", png))
     speed = n / seconds if seconds else None
-    publish_markdown(key, drop_markdown(manifest, speed, plots), "drop scoring")
-    lineage = lake.model(mv).lineage()
-    rule = lake.labels(lineage["dataset_version"], lineage["labels_version"]).scaling()["rule"]
+    publish_markdown(key, drop_markdown(manifest, speed, plots), f"drop scoring ({line})")
+    scaling = lake.labels(lineage["dataset_version"], lineage["labels_version"]).scaling()
+    if "rule" not in scaling:  # a catalog: no class means to band by
+        return
+    rule = scaling["rule"]
     publish_table(
         key + "-bands", price_bands(prices.tolist(), rule["means"]), "prices by class band"
     )
@@ -165,13 +169,15 @@ def score_flow(
     partitions: int = 2,
     claim_seconds: float = 90.0,
     wait: bool = True,
+    line: str | None = None,
 ) -> dict:
-    """Price every image of a drop exactly once with the champion (or a pinned model)."""
+    """Price every image of a drop exactly once with the champion of a model line (the
+    store's only line when not named) or a pinned model."""
     lake = Lake(open_store(load_settings(store=store).store))
     options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, precision=precision,
                            claim_seconds=claim_seconds, wait=wait)  # fmt: skip
     runner = scorers_on_pool(score_pool, partitions) if score_pool else scorers_as_tasks(scorers)
-    manifest = score_drop(lake, drop, model, options, run_scorers=runner)
+    manifest = score_drop(lake, drop, model, options, run_scorers=runner, line=line)
     if manifest["skipped"]:
         get_logger().info("drop %s was already priced by %s", drop, manifest["model_version"])
     else:
@@ -181,16 +187,24 @@ def score_flow(
 
 @flow(name="score-new-drops")
 def score_new_drops_flow(
-    store: str | None = None, shard_size: int = 1000, score_pool: str | None = None
+    store: str | None = None,
+    shard_size: int = 1000,
+    score_pool: str | None = None,
+    line: str | None = None,
 ) -> dict:
-    """Score every drop that has no complete manifest for the champion (or new files)."""
+    """Score every drop that has no complete manifest for the champion of a model line
+    (the store's only line when not named), or that has new files."""
     uri = load_settings(store=store).store
     lake = Lake(open_store(uri))
-    mv = resolve_model(lake, None)
+    mv = resolve_model(lake, None, line)
     drops = drops_needing_scores(lake, mv)
     get_logger().info("%d drops to score with %s: %s", len(drops), mv, ", ".join(drops) or "-")
     results = {
-        d: score_flow(drop=d, store=uri, shard_size=shard_size, score_pool=score_pool)
+        d: score_flow(drop=d, store=uri, shard_size=shard_size, score_pool=score_pool, model=mv)
         for d in drops
     }
-    return {"model_version": mv, "scored": {d: r["counts"] for d, r in results.items()}}
+    return {
+        "model_version": mv,
+        "line": line_of(lake.model(mv).lineage()["dataset_version"]),
+        "scored": {d: r["counts"] for d, r in results.items()},
+    }

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.images import to_pixels_batch
+from tasks.images import GRAY28, SIZE, prepare_batch
 from tasks.lake import Lake
 
 
 @dataclass
 class Split:
     ids: list[str]
-    images: np.ndarray  # uint8 (n, 28, 28)
+    images: np.ndarray  # uint8 (n, 28, 28) gray, or (n, s, s, 3) RGB
     labels: np.ndarray  # int64 class ids
     price: np.ndarray  # float64, price units
     y: np.ndarray  # float32, min-max scaled price
@@ -42,8 +42,11 @@ def load_data(
     labels_version: str,
     limits: dict[str, int | None],
     seed: int,
+    mode: str = GRAY28,
+    size: int = SIZE,
 ) -> Data:
-    """The splits named in ``limits`` (split -> row limit or None), seeded subsets."""
+    """The splits named in ``limits`` (split -> row limit or None), seeded subsets, each
+    image prepared as the model of this preprocessing ``mode`` and ``size`` takes it."""
     labels = lake.labels(dataset_version, labels_version)
     scaling = labels.scaling()
     prices = labels.prices()
@@ -60,7 +63,7 @@ def load_data(
             split,
             Split(
                 ids=ids,
-                images=to_pixels_batch(table["image"].to_pylist()),
+                images=prepare_batch(table["image"].to_pylist(), mode, size),
                 labels=table["label"].to_numpy().astype(np.int64),
                 price=price,
                 y=((price - scaling["min"]) / span).astype(np.float32),

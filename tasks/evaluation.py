@@ -6,9 +6,9 @@ import numpy as np
 from prefect import task
 
 from tasks.data import load_data
-from tasks.inference import load_stored_model, predict_prices
+from tasks.inference import load_stored_model, predict_prices, preprocess_of
 from tasks.labels import PriceRule
-from tasks.lake import Lake
+from tasks.lake import Lake, line_of
 from tasks.reports import (
     GARMENTS,
     artifact_key,
@@ -109,6 +109,74 @@ mean with sigma {sigma:g}.
 """
 
 
+def catalog_metrics(
+    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, train_mean: float,
+    train_prices: np.ndarray,
+) -> dict:  # fmt: skip
+    """A catalog's metrics: RMSE/MAE/MAPE, scaled MSE, the mean-train-price baseline, and
+    a table per category, or per decile of the train prices when there are none."""
+    err = pred - true
+    span = (scaling["max"] - scaling["min"]) or 1.0
+    names = scaling.get("categories") or []
+    if names:
+        groups = [(n, labels == i) for i, n in enumerate(names)]
+    else:
+        edges = np.quantile(train_prices, np.linspace(0, 1, 11))
+        which = np.clip(np.searchsorted(edges[1:-1], true, side="right"), 0, 9)
+        groups = [(f"decile {d + 1} ({edges[d]:.2f}..{edges[d + 1]:.2f})", which == d)
+                  for d in range(10)]  # fmt: skip
+    per_group = [
+        {"group": name, "count": int(m.sum()), "rmse": float(np.sqrt(np.mean(err[m] ** 2))),
+         "mean_pred": float(pred[m].mean()), "mean_true": float(true[m].mean())}
+        for name, m in groups if m.any()
+    ]  # fmt: skip
+    return {
+        "n": int(len(true)),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "mae": float(np.mean(np.abs(err))),
+        "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(true), 1e-9)) * 100),
+        "mse_scaled": float(np.mean((err / span) ** 2)),
+        "baseline_rmse": float(np.sqrt(np.mean((true - train_mean) ** 2))),
+        "baseline_price": float(train_mean),
+        "grouped_by": "category" if names else "price decile",
+        "per_group": per_group,
+    }
+
+
+def catalog_verdict(m: dict) -> str:
+    rmse, base = m["rmse"], m["baseline_rmse"]
+    if rmse >= base:
+        return (f"**Learned nothing useful yet**: RMSE {rmse:.2f} is no better than always "
+                f"predicting the mean train price ({base:.2f}).")  # fmt: skip
+    return (f"**Learned something**: RMSE {rmse:.2f}, {1 - rmse / base:.0%} better than always "
+            f"predicting the mean train price ({base:.2f}).")  # fmt: skip
+
+
+def catalog_report(mv: str, line: str, labels_version: str, m: dict, plots: dict) -> str:
+    rows = "\n".join(
+        f"| {r['group']} | {r['count']} | {r['rmse']:.2f} | {r['mean_pred']:.2f} | "
+        f"{r['mean_true']:.2f} |"
+        for r in m["per_group"]
+    )
+    return f"""# Evaluation of `{mv}` (catalog `{line}`)
+
+{catalog_verdict(m)}
+
+Labels `{labels_version}`, {m["n"]} test images.
+
+| | RMSE (price units) | MAE | MAPE | MSE on the scaled price |
+| --- | --- | --- | --- | --- |
+| **this model** | **{m["rmse"]:.2f}** | {m["mae"]:.2f} | {m["mape"]:.1f} % | {m["mse_scaled"]:.4f} |
+| always the mean train price ({m["baseline_price"]:.2f}) | {m["baseline_rmse"]:.2f} | | | |
+
+| {m["grouped_by"]} | test images | RMSE | mean predicted | mean true |
+| --- | --- | --- | --- | --- |
+{rows}
+
+{plots_markdown(plots)}
+"""
+
+
 def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
     """Score the test split and write metrics.json and plots (under models/<v>/ for the
     model's own labels, under models/<v>/eval/<labels>/ for other labels)."""
@@ -123,15 +191,22 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
         return existing | {"skipped": True}
     settings = TrainSettings(**config["settings"])
     data = load_data(lake, lineage["dataset_version"], evaluation.labels_version,
-                     {"test": settings.test_limit}, settings.seed)  # fmt: skip
+                     {"test": settings.test_limit}, settings.seed, *preprocess_of(config))  # fmt: skip
     test = data.test
     pred = predict_prices(load_stored_model(model), test.images)
-    rule = PriceRule(**{k: data.scaling["rule"][k] for k in ("means", "sigma")})
     prices = lake.labels(lineage["dataset_version"], evaluation.labels_version).prices()
-    train_mean = float(np.mean([p for p, s in zip(prices["price"].to_pylist(),
-                                                  prices["split"].to_pylist(), strict=True)
-                                if s == "train"]))  # fmt: skip
-    metrics = metrics_for(test.price, pred, test.labels, data.scaling, rule, train_mean)
+    train_prices = np.array([p for p, s in zip(prices["price"].to_pylist(),
+                                               prices["split"].to_pylist(), strict=True)
+                             if s == "train"])  # fmt: skip
+    train_mean = float(np.mean(train_prices))
+    line = line_of(lineage["dataset_version"])
+    catalog = data.scaling.get("kind") == "table"
+    if catalog:
+        metrics = catalog_metrics(test.price, pred, test.labels, data.scaling, train_mean,
+                                  train_prices)  # fmt: skip
+    else:
+        rule = PriceRule(**{k: data.scaling["rule"][k] for k in ("means", "sigma")})
+        metrics = metrics_for(test.price, pred, test.labels, data.scaling, rule, train_mean)
     metrics |= {"model_version": mv, "labels_version": evaluation.labels_version}
     plots = {
         "predicted vs true": (pred_vs_true_plot(test.price, pred), "pred_vs_true"),
@@ -141,6 +216,17 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
     evaluation.write_metrics(metrics)
     if evaluation.labels_version == lineage["labels_version"]:
         shown["training curves"] = (model.plot("loss"), model.plot_link("loss"))
+    if catalog:
+        publish_markdown(
+            artifact_key(f"{line}-eval-{mv}"),
+            catalog_report(mv, line, evaluation.labels_version, metrics, shown),
+            f"evaluation of {mv} ({line}): {catalog_verdict(metrics).split(':')[0].strip('*')}",
+        )
+        publish_table(artifact_key(f"{line}-eval-{mv}-groups"), rounded(metrics["per_group"]),
+                      f"errors per {metrics['grouped_by']}")  # fmt: skip
+        get_logger().info("%s (%s): RMSE %.2f (mean-price baseline %.2f) on %d images", mv,
+                          line, metrics["rmse"], metrics["baseline_rmse"], metrics["n"])  # fmt: skip
+        return metrics
     publish_markdown(
         artifact_key(f"eval-{mv}"),
         report_markdown(mv, evaluation.labels_version, metrics, shown, rule.sigma),

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tasks.images import GRAY28, model_input
 from tasks.lake import FeatureCache, feature_key
 from tasks.runtime import get_logger, progress
 
@@ -37,6 +38,7 @@ class FeatureSpec:
     subset: dict
     weights: str
     input_size: int
+    preprocess: str
     cut: int
     precision: str
     views: Views
@@ -44,12 +46,14 @@ class FeatureSpec:
     def key(self) -> str:
         spec = asdict(self)
         spec["views"] = {k: spec["views"][k] for k in ("n", "shift", "flip")}
+        if spec["preprocess"] == GRAY28:  # the demo's keys as they were before modes
+            del spec["preprocess"]
         return feature_key(spec)
 
 
 def shift_image_batch(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Integer pixel shifts with edge ('nearest') fill, per image."""
-    n, h, w = images.shape
+    n, h, w = images.shape[:3]
     rows = np.clip(np.arange(h)[None, :] - dy[:, None], 0, h - 1)
     cols = np.clip(np.arange(w)[None, :] - dx[:, None], 0, w - 1)
     return images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
@@ -62,7 +66,7 @@ def augment_view(images: np.ndarray, view: int, shift: float, flip: bool, seed: 
     if view == 1 and flip:
         return images[:, :, ::-1]
     rng = np.random.default_rng([seed, view])
-    n, h, w = images.shape
+    n, h, w = images.shape[:3]
     my, mx = round(shift * h), round(shift * w)
     out = shift_image_batch(
         images, rng.integers(-my, my + 1, size=n), rng.integers(-mx, mx + 1, size=n)
@@ -85,8 +89,8 @@ def _stacked(n: int, arrays) -> np.ndarray:
 
 
 def extract(frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Frozen-layer outputs for uint8 (n, 28, 28) images, as float16."""
-    out = frozen.predict(images[..., None], batch_size=batch_size, verbose=0)
+    """Frozen-layer outputs for prepared uint8 images, as float16."""
+    out = frozen.predict(model_input(images), batch_size=batch_size, verbose=0)
     return np.asarray(out, dtype=DTYPE)
 
 

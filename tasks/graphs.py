@@ -7,11 +7,18 @@ same layers by the same names:
 - ``top``: the rest of VGG16 plus the head Flatten, Dense(256), Dropout, Dense(1);
 - ``inference``: all of it plus a ``Rescaling`` from the scaled target to price
   units: 28x28 gray pixels in, prices out, built-in layers only.
+
+Catalog models (``preprocess="rgb"``) take uint8 RGB (input_size, input_size, 3);
+their ``preprocess`` swaps RGB to BGR with a fixed, non-trainable 1x1 permutation
+(a Dense layer) before the same mean subtraction: still built-in layers only, so
+``model.keras`` loads with ``safe_mode=True``.
 """
 
 from __future__ import annotations
 
-from tasks.images import SIZE
+import numpy as np
+
+from tasks.images import GRAY28, pixel_shape
 from tasks.kernels import as_patch_conv
 from tasks.runtime import keras_precision, seeded
 from tasks.train_settings import TrainSettings
@@ -20,10 +27,33 @@ from tasks.weights import build_vgg
 VGG_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input, "caffe"
 
 
-def preprocess_layers(x, size: int):
-    """gray uint8 28x28 -> VGG16 input, in float32 whatever the global policy."""
+RGB_TO_BGR = np.eye(3, dtype="float32")[::-1].copy()  # x @ P reverses the channels
+
+
+def input_shape(settings: TrainSettings) -> tuple[int, ...]:
+    """What the model takes: (28, 28, 1) gray, or (input_size, input_size, 3) RGB."""
+    shape = pixel_shape(settings.preprocess, settings.input_size)
+    return shape + (1,) if len(shape) == 2 else shape
+
+
+def preprocess_layers(x, size: int, mode: str = GRAY28):
+    """gray uint8 28x28 (or RGB uint8 size x size) -> VGG16 input, in float32 whatever
+    the global policy."""
     import keras
 
+    if mode != GRAY28:
+        to_bgr = keras.layers.Dense(
+            3,
+            use_bias=False,
+            kernel_initializer=keras.initializers.Constant(RGB_TO_BGR),
+            trainable=False,
+            name="rgb_to_bgr",
+            dtype="float32",
+        )
+        return keras.layers.Normalization(
+            mean=list(VGG_MEAN_BGR), variance=[1.0, 1.0, 1.0], name="vgg_preprocess",
+            dtype="float32",
+        )(to_bgr(x))  # fmt: skip
     x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize", dtype="float32")(
         x
     )
@@ -49,8 +79,8 @@ def build_graphs(settings: TrainSettings, vgg=None):
 
     vgg = vgg if vgg is not None else build_vgg(settings)
     cut = max(settings.frozen_layers(), 1)  # layer 0 is the input: no weights
-    pixels = keras.Input((SIZE, SIZE, 1), name="pixels")
-    x = preprocess_layers(pixels, settings.input_size)
+    pixels = keras.Input(input_shape(settings), name="pixels")
+    x = preprocess_layers(pixels, settings.input_size, settings.preprocess)
     for layer in vgg.layers[1:cut]:
         layer.trainable = False
         x = layer(x)
@@ -95,8 +125,8 @@ def build_inference(settings: TrainSettings, scaling: dict, precision: str = "fl
         vgg = keras.applications.VGG16(
             include_top=False, weights=None, input_shape=(settings.input_size,) * 2 + (3,)
         )
-        pixels = keras.Input((SIZE, SIZE, 1), name="pixels")
-        x = preprocess_layers(pixels, settings.input_size)
+        pixels = keras.Input(input_shape(settings), name="pixels")
+        x = preprocess_layers(pixels, settings.input_size, settings.preprocess)
         for layer in vgg.layers[1:]:
             x = layer(x)
         x = head_layers(x, settings)

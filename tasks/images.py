@@ -12,6 +12,13 @@ Any other image is brought to look like that:
 
 A 28x28 gray image on a dark border, such as the dataset's own PNGs, passes
 through unchanged.
+
+Catalog models keep colour (mode ``rgb``): the same decoding rules (formats, EXIF,
+pixel limit, transparency onto black), then RGB, padded to a square with the
+border's median colour and resized to the model's ``input_size``.
+
+``prepare(data, mode, size)`` is the one function training, evaluation and scoring
+call; the mode and size come from the model's config (``preprocess``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SIZE = 28
+GRAY28 = "gray28"  # the demo: 28x28 gray, light garment on dark
+RGB = "rgb"  # catalogs: colour, square, input_size x input_size
+MODES = (GRAY28, RGB)
+MAX_SIDE = 256  # catalog datasets store images with their longest side at most this
 FORMATS = {"PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP"}
 DEFAULT_MAX_PIXELS = 40_000_000  # refuse larger images instead of running out of memory
 
@@ -66,8 +77,9 @@ def fit_square(gray: np.ndarray) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Image bytes -> uint8 (28, 28); raises ImageRejected with the reason."""
+def _decoded(data: bytes, max_pixels: int, convert) -> np.ndarray:
+    """Open image bytes by the scoring rules and hand the first frame, EXIF-oriented,
+    to ``convert``; raises ImageRejected with the reason."""
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     try:
@@ -95,13 +107,99 @@ def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             im.seek(0)  # first frame / page
             im.load()
             im = ImageOps.exif_transpose(im) or im
-            return fit_square(_to_gray(im))
+            return convert(im)
     except Exception as err:  # any plugin error (OSError, SyntaxError, MemoryError, ...)
         raise ImageRejected(
             f"truncated or corrupt {im.format}: {type(err).__name__}: {err}"
         ) from None
 
 
+def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 (28, 28); raises ImageRejected with the reason."""
+    return _decoded(data, max_pixels, lambda im: fit_square(_to_gray(im)))
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 RGB (h, w, 3), transparency composited onto black."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        gray = _to_gray(im)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def to_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = MAX_SIDE):
+    """Image bytes -> uint8 RGB (h, w, 3), the longest side at most ``max_side`` (aspect
+    kept): how a catalog dataset stores its images. Raises ImageRejected."""
+
+    def convert(im: Image.Image) -> np.ndarray:
+        rgb = _to_rgb(im)
+        h, w = rgb.shape[:2]
+        if max(h, w) <= max_side:
+            return rgb
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+    return _decoded(data, max_pixels, convert)
+
+
+def fit_square_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Padded to a square with the border's median colour, resized to size x size."""
+    h, w = rgb.shape[:2]
+    if (h, w) != (size, size):
+        border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+        side = max(h, w)
+        square = np.empty((side, side, 3), dtype=np.uint8)
+        square[:] = np.median(border, axis=0).astype(np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top : top + h, left : left + w] = rgb
+        if side != size:
+            square = np.asarray(
+                Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS)
+            )
+        rgb = square
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def prepare(
+    data: bytes, mode: str = GRAY28, size: int = SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Image bytes -> what the model takes: gray28 (28, 28), or rgb (size, size, 3).
+    The one preprocessing of training, evaluation and scoring; raises ImageRejected."""
+    if mode == GRAY28:
+        return to_pixels(data, max_pixels)
+    if mode == RGB:
+        return _decoded(data, max_pixels, lambda im: fit_square_rgb(_to_rgb(im), size))
+    raise ValueError(f"unknown preprocessing mode {mode!r} (known: {', '.join(MODES)})")
+
+
+def pixel_shape(mode: str, size: int) -> tuple[int, ...]:
+    """The shape of one prepared image."""
+    return (SIZE, SIZE) if mode == GRAY28 else (size, size, 3)
+
+
+def model_input(images: np.ndarray) -> np.ndarray:
+    """Prepared images as the model's input: gray gets its channel axis."""
+    return images[..., None] if images.ndim == 3 else images
+
+
+def encode_png_rgb(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
 def to_pixels_batch(blobs: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Many images that must all decode (the dataset's own shards)."""
     return np.stack([to_pixels(b, max_pixels) for b in blobs])
+
+
+def prepare_batch(blobs: list[bytes], mode: str = GRAY28, size: int = SIZE) -> np.ndarray:
+    """Many images that must all decode, prepared for a model of this mode and size."""
+    return np.stack([prepare(b, mode, size) for b in blobs])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.graphs import build_inference
+from tasks.images import GRAY28, SIZE, model_input
 from tasks.lake import Model, digest
 from tasks.runtime import keras_precision
 from tasks.settings import load_settings
@@ -130,8 +131,9 @@ def get_model(model: Model, precision: str = "auto") -> tuple:
 
 
 def predict_prices(model, pixels: np.ndarray, batch_size: int = 256, lock=None) -> np.ndarray:
-    """Prices for uint8 (n, 28, 28) gray images. Padded to whole batches: one traced
-    shape, no retracing for every ragged end. One predict at a time per model."""
+    """Prices for prepared uint8 images: gray (n, 28, 28) or RGB (n, s, s, 3). Padded to
+    whole batches: one traced shape, no retracing for every ragged end. One predict at a
+    time per model."""
     n = len(pixels)
     if n == 0:
         return np.zeros(0)
@@ -140,8 +142,14 @@ def predict_prices(model, pixels: np.ndarray, batch_size: int = 256, lock=None) 
     )
     padded[:n] = pixels
     with lock or threading.Lock():
-        out = model.predict(padded[..., None], batch_size=batch_size, verbose=0)
+        out = model.predict(model_input(padded), batch_size=batch_size, verbose=0)
     return np.asarray(out, dtype=np.float64).reshape(-1)[:n]
+
+
+def preprocess_of(config: dict) -> tuple[str, int]:
+    """(mode, size) a stored model was trained with; models from before modes: gray28."""
+    p = config.get("preprocess") or {"mode": GRAY28, "size": SIZE}
+    return p["mode"], int(p["size"])
 
 
 def load_stored_model(model: Model):

@@ -7,12 +7,15 @@ strings. Compare Kedro's data catalog and Dagster's IO managers.
 
 ```
 datasets/fashion-mnist/<dataset>/{manifest.json, train/part-*.parquet, test/part-*.parquet}
+datasets/catalog/<name>/<dataset>/{train/part-*.parquet, test/part-*.parquet, rejected.parquet,
+                                   skipped_rows.parquet, manifest.json}
 labels/<dataset>/<labels>/{prices.parquet, scaling.json}
 features/<key>/{train-view-N.npy, test.npy, manifest.json}
 checkpoints/<model>/{state.json, epoch-N.npz}
 models/<model>/{model.keras, config.json, history.json, summary.txt, plots/, lineage.json}
 models/<model>/[eval/<labels>/]{metrics.json, plots/}
-registry/champion.json, registry/decisions/<time>-<model>.json
+registry/champion.json, registry/decisions/<time>-<model>.json          (the demo line)
+registry/lines/<name>/{champion.json, decisions/<time>-<model>.json}  (a catalog's line)
 drops/<drop>/...
 scores/<drop>/<model>/{_plans/, _claims/, _shards/, _rejected/, part-*.parquet,
                        superseded.parquet, rejected.parquet, plots/, _manifest.json}
@@ -48,6 +51,9 @@ import pyarrow.parquet as pq
 from tasks.storage import ObjectInfo, ObjectNotFound, Store
 
 DATASET_FORMAT = "vggprice-fashion-mnist-v1"  # bump when ingest writes other bytes
+CATALOG_FORMAT = "vggprice-catalog-v1"  # bump when catalog ingest writes other bytes
+DEMO_LINE = "demo"  # the Fashion-MNIST model line: registry/ as before lines existed
+LINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
 LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
 
 # The modules whose code decides what a cache or model holds (see code_fingerprint).
@@ -110,6 +116,35 @@ def dataset_version(file_digests: dict[str, str]) -> str:
     for name in sorted(file_digests):
         h.update(f"{name}:{file_digests[name]}\n".encode())
     return "fm-" + h.hexdigest()[:16]
+
+
+def check_line_name(name: str) -> str:
+    """A catalog (and its model line) name: lowercase letters, digits and '_', at most
+    40, not the demo's."""
+    if not LINE_NAME.match(name) or name == DEMO_LINE:
+        raise ValueError(
+            f"invalid catalog name {name!r}: use 1-40 lowercase letters, digits and '_' "
+            f"(not {DEMO_LINE!r})"
+        )
+    return name
+
+
+def catalog_version(name: str, listing: dict[str, str], prices_sha256: str, spec: dict) -> str:
+    """Derived from the images' listing (key -> ETag or SHA-256), the prices file's
+    SHA-256, how they are split and stored, and the format: same inputs, same version.
+    The name is part of it, so the version alone finds its place in the lake."""
+    h = hashlib.sha256(f"{CATALOG_FORMAT}\n{json.dumps(spec, sort_keys=True)}\n".encode())
+    h.update(f"prices:{prices_sha256}\n".encode())
+    for key in sorted(listing):
+        h.update(f"{key}:{listing[key]}\n".encode())
+    return f"cat-{check_line_name(name)}-{h.hexdigest()[:16]}"
+
+
+def line_of(dataset_version: str) -> str:
+    """The model line a dataset's models belong to: the demo, or the catalog's name."""
+    if dataset_version.startswith("cat-"):
+        return dataset_version[len("cat-") : -17]
+    return DEMO_LINE
 
 
 def labels_version(dataset: str, rule: dict, seed: int) -> str:
@@ -246,6 +281,28 @@ class Dataset(Entry):
 
     def shard_uris(self, split: str) -> list[str]:
         return [self.uri(_shard_name(self, s)) for s in self.manifest()["splits"][split]["shards"]]
+
+
+@dataclass(frozen=True)
+class CatalogDataset(Dataset):
+    """A catalog's images (normalised RGB PNGs) in train/test shards, the files that
+    could not be decoded (``rejected.parquet``) and the prices rows skipped with
+    ``--skip-bad-rows`` (``skipped_rows.parquet``); manifest.json last."""
+
+    REJECTED = "rejected.parquet"
+    SKIPPED = "skipped_rows.parquet"
+
+    def write_rejected(self, table: pa.Table) -> None:
+        self.put_bytes(self.REJECTED, parquet_bytes(table))
+
+    def rejected(self) -> pa.Table:
+        return read_parquet(self.get_bytes(self.REJECTED))
+
+    def write_skipped(self, table: pa.Table) -> None:
+        self.put_bytes(self.SKIPPED, parquet_bytes(table))
+
+    def skipped(self) -> pa.Table:
+        return read_parquet(self.get_bytes(self.SKIPPED))
 
 
 def _shard_name(dataset: Dataset, row: dict) -> str:
@@ -514,6 +571,10 @@ class ScoreRun(Entry):
     def part_names(self) -> list[str]:
         return self.names("part-")
 
+    @staticmethod
+    def part_name(shard: str) -> str:
+        return f"part-{shard}.parquet"
+
     def write_shard(self, shard: str, prices: pa.Table, rejected: pa.Table, facts: dict) -> None:
         self.put_bytes(f"_rejected/part-{shard}.parquet", parquet_bytes(rejected))
         self.put_json(f"_shards/{shard}.json", facts)
@@ -573,14 +634,23 @@ class Lake:
     store: Store
 
     DATASETS = "datasets/fashion-mnist/"
+    CATALOGS = "datasets/catalog/"
     DROPS = "drops/"
+    LINES = "registry/lines/"
 
     @property
     def uri(self) -> str:
         return self.store.uri
 
     def dataset(self, version: str) -> Dataset:
+        """A Fashion-MNIST dataset version, or a catalog's (``cat-<name>-<hash>``)."""
+        if version.startswith("cat-"):
+            return self.catalog(version)
         return Dataset(self.store, f"{self.DATASETS}{version}/", version)
+
+    def catalog(self, version: str) -> CatalogDataset:
+        name = line_of(version)
+        return CatalogDataset(self.store, f"{self.CATALOGS}{name}/{version}/", version)
 
     def labels(self, dataset: str, version: str) -> Labels:
         return Labels(self.store, f"labels/{dataset}/{version}/", dataset, version)
@@ -591,8 +661,17 @@ class Lake:
     def model(self, version: str) -> Model:
         return Model(self.store, f"models/{version}/", version)
 
-    def registry(self) -> Registry:
-        return Registry(self.store, "registry/")
+    def registry(self, line: str = DEMO_LINE) -> Registry:
+        """A model line's champion and decisions: the demo's under registry/, a
+        catalog's under registry/lines/<name>/."""
+        if line == DEMO_LINE:
+            return Registry(self.store, "registry/")
+        return Registry(self.store, f"{self.LINES}{check_line_name(line)}/")
+
+    def lines(self) -> list[str]:
+        """The model lines that have a champion, the demo first."""
+        named = [n for n in self._children(self.LINES) if self.registry(n).champion()]
+        return ([DEMO_LINE] if self.registry().champion() else []) + named
 
     def score_run(self, drop_id: str, model_version: str) -> ScoreRun:
         return ScoreRun(self.store, f"scores/{drop_id}/{model_version}/", drop_id, model_version)
@@ -606,7 +685,13 @@ class Lake:
         return sorted(names - {""})  # a bare folder marker names nothing
 
     def dataset_versions(self) -> list[str]:
-        return [v for v in self._children(self.DATASETS) if self.dataset(v).complete]
+        demo = [v for v in self._children(self.DATASETS) if self.dataset(v).complete]
+        return demo + self.catalog_versions()
+
+    def catalog_versions(self, name: str | None = None) -> list[str]:
+        names = [name] if name else self._children(self.CATALOGS)
+        found = [v for n in names for v in self._children(f"{self.CATALOGS}{n}/")]
+        return [v for v in found if self.catalog(v).complete]
 
     def labels_versions(self, dataset: str) -> list[str]:
         return self._children(f"labels/{dataset}/")

@@ -8,16 +8,16 @@ import uuid
 from prefect import task
 
 from tasks.evaluation import evaluate, read_metrics
-from tasks.lake import Lake
-from tasks.reports import emit, publish_markdown
+from tasks.lake import DEMO_LINE, Lake, line_of
+from tasks.reports import artifact_key, emit, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
 
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
 RECENT = 32  # promotion ids the pointer remembers, newest first
 
 
-def read_champion(lake: Lake) -> dict | None:
-    return lake.registry().champion()
+def read_champion(lake: Lake, line: str = DEMO_LINE) -> dict | None:
+    return lake.registry(line).champion()
 
 
 def decide(challenger_rmse: float, champion_rmse: float | None, margin: float) -> tuple[bool, str]:
@@ -58,7 +58,8 @@ def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = 
     lineage = lake.model(model_version).lineage()
     labels_version = lineage["labels_version"]
     challenger = _metrics_on(lake, model_version, labels_version)
-    registry = lake.registry()
+    line = line_of(lineage["dataset_version"])  # each model line has its own champion
+    registry = lake.registry(line)
     promotion_id = uuid.uuid4().hex
     for _ in range(MAX_RACES):
         champion, token = registry.champion_versioned()
@@ -80,6 +81,7 @@ def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = 
             break
         pointer = {
             "model_version": model_version,
+            "line": line,
             "dataset_version": lineage["dataset_version"],
             "labels_version": labels_version,
             "metrics": _summary(challenger),
@@ -112,6 +114,7 @@ def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = 
             else None
         ),
         "labels_version": labels_version,
+        "line": line,
         "margin": margin,
         "forced": force,
         "promoted": promoted,
@@ -123,7 +126,8 @@ def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = 
     get_logger().info(
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
-    publish_markdown("champion", decision_markdown(decision), "champion/challenger decision")
+    key = "champion" if line == DEMO_LINE else artifact_key(f"{line}-champion")
+    publish_markdown(key, decision_markdown(decision), f"champion/challenger decision ({line})")
     if not promoted and not same:
         emit("vggprice.challenger.rejected", f"vggprice.model.{model_version}", decision)
     return decision

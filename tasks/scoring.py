@@ -45,8 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, to_pixels
-from tasks.inference import get_model, predict_prices
+from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, pixel_shape, prepare
+from tasks.inference import get_model, predict_prices, preprocess_of
 from tasks.lake import DropSource, Lake, NotInLake, ScoreRun
 from tasks.runtime import get_logger, progress
 from tasks.settings import load_settings
@@ -249,8 +249,10 @@ class Heartbeat:
 # --- one shard -------------------------------------------------------------------------
 
 
-def decode_object(key: str, body: bytes, max_pixels: int):
-    """Yield (row key, pixels or None, reason) for one drop object."""
+def decode_object(key: str, body: bytes, max_pixels: int, decode: Callable | None = None):
+    """Yield (row key, pixels or None, reason) for one drop object; ``decode(bytes,
+    max_pixels)`` prepares one image (default: the demo's gray 28x28)."""
+    decode = decode or (lambda data, limit: prepare(data, max_pixels=limit))
     if key.lower().endswith(".parquet"):
         try:
             table = pq.read_table(io.BytesIO(body), columns=["image_id", "image"])
@@ -262,14 +264,14 @@ def decode_object(key: str, body: bytes, max_pixels: int):
         ):
             row = f"{key}#{image_id}"
             try:
-                yield row, to_pixels(image or b"", max_pixels), None
+                yield row, decode(image or b"", max_pixels), None
             except ImageRejected as err:
                 yield row, None, str(err)
             except Exception as err:
                 yield row, None, f"undecodable: {type(err).__name__}: {err}"
         return
     try:
-        yield key, to_pixels(body, max_pixels), None
+        yield key, decode(body, max_pixels), None
     except ImageRejected as err:
         yield key, None, str(err)
     except Exception as err:  # whatever a decoder raises, one bad file is one row
@@ -301,19 +303,24 @@ def score_shard(
     t0 = time.time()
     mv = run.model_version
     model, config, lock = get_model(Lake(run.store).model(mv), options.precision)
+    mode, size = preprocess_of(config)  # exactly the preprocessing the model trained with
+
+    def decode(data: bytes, limit: int) -> np.ndarray:
+        return prepare(data, mode, size, limit)
+
     rows, pixels, rejected = [], [], []
     for key, _etag in entries:
         body, why = read_object(source, key)
         if body is None:
             rejected.append(((key, key), why))
             continue
-        for row, px, reason in decode_object(key, body, options.max_pixels):
+        for row, px, reason in decode_object(key, body, options.max_pixels, decode):
             if px is None:
                 rejected.append(((row, key), reason))
             else:
                 rows.append((row, key))
                 pixels.append(px)
-    images = np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.uint8)
+    images = np.stack(pixels) if pixels else np.zeros((0, *pixel_shape(mode, size)), np.uint8)
     prices = predict_prices(model, images, options.batch_size, lock)
     now = datetime.now(UTC)
     stats = config.get("train_stats", {})
@@ -451,7 +458,7 @@ def finish(
 def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> dict:  # noqa: PLR0913
     """The manifest's body: counts, reasons, price quantiles, drift, who scored what."""
     facts = run.shard_facts()
-    priced = run.read_tables([f"part-{s}.parquet" for s in done], ["price"])
+    priced = run.read_tables([run.part_name(s) for s in done], ["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
     stats = Lake(run.store).model(run.model_version).config().get("train_stats", {})
     n = len(prices)
@@ -488,7 +495,7 @@ def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> 
         "drift": drift,
         "listing": [[o.key, o.size, o.etag] for o in listing],
         "last_plan": max(plans),
-        "parts": [f"part-{s}.parquet" for s in done],
+        "parts": [run.part_name(s) for s in done],
         "scorers": scorers,
         "scorer_counts": dict(Counter(scorers.values())),
     }
@@ -497,14 +504,32 @@ def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> 
 # --- one whole run: the only scoring runner (CLI, flows, tests, benchmarks) -------------
 
 
-def resolve_model(lake: Lake, model_version: str | None) -> str:
+class LineError(ValueError):
+    """Which model line to score with is unknown or ambiguous (the message lists them)."""
+
+
+def resolve_line(lake: Lake, line: str | None) -> str:
+    """The line named, or the store's only line; LineError when several need a choice."""
+    lines = lake.lines()
+    if line:
+        if line not in lines:
+            raise LineError(f"no model line {line!r} with a champion in {lake.uri} "
+                            f"(lines: {', '.join(lines) or 'none'})")  # fmt: skip
+        return line
+    if len(lines) > 1:
+        raise LineError(f"{lake.uri} holds several model lines ({', '.join(lines)}): "
+                        "pass --line NAME")  # fmt: skip
+    if not lines:
+        raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
+    return lines[0]
+
+
+def resolve_model(lake: Lake, model_version: str | None, line: str | None = None) -> str:
+    """A pinned model version, or the champion of the line (see resolve_line)."""
     if model_version:
         lake.model(model_version).lineage()  # complete, or NotInLake listing the known
         return model_version
-    champion = lake.registry().champion()
-    if champion is None:
-        raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
-    return champion["model_version"]
+    return lake.registry(resolve_line(lake, line)).champion()["model_version"]
 
 
 @dataclass
@@ -536,12 +561,13 @@ def score_drop(
     model_version: str | None = None,
     options: ScoreOptions | None = None,
     run_scorers: ScorerRunner = run_scorers_in_threads,
+    line: str | None = None,
 ) -> dict:
     """Price every image of a drop exactly once, joining any scorers already at it;
     returns the manifest (``skipped``: it was finished before this run)."""
     options = options or ScoreOptions()
     log = get_logger()
-    mv = resolve_model(lake, model_version)
+    mv = resolve_model(lake, model_version, line)
     source = locate_drop(lake, drop)
     listing, skipped = list_drop(lake, source)
     run = lake.score_run(source.drop_id, mv)

@@ -20,12 +20,18 @@ QUICK = {
     "train_limit": 6000,
     "test_limit": 1000,
 }
+CATALOG_INPUT_SIZE = 96  # catalogs' default input side (the demo keeps 48)
 
 
 class TrainSettings(BaseModel):
     """Every training setting; the defaults are the reference recipe."""
 
     input_size: int = Field(48, ge=32, description="VGG16 input side (>= 32)")
+    preprocess: Literal["gray28", "rgb"] = Field(
+        "gray28",
+        description="gray28: the demo's 28x28 gray images, resized in the model; rgb: colour "
+        "images fit into an input_size square (catalogs)",
+    )
     weights: str = Field(
         "imagenet", description="imagenet, none, or a path / s3:// URI of a .h5 weights file"
     )

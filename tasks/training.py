@@ -18,7 +18,8 @@ from tasks import __version__
 from tasks.checkpoints import CheckpointWriter, restore_checkpoint
 from tasks.data import Data, load_data, train_stats
 from tasks.features import FeatureSpec, Views, load_or_extract
-from tasks.graphs import augmentation_layers, build_graphs
+from tasks.graphs import augmentation_layers, build_graphs, input_shape
+from tasks.images import model_input
 from tasks.inference import export_model, hardware, resolve_precision
 from tasks.kernels import fused_rmsprop
 from tasks.lake import MODEL_CODE, Lake, Model, code_fingerprint, model_version
@@ -192,7 +193,7 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
 
     frozen, top = build_graphs(settings, build_vgg(settings))
     if not settings.uses_cache():
-        pixels = keras.Input(data.train.images.shape[1:] + (1,), name="pixels")
+        pixels = keras.Input(input_shape(settings), name="pixels")
         x = pixels
         if settings.augment != "none":
             for layer in augmentation_layers(settings):
@@ -200,8 +201,8 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
         if frozen is not None:
             x = frozen(x)
         model = keras.Model(pixels, top(x), name="train")
-        fit = Fit(model, frozen, top, data.train.images[..., None], data.train.y,
-                  data.test.images[..., None], data.test.y, False, None)  # fmt: skip
+        fit = Fit(model, frozen, top, model_input(data.train.images), data.train.y,
+                  model_input(data.test.images), data.test.y, False, None)  # fmt: skip
         return fit
     views = Views(settings.cached_views(), settings.shift, settings.flip, settings.seed)
     spec = FeatureSpec(
@@ -209,6 +210,7 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
         subset={"train": settings.train_limit, "test": settings.test_limit, "seed": settings.seed},
         weights=weights_identity(settings),
         input_size=settings.input_size,
+        preprocess=settings.preprocess,
         cut=settings.frozen_layers(),
         precision=precision,
         views=views,
@@ -244,7 +246,8 @@ def train(
     started = time.time()
     precision = resolve_precision(settings.precision)
     limits = {"train": settings.train_limit, "test": settings.test_limit}
-    data = load_data(lake, dataset_version, labels_version, limits, settings.seed)
+    data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
+                     settings.preprocess, settings.input_size)  # fmt: skip
     with keras_precision(precision), seeded(settings.seed):
         fit = prepare_fit(lake, data, settings, precision)
         compile_top(fit.model, settings)
@@ -298,7 +301,8 @@ def write_model(
             "model_version": model.version,
             "settings": settings.model_dump(),
             "scaling": {k: data.scaling[k] for k in ("min", "max", "fit_on")},
-            "input": {"shape": [28, 28, 1], "dtype": "uint8", "meaning": "gray pixels 0..255"},
+            "input": input_description(settings),
+            "preprocess": {"mode": settings.preprocess, "size": settings.input_size},
             "output": "price",
             "train_stats": train_stats(data.train.images, data.train.price),
         },
@@ -322,6 +326,12 @@ def write_model(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     )
+
+
+def input_description(settings: TrainSettings) -> dict:
+    """What model.keras takes, as config.json says it."""
+    meaning = "gray pixels 0..255" if settings.preprocess == "gray28" else "RGB pixels 0..255"
+    return {"shape": list(input_shape(settings)), "dtype": "uint8", "meaning": meaning}
 
 
 @task(name="train-model", **TASK_RETRIES)

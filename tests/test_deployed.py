@@ -138,6 +138,38 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             assert workers_seen == {"gpu-a", "gpu-b"}, manifest["scorer_counts"]
             priced = open_store(s3_uri).keys(f"scores/big/{mv}/part-")
             assert len(priced) == 30
+
+            # A catalog line retrained on the pools beside the demo: its own champion.
+            from tests.test_catalog import make_catalog
+
+            photos, text = make_catalog(tmp_path / "photos")
+            (tmp_path / "prices.csv").write_text(text)
+            catalog = run_deployment(
+                "catalog/retrain-catalog",
+                parameters={"store": s3_uri, "source": str(photos), "name": "shoes",
+                            "prices": str(tmp_path / "prices.csv"), "skip_bad_rows": True,
+                            "settings": TINY | {"preprocess": "rgb"}},
+                timeout=600,
+                poll_interval=2,
+            )  # fmt: skip
+            assert catalog.state.is_completed(), (catalog.state, _logs(tmp_path))
+            shoes = store.get_json("registry/lines/shoes/champion.json")["model_version"]
+            assert store.get_json("registry/champion.json")["model_version"] == mv
+            with get_client(sync_client=True) as client:
+                trains = client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])))  # fmt: skip
+            (catalog_train,) = [r for r in trains
+                                if r.parameters["dataset_version"].startswith("cat-shoes-")]  # fmt: skip
+            assert catalog_train.work_pool_name == "gpu" and catalog_train.state.is_completed()
+            scan = run_deployment(
+                "score-new-drops/score-new-drops",
+                parameters={"store": s3_uri, "line": "shoes"},
+                timeout=600,
+                poll_interval=2,
+            )
+            assert scan.state.is_completed(), (scan.state, _logs(tmp_path))
+            manifest = store.get_json(f"scores/drop-a/{shoes}/_manifest.json")
+            assert manifest["counts"] == {"listed": 3, "priced": 3, "rejected": 0}
         finally:
             for proc in workers:
                 stop_process(proc)

@@ -248,21 +248,18 @@ def test_stored_model_is_the_trained_model(local_versions):
     assert keras.mixed_precision.global_policy().name == "float32", "policy restored"
 
 
-def test_same_inputs_same_model(tiny_lake, tmp_path):
+def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
     """One model version, one model: the same inputs and settings train the same
-    weights on this machine (seeded, with a seeded batch order), here in another
-    process's store than the session's model."""
-    from tests.conftest import TINY as SESSION_TINY
-
-    source, dv, lv, mv = tiny_lake
-    other = Lake(open_store(str(tmp_path / "other")))
-    for info in source.store.list():
-        if info.key.startswith(("datasets/", "labels/")):
-            other.store.put_bytes(info.key, source.store.get_bytes(info.key))
-    again = train(other, dv, lv, TrainSettings(**SESSION_TINY))
-    assert again["model_version"] == mv and again["skipped"] is False
-    assert source.model(mv).history()["loss"] == other.model(mv).history()["loss"]
-    wa, wb = (load_stored_model(x.model(mv)).get_weights() for x in (source, other))
+    weights on this machine (seeded, with a seeded batch order)."""
+    lake, dv, lv = local_versions
+    other, dv2, lv2 = make_versions(str(tmp_path / "other"), idx_source)
+    assert (dv2, lv2) == (dv, lv)
+    settings = TrainSettings(**TINY | {"epochs": 2})
+    a, b = train(lake, dv, lv, settings), train(other, dv, lv, settings)
+    assert a["model_version"] == b["model_version"]
+    mv = a["model_version"]
+    assert lake.model(mv).history()["loss"] == other.model(mv).history()["loss"]
+    wa, wb = (load_stored_model(x.model(mv)).get_weights() for x in (lake, other))
     assert all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
 
 

@@ -1,0 +1,57 @@
+"""The catalog pipeline: your images and prices -> ingest -> train -> evaluate -> promote,
+in the catalog's own model line (its champion and decisions apart from the demo's)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.evaluate import evaluate_flow, promote_flow
+from flows.pipeline import train_on_pool
+from flows.train import train_flow
+from tasks.catalog import ingest_catalog_task
+from tasks.runtime import get_logger
+from tasks.settings import load_settings
+from tasks.train_settings import CATALOG_INPUT_SIZE, TrainSettings
+
+
+def catalog_settings(**fields: object) -> TrainSettings:
+    """A catalog's training settings: RGB at CATALOG_INPUT_SIZE unless told otherwise."""
+    return TrainSettings(**({"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE} | fields))
+
+
+@flow(name="catalog")
+def catalog_flow(
+    source: str,
+    prices: str,
+    name: str,
+    store: str | None = None,
+    settings: TrainSettings | None = None,
+    margin: float = 0.01,
+    skip_bad_rows: bool = False,
+    train_pool: str | None = None,
+) -> dict:
+    """Ingest a catalog (images + prices table), train its model, evaluate and promote it
+    in the line ``name``; each stage skips when its inputs are unchanged."""
+    store = load_settings(store=store).store
+    settings = settings or catalog_settings()
+    ingested = ingest_catalog_task(store, source, prices, name, skip_bad_rows)
+    dv, lv = ingested["dataset_version"], ingested["labels_version"]
+    if train_pool:
+        trained = train_on_pool(train_pool, dv, lv, store, settings)
+    else:
+        trained = train_flow(dataset_version=dv, labels_version=lv, store=store, settings=settings)
+    evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
+    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
+    stages = (("ingest", ingested), ("train", trained), ("evaluate", evaluated))
+    skipped = [n for n, result in stages if result.get("skipped")]
+    if skipped:
+        get_logger().info("skipped (inputs unchanged): %s", ", ".join(skipped))
+    counts = ingested["manifest"]["counts"]
+    return {
+        "line": name,
+        "ingest": {"dataset_version": dv, "labels_version": lv, "counts": counts},
+        "train": trained,
+        "evaluate": evaluated,
+        "promote": {k: decision[k] for k in ("promoted", "reason")},
+        "skipped": skipped,
+    }
