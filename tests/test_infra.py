@@ -25,17 +25,10 @@ import yaml
 from tasks.pools import POOLS, REPO, apply_pools, deploy_all
 
 INFRA = REPO / "infra"
-DEPLOYMENTS = {"retrain-nightly", "train", "score-drop", "score-partition-cpu",
-               "score-partition-gpu", "score-new-drops"}  # fmt: skip
-GPU_ROLE = {"train", "score-partition-gpu"}
-PARTITION = {"store": "s3://vggprice-bucket/lake", "drop_id": "d", "mv": "m-1", "source": [],
-             "options": {}}  # fmt: skip
-PARAMETERS = {  # what each deployment's runs need (schedules and parents pass them)
-    "train": {"dataset_version": "fm-1", "labels_version": "px-1"},
-    "score-drop": {"drop": "d"},
-    "score-partition-cpu": PARTITION,
-    "score-partition-gpu": PARTITION,
-}
+# prefect.yaml's deployments, and those on the gpu-role pool (the rest are cpu-role).
+_SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+DEPLOYMENTS = {d["name"] for d in _SPEC}
+GPU_ROLE = {d["name"] for d in _SPEC if d["work_pool"]["name"] == "{{ $VGGPRICE_GPU_POOL }}"}
 K8S_IMAGE = "registry.example.com/vggprice-worker:gpu-0123abc"
 ECS_IMAGE = "111122223333.dkr.ecr.us-east-1.amazonaws.com/vggprice-worker:gpu-0123abc"
 # The worker's own environment: what docker and ECS runs get from it.
@@ -96,6 +89,13 @@ def server(tmp_path_factory):
         with temporary_settings({PREFECT_API_URL: url}):
             assert apply_pools() == dict.fromkeys(POOLS, "created")
             yield url
+            # The workers' log and event senders finish here, not against a stopped server
+            # later on (their retries would run in other tests' time).
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()
     finally:
         stop_process(proc)
         log.close()
@@ -132,6 +132,17 @@ async def _resolve(flow_run, pool_name: str):
         )
 
 
+def parameters(deployment) -> dict:
+    """Placeholder values for a deployment's required parameters (what a schedule or a
+    parent run passes), enough for the server to accept a run."""
+    schema = deployment.parameter_openapi_schema or {}
+    blank = {"array": [], "object": {}, "integer": 0, "number": 0.0, "boolean": False}
+    return {
+        name: blank.get(schema["properties"][name].get("type"), "x")
+        for name in schema.get("required", [])
+    }
+
+
 def _flow_runs(job_variables: dict | None = None) -> dict[str, object]:
     """A flow run of each deployment on the server: {deployment name: flow run}."""
     from prefect.client.orchestration import get_client
@@ -139,7 +150,7 @@ def _flow_runs(job_variables: dict | None = None) -> dict[str, object]:
     with get_client(sync_client=True) as client:
         return {
             d.name: client.create_flow_run_from_deployment(
-                d.id, parameters=PARAMETERS.get(d.name, {}), job_variables=job_variables
+                d.id, parameters=parameters(d), job_variables=job_variables
             )
             for d in client.read_deployments()
         }
@@ -227,7 +238,8 @@ def test_pool_limit_bounds_gpu_jobs_at_once(server, rendered):
             if run.work_pool_name == "gpu-ecs":
                 c.delete_flow_run(run.id)
         runs = [
-            c.create_flow_run_from_deployment(deployment.id, parameters=PARTITION) for _ in range(3)
+            c.create_flow_run_from_deployment(deployment.id, parameters=parameters(deployment))
+            for _ in range(3)
         ]
         limit = POOLS["gpu-ecs"][1]
         assert len(c.get_scheduled_flow_runs_for_work_pool("gpu-ecs")) == limit < len(runs)
