@@ -52,12 +52,7 @@ def _to_gray(im: Image.Image) -> np.ndarray:
         arr = np.asarray(im, dtype=np.float64)
         span = max(float(arr.max() - arr.min()), 1e-12)
         return ((arr - arr.min()) / span * 255.0 + 0.5).astype(np.uint8)
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(black, rgba)
+    im = _onto_black(im)
     return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
@@ -119,17 +114,23 @@ def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return _decoded(data, max_pixels, lambda im: fit_square(_to_gray(im)))
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> uint8 RGB (h, w, 3), transparency composited onto black."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        gray = _to_gray(im)
-        return np.repeat(gray[..., None], 3, axis=-1)
+def _onto_black(im: Image.Image) -> Image.Image:
+    """Palette and transparent images composited onto black; others as they are."""
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         im = Image.alpha_composite(black, rgba)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 RGB (h, w, 3), transparency composited onto black."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        gray = _to_gray(im)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    im = _onto_black(im)
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
