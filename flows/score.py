@@ -23,10 +23,10 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.lake import DEMO_LINE, DropSource, Lake, line_of
+from tasks.lake import DropSource, Lake, line_of
 from tasks.reports import (
-    artifact_key,
     drop_markdown,
+    line_key,
     price_bands,
     price_histogram,
     publish_markdown,
@@ -131,7 +131,7 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
     mv = manifest["model_version"]
     lineage = lake.model(mv).lineage()
     line = line_of(lineage["dataset_version"])
-    key = artifact_key(("" if line == DEMO_LINE else f"{line}-") + f"drop-{manifest['drop_id']}")
+    key = line_key(line, f"drop-{manifest['drop_id']}")
     run = lake.score_run(manifest["drop_id"], mv)
     priced = run.prices(["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)

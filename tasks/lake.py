@@ -26,8 +26,8 @@ last, so an entry whose marker exists is whole.
 
 Versions are content hashes. Models and feature caches also hash the code that
 computes them (``code_fingerprint``): a change to that code gives new versions,
-so "found, not redone" never hands back the output of other code. Datasets and
-labels hash a format constant that ``tests/test_lake.py`` pins to a golden
+so "found, not redone" never hands back the output of other code. Datasets,
+catalogs and labels hash a format constant that ``tests/test_lake.py`` pins to a golden
 output, so a change that alters their bytes fails the tests until it is bumped.
 """
 
@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.storage import ObjectInfo, ObjectNotFound, Store
+from tasks.storage import ObjectInfo, ObjectNotFound, Store, json_bytes
 
 DATASET_FORMAT = "vggprice-fashion-mnist-v1"  # bump when ingest writes other bytes
 CATALOG_FORMAT = "vggprice-catalog-v1"  # bump when catalog ingest writes other bytes
@@ -149,7 +149,7 @@ def line_of(dataset_version: str) -> str:
 
 def labels_version(dataset: str, rule: dict, seed: int) -> str:
     spec = {"dataset": dataset, "rule": rule, "seed": seed, "format": LABELS_FORMAT}
-    return "px-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return "px-" + digest(spec)
 
 
 def feature_key(spec: dict) -> str:
@@ -201,14 +201,29 @@ class Entry:
     def complete(self) -> bool:
         return self.exists(self.MARKER)
 
-    def read_marker(self, what: str, known: Callable[[], list[str]]) -> Any:
-        """The marker's JSON, or NotInLake naming what is missing and what the lake has."""
+    def marker(self) -> Any | None:
+        """The marker's JSON, or None while the entry is not complete."""
         try:
             return self.get_json(self.MARKER)
         except ObjectNotFound:
+            return None
+
+    def read_marker(self, what: str, known: Callable[[], list[str]]) -> Any:
+        """The marker's JSON, or NotInLake naming what is missing and what the lake has."""
+        found = self.marker()
+        if found is None:
             raise NotInLake(
                 f"{self.uri(self.MARKER)}: no such {what} (known: {', '.join(known()) or 'none'})"
-            ) from None
+            )
+        return found
+
+    def versioned(self, name: str) -> tuple[dict, str] | None:
+        """(JSON, version token for a compare-and-swap), or None when there is none."""
+        try:
+            body, token = self.store.get_versioned(self.prefix + name)
+        except ObjectNotFound:
+            return None
+        return json.loads(body), token
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -339,9 +354,8 @@ class FeatureCache(Entry):
 
     def load(self) -> tuple[Iterator[np.ndarray], int, np.ndarray] | None:
         """(train views as they load, how many, test features), or None on a miss."""
-        try:
-            manifest = self.get_json(self.MARKER)
-        except ObjectNotFound:
+        manifest = self.marker()
+        if manifest is None:
             return None
         names = manifest["views"]
         views = (read_npy(self.get_bytes(n)) for n in names)
@@ -367,9 +381,8 @@ class Checkpoints(Entry):
     MARKER = "state.json"
 
     def latest(self) -> tuple[dict, bytes] | None:
-        try:
-            state = self.get_json(self.MARKER)
-        except ObjectNotFound:
+        state = self.marker()
+        if state is None:
             return None
         return state, self.get_bytes(f"epoch-{state['epoch']}.npz")
 
@@ -387,10 +400,7 @@ class Evaluation(Entry):
     MARKER = "metrics.json"
 
     def metrics(self) -> dict | None:
-        try:
-            return self.get_json(self.MARKER)
-        except ObjectNotFound:
-            return None
+        return self.marker()
 
     def write_metrics(self, metrics: dict) -> None:
         self.put_json(self.MARKER, metrics)
@@ -454,11 +464,7 @@ class Registry(Entry):
 
     def champion_versioned(self) -> tuple[dict | None, str | None]:
         """(champion, version token for ``swap_champion``); (None, None) when none."""
-        try:
-            body, token = self.store.get_versioned(self.key(self.CHAMPION))
-        except ObjectNotFound:
-            return None, None
-        return json.loads(body), token
+        return self.versioned(self.CHAMPION) or (None, None)
 
     def swap_champion(self, champion: dict, token: str | None) -> bool:
         """Replace the pointer only if it is still the version read (compare-and-swap).
@@ -470,6 +476,12 @@ class Registry(Entry):
 
     def decisions(self) -> list[dict]:
         return [self.get_json(n) for n in self.names("decisions/")]
+
+
+def is_image_key(key: str) -> bool:
+    """Not a folder marker (a key ending in '/', as S3 consoles create them) nor a hidden
+    name (.DS_Store and the like): an object that may hold images."""
+    return key != "" and not key.endswith("/") and not key.rsplit("/", 1)[-1].startswith(".")
 
 
 @dataclass(frozen=True)
@@ -487,7 +499,7 @@ class DropSource:
         n, objects, skipped = len(self.prefix), [], 0
         for o in self.store.list(self.prefix):
             key = o.key[n:]
-            if key == "" or key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
+            if not is_image_key(key):
                 skipped += 1
             else:
                 objects.append(ObjectInfo(key, o.size, o.etag))
@@ -516,10 +528,7 @@ class ScoreRun(Entry):
     PLAN = re.compile(r"^_plans/(\d+)\.json$")
 
     def manifest(self) -> dict | None:
-        try:
-            return self.get_json(self.MARKER)
-        except ObjectNotFound:
-            return None
+        return self.marker()
 
     def write_manifest(self, manifest: dict) -> None:
         self.put_json(self.MARKER, manifest)
@@ -540,24 +549,21 @@ class ScoreRun(Entry):
         return f"{plan:08d}-{index:05d}"
 
     # claims
-    def _claim(self, name: str) -> str:
-        return self.key(f"_claims/{name}.json")
+    @staticmethod
+    def _claim(name: str) -> str:
+        return f"_claims/{name}.json"
 
     def create_claim(self, name: str, claim: dict) -> bool:
-        return self.store.put_if_absent(self._claim(name), json_bytes(claim))
+        return self.store.put_if_absent(self.key(self._claim(name)), json_bytes(claim))
 
     def read_claim(self, name: str) -> tuple[dict, str] | None:
-        try:
-            body, token = self.store.get_versioned(self._claim(name))
-        except ObjectNotFound:
-            return None
-        return json.loads(body), token
+        return self.versioned(self._claim(name))
 
     def replace_claim(self, name: str, claim: dict, token: str) -> bool:
-        return self.store.put_if_match(self._claim(name), json_bytes(claim), token)
+        return self.store.put_if_match(self.key(self._claim(name)), json_bytes(claim), token)
 
     def drop_claim(self, name: str) -> None:
-        self.store.delete(self._claim(name))
+        self.store.delete(self.key(self._claim(name)))
 
     def claims(self) -> dict[str, dict]:
         return {
@@ -620,10 +626,6 @@ class ScoreRun(Entry):
         self.put_bytes("superseded.parquet", parquet_bytes(table))
 
 
-def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True).encode()
-
-
 # --- the catalog ---------------------------------------------------------------------
 
 
@@ -668,10 +670,15 @@ class Lake:
             return Registry(self.store, "registry/")
         return Registry(self.store, f"{self.LINES}{check_line_name(line)}/")
 
+    def champions(self) -> dict[str, dict]:
+        """line -> its champion, for the lines that have one, the demo first."""
+        found = {line: self.registry(line).champion()
+                 for line in [DEMO_LINE, *self._children(self.LINES)]}  # fmt: skip
+        return {line: champion for line, champion in found.items() if champion}
+
     def lines(self) -> list[str]:
         """The model lines that have a champion, the demo first."""
-        named = [n for n in self._children(self.LINES) if self.registry(n).champion()]
-        return ([DEMO_LINE] if self.registry().champion() else []) + named
+        return list(self.champions())
 
     def score_run(self, drop_id: str, model_version: str) -> ScoreRun:
         return ScoreRun(self.store, f"scores/{drop_id}/{model_version}/", drop_id, model_version)

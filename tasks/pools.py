@@ -31,6 +31,13 @@ POOLS: dict[str, tuple[str, int | None]] = {
 }
 
 
+def pool_kind(pool: str) -> str:
+    """The worker type of a pool vggprice knows; ValueError naming them for another."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown work pool {pool!r}: one of {', '.join(POOLS)}")
+    return POOLS[pool][0]
+
+
 def pool_template(pool: str) -> dict:
     """The base job template of a pool, from infra/work-pools/<pool>.json."""
     return json.loads((POOL_DIR / f"{pool}.json").read_text())
@@ -43,8 +50,7 @@ def apply_pools(names: list[str] | None = None) -> dict[str, str]:
     from prefect.exceptions import ObjectNotFound
 
     for name in names or []:
-        if name not in POOLS:
-            raise ValueError(f"unknown work pool {name!r}: one of {', '.join(POOLS)}")
+        pool_kind(name)
     done = {}
     with get_client(sync_client=True) as client:
         for name in names or POOLS:
@@ -108,9 +114,7 @@ def deploy_all(
 def _image_for(pool: str, image: str | None) -> str:
     """The image a pool's deployments name: given, else the pool's default ('' for
     process pools, which run no image)."""
-    if pool not in POOLS:
-        raise ValueError(f"unknown work pool {pool!r}: one of {', '.join(POOLS)}")
-    if POOLS[pool][0] == "process":
+    if pool_kind(pool) == "process":
         return ""
     image = image or pool_template(pool)["variables"]["properties"]["image"].get("default")
     if not image:
@@ -122,10 +126,8 @@ def _image_for(pool: str, image: str | None) -> str:
 def worker_command(pool: str, limit: int | None = None) -> list[str]:
     """``prefect worker start`` for a pool, with the pool's worker type; ``limit``: flow
     runs at a time."""
-    if pool not in POOLS:
-        raise ValueError(f"unknown work pool {pool!r}: one of {', '.join(POOLS)}")
     prefect = Path(sys.executable).with_name("prefect")
-    cmd = [str(prefect), "worker", "start", "--pool", pool, "--type", POOLS[pool][0]]
+    cmd = [str(prefect), "worker", "start", "--pool", pool, "--type", pool_kind(pool)]
     return cmd + (["--limit", str(limit)] if limit else [])
 
 

@@ -9,7 +9,7 @@ from prefect import task
 
 from tasks.evaluation import evaluate, read_metrics
 from tasks.lake import DEMO_LINE, Lake, line_of
-from tasks.reports import artifact_key, emit, publish_markdown
+from tasks.reports import emit, line_key, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
 
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
@@ -126,7 +126,7 @@ def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = 
     get_logger().info(
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
-    key = "champion" if line == DEMO_LINE else artifact_key(f"{line}-champion")
+    key = line_key(line, "champion")
     publish_markdown(key, decision_markdown(decision), f"champion/challenger decision ({line})")
     if not promoted and not same:
         emit("vggprice.challenger.rejected", f"vggprice.model.{model_version}", decision)

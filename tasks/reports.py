@@ -14,6 +14,8 @@ import io
 
 import numpy as np
 
+from tasks.lake import DEMO_LINE
+
 # Fashion-MNIST's classes, in label order.
 GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
             "Sneaker", "Bag", "Ankle boot")  # fmt: skip
@@ -170,6 +172,11 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
 def artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in text.lower())[:100]
+
+
+def line_key(line: str, name: str) -> str:
+    """An artifact key in a model line: the demo's plain, a catalog's prefixed by its name."""
+    return artifact_key(name if line == DEMO_LINE else f"{line}-{name}")
 
 
 def price_histogram(prices: np.ndarray) -> bytes:

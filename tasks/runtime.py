@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,8 +35,6 @@ TASK_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": re
 
 def progress(total: int, desc: str, unit: str):
     """A progress bar in a terminal; elsewhere a no-op (the log lines are the progress)."""
-    import sys
-
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty())

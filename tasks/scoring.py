@@ -251,31 +251,30 @@ class Heartbeat:
 
 def decode_object(key: str, body: bytes, max_pixels: int, decode: Callable | None = None):
     """Yield (row key, pixels or None, reason) for one drop object; ``decode(bytes,
-    max_pixels)`` prepares one image (default: the demo's gray 28x28)."""
+    max_pixels)`` prepares one image (default: the demo's gray 28x28). Whatever a
+    decoder raises, one bad image is one row, never a crash."""
     decode = decode or (lambda data, limit: prepare(data, max_pixels=limit))
-    if key.lower().endswith(".parquet"):
+
+    def one(row: str, data: bytes):
         try:
-            table = pq.read_table(io.BytesIO(body), columns=["image_id", "image"])
-        except Exception as err:  # any unreadable file is a rejection, never a crash
-            yield key, None, f"unreadable Parquet: {type(err).__name__}: {err}"
-            return
-        for image_id, image in zip(
-            table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True
-        ):
-            row = f"{key}#{image_id}"
-            try:
-                yield row, decode(image or b"", max_pixels), None
-            except ImageRejected as err:
-                yield row, None, str(err)
-            except Exception as err:
-                yield row, None, f"undecodable: {type(err).__name__}: {err}"
+            return row, decode(data, max_pixels), None
+        except ImageRejected as err:
+            return row, None, str(err)
+        except Exception as err:
+            return row, None, f"undecodable: {type(err).__name__}: {err}"
+
+    if not key.lower().endswith(".parquet"):
+        yield one(key, body)
         return
     try:
-        yield key, decode(body, max_pixels), None
-    except ImageRejected as err:
-        yield key, None, str(err)
-    except Exception as err:  # whatever a decoder raises, one bad file is one row
-        yield key, None, f"undecodable: {type(err).__name__}: {err}"
+        table = pq.read_table(io.BytesIO(body), columns=["image_id", "image"])
+    except Exception as err:  # any unreadable file is a rejection, never a crash
+        yield key, None, f"unreadable Parquet: {type(err).__name__}: {err}"
+        return
+    for image_id, image in zip(
+        table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True
+    ):
+        yield one(f"{key}#{image_id}", image or b"")
 
 
 def _rows(schema: pa.Schema, rows: list[tuple], values, mv: str, now: datetime) -> pa.Table:
@@ -363,7 +362,7 @@ def work(
                 continue
             heartbeat.hold(shard, claim_id)
             try:
-                if shard in run.done_shards():
+                if run.exists(run.part_name(shard)):
                     continue  # finished by another scorer since the list was read
                 facts = score_shard(run, source, shard, entries, options, scorer)
                 log.info("%s: shard %s priced %d, rejected %d (%.1f s)", scorer, shard,
@@ -455,7 +454,7 @@ def finish(
         run.drop_claim(name)
 
 
-def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> dict:  # noqa: PLR0913
+def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> dict:
     """The manifest's body: counts, reasons, price quantiles, drift, who scored what."""
     facts = run.shard_facts()
     priced = run.read_tables([run.part_name(s) for s in done], ["price"])
@@ -508,28 +507,30 @@ class LineError(ValueError):
     """Which model line to score with is unknown or ambiguous (the message lists them)."""
 
 
-def resolve_line(lake: Lake, line: str | None) -> str:
-    """The line named, or the store's only line; LineError when several need a choice."""
-    lines = lake.lines()
+def resolve_champion(lake: Lake, line: str | None) -> dict:
+    """The champion of the line named, or of the store's only line; LineError when the
+    line has none or several lines need a choice (the message lists them)."""
     if line:
-        if line not in lines:
+        champion = lake.registry(line).champion()
+        if champion is None:
             raise LineError(f"no model line {line!r} with a champion in {lake.uri} "
-                            f"(lines: {', '.join(lines) or 'none'})")  # fmt: skip
-        return line
-    if len(lines) > 1:
-        raise LineError(f"{lake.uri} holds several model lines ({', '.join(lines)}): "
+                            f"(lines: {', '.join(lake.lines()) or 'none'})")  # fmt: skip
+        return champion
+    champions = lake.champions()
+    if len(champions) > 1:
+        raise LineError(f"{lake.uri} holds several model lines ({', '.join(champions)}): "
                         "pass --line NAME")  # fmt: skip
-    if not lines:
+    if not champions:
         raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
-    return lines[0]
+    return next(iter(champions.values()))
 
 
 def resolve_model(lake: Lake, model_version: str | None, line: str | None = None) -> str:
-    """A pinned model version, or the champion of the line (see resolve_line)."""
+    """A pinned model version, or the champion of the line (see resolve_champion)."""
     if model_version:
         lake.model(model_version).lineage()  # complete, or NotInLake listing the known
         return model_version
-    return lake.registry(resolve_line(lake, line)).champion()["model_version"]
+    return resolve_champion(lake, line)["model_version"]
 
 
 @dataclass
