@@ -5,18 +5,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.evaluate import evaluate_flow, promote_flow
-from flows.pipeline import train_on_pool
-from flows.train import train_flow
+from flows.pipeline import train_evaluate_promote
 from tasks.catalog import ingest_catalog_task
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
-from tasks.train_settings import CATALOG_INPUT_SIZE, TrainSettings
+from tasks.train_settings import CATALOG_DEFAULTS, TrainSettings
 
 
 def catalog_settings(**fields: object) -> TrainSettings:
-    """A catalog's training settings: RGB at CATALOG_INPUT_SIZE unless told otherwise."""
-    return TrainSettings(**({"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE} | fields))
+    """A catalog's training settings: CATALOG_DEFAULTS unless told otherwise."""
+    return TrainSettings(**(CATALOG_DEFAULTS | fields))
 
 
 @flow(name="catalog")
@@ -36,12 +34,8 @@ def catalog_flow(
     settings = settings or catalog_settings()
     ingested = ingest_catalog_task(store, source, prices, name, skip_bad_rows)
     dv, lv = ingested["dataset_version"], ingested["labels_version"]
-    if train_pool:
-        trained = train_on_pool(train_pool, dv, lv, store, settings)
-    else:
-        trained = train_flow(dataset_version=dv, labels_version=lv, store=store, settings=settings)
-    evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
-    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
+    trained, evaluated, decision = train_evaluate_promote(store, dv, lv, settings, margin,
+                                                          train_pool)  # fmt: skip
     stages = (("ingest", ingested), ("train", trained), ("evaluate", evaluated))
     skipped = [n for n, result in stages if result.get("skipped")]
     if skipped:

@@ -68,9 +68,9 @@ def _cmd_label(args: argparse.Namespace) -> dict:
 
 
 def _train_settings(args: argparse.Namespace, catalog: bool = False):
-    from tasks.train_settings import CATALOG_INPUT_SIZE, QUICK, TrainSettings
+    from tasks.train_settings import CATALOG_DEFAULTS, QUICK, TrainSettings
 
-    fields: dict = {"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE} if catalog else {}
+    fields: dict = dict(CATALOG_DEFAULTS) if catalog else {}
     fields |= dict(QUICK) if getattr(args, "quick", False) else {}
     for item in args.set or []:
         name, sep, value = item.partition("=")
@@ -102,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> dict:
 def _run_catalog(args: argparse.Namespace) -> dict:
     """vggprice run --source ... --prices ... --name ...: a catalog's own line."""
     from flows.catalog import catalog_flow
-    from tasks.catalog import ingest_catalog
+    from tasks.catalog import check_catalog
     from tasks.lake import check_line_name
 
     missing = [f for f in ("source", "prices", "name") if not getattr(args, f)]
@@ -113,8 +113,9 @@ def _run_catalog(args: argparse.Namespace) -> dict:
         raise ValueError("--means and --sigma draw the demo's prices; a catalog has its own")
     check_line_name(args.name)
     settings = _train_settings(args, catalog=True)
-    # Bad inputs stop here with one line, before any flow run starts.
-    ingest_catalog(_lake(args), args.source, args.prices, args.name, args.skip_bad_rows)
+    # Bad inputs stop here with one line, before any flow run starts (nothing written).
+    _lake(args)
+    check_catalog(args.source, args.prices, args.name, args.skip_bad_rows)
     return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
                         settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows)  # fmt: skip
 
@@ -161,14 +162,10 @@ def _cores() -> int:
 
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
-    from tasks.lake import Lake
     from tasks.scoring import list_drop, locate_drop, resolve_model
-    from tasks.settings import load_settings
-    from tasks.storage import open_store
 
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
-    lake = Lake(open_store(load_settings(store=args.store).store))
-    lake.store.check()
+    lake = _lake(args)
     resolve_model(lake, args.model, args.line)
     list_drop(lake, locate_drop(lake, args.drop))
     flow, scorers = score_flow, 2
@@ -247,13 +244,9 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def _cmd_champion(args: argparse.Namespace) -> dict:
-    from tasks.scoring import resolve_line
+    from tasks.scoring import resolve_champion
 
-    lake = _lake(args)
-    champion = lake.registry(resolve_line(lake, args.line)).champion()
-    if champion is None:
-        raise FileNotFoundError(f"no champion in {lake.uri} yet: run 'vggprice run'")
-    return champion
+    return resolve_champion(_lake(args), args.line)
 
 
 def _human(result: dict, indent: str = "") -> str:

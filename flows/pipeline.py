@@ -71,6 +71,19 @@ def train_on_pool(pool: str, dv: str, lv: str, store: str, settings: TrainSettin
     return result | {"skipped": False, "pool": pool, "flow_run_id": str(run.id)}
 
 
+def train_evaluate_promote(
+    store: str, dv: str, lv: str, settings: TrainSettings, margin: float, train_pool: str | None
+) -> tuple[dict, dict, dict]:
+    """The stages after the data: train (here, or on ``train_pool``), evaluate, promote."""
+    if train_pool:
+        trained = train_on_pool(train_pool, dv, lv, store, settings)
+    else:
+        trained = train_flow(dataset_version=dv, labels_version=lv, store=store, settings=settings)
+    evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
+    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
+    return trained, evaluated, decision
+
+
 @flow(name="retrain")
 def retrain_flow(
     store: str | None = None,
@@ -88,12 +101,8 @@ def retrain_flow(
     dv = ingested["dataset_version"]
     labelled = label_flow(dataset_version=dv, store=store, rule=rule, seed=seed)
     lv = labelled["labels_version"]
-    if train_pool:
-        trained = train_on_pool(train_pool, dv, lv, store, settings)
-    else:
-        trained = train_flow(dataset_version=dv, labels_version=lv, store=store, settings=settings)
-    evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
-    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
+    trained, evaluated, decision = train_evaluate_promote(store, dv, lv, settings, margin,
+                                                          train_pool)  # fmt: skip
     skipped = [
         name
         for name, result in (

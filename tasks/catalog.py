@@ -22,6 +22,7 @@ of prices into a dataset version and a labels version.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -35,7 +36,7 @@ from prefect import task
 from tasks import __version__
 from tasks.images import MAX_SIDE, ImageRejected, encode_png_rgb, to_rgb
 from tasks.labels import fit_scaling
-from tasks.lake import CATALOG_FORMAT, Lake, catalog_version, check_line_name
+from tasks.lake import CATALOG_FORMAT, Lake, catalog_version, check_line_name, is_image_key
 from tasks.lake import labels_version as make_labels_version
 from tasks.runtime import TASK_RETRIES, get_logger, progress
 from tasks.storage import Store, open_store
@@ -76,16 +77,18 @@ class ImageSource:
         """image key -> content identity (S3 ETag, or SHA-256 of a local file or of a
         Parquet row's bytes)."""
         if self.parquet is not None:
-            return {i: hashlib.sha256(b).hexdigest() for i, b in self._rows().items()}
+            return {i: hashlib.sha256(b).hexdigest() for i, b in self.rows.items()}
         s3 = self.store.uri.startswith("s3://")
         found = {}
         for o in self.store.list():
-            if o.key.endswith("/") or o.key.rsplit("/", 1)[-1].startswith("."):
+            if not is_image_key(o.key):
                 continue
             found[o.key] = o.etag if s3 else hashlib.sha256(self.get(o.key)).hexdigest()
         return found
 
-    def _rows(self) -> dict[str, bytes]:
+    @functools.cached_property
+    def rows(self) -> dict[str, bytes]:
+        """A Parquet source's images by id, read and parsed once."""
         try:
             table = pq.read_table(io.BytesIO(self.store.get_bytes(self.parquet)))
         except Exception as err:
@@ -98,15 +101,10 @@ class ImageSource:
         return {str(i): b or b"" for i, b in zip(ids, images, strict=True)}
 
     def get(self, key: str) -> bytes:
-        if self.parquet is not None:
-            return self._rows()[key]
-        return self.store.get_bytes(key)
+        return self.rows[key] if self.parquet is not None else self.store.get_bytes(key)
 
     def read_all(self, keys: list[str]) -> dict[str, bytes]:
-        if self.parquet is not None:
-            rows = self._rows()
-            return {k: rows[k] for k in keys}
-        return {k: self.store.get_bytes(k) for k in keys}
+        return {k: self.get(k) for k in keys}
 
 
 def _parent(uri: str) -> tuple[Store, str]:
@@ -206,41 +204,66 @@ def stratified_split(categories: list[str], fraction: float, seed: int) -> list[
 # --- ingest -------------------------------------------------------------------------------
 
 
-def ingest_catalog(
-    lake: Lake, source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False,
-    shard_rows: int = SHARD_ROWS,
-) -> dict:  # fmt: skip
-    """Check everything, then write the dataset (manifest last) and its labels (scaling
-    last). Returns dataset and labels versions; ``skipped`` when both existed."""
-    log = get_logger()
+@dataclass
+class CatalogPlan:
+    """What a catalog's inputs are, checked; nothing written yet."""
+
+    source: ImageSource
+    listing: dict[str, str]
+    rows: list[dict]
+    prices_sha256: str
+    bad: list[tuple[int, str]]
+    spec: dict
+    dataset_version: str
+    labels_version: str
+
+
+def check_catalog(
+    source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False
+) -> CatalogPlan:
+    """List the images, read the prices table and check it whole; CatalogError with one
+    line for anything that stops the run. Writes nothing."""
     check_line_name(name)
     source = open_source(source_uri)
     listing = source.listing()
     if not listing:
         raise CatalogError(f"{source_uri}: no images found")
     rows, prices_body = read_prices(prices_uri)
+    prices_sha256 = hashlib.sha256(prices_body).hexdigest()
     spec = {"max_side": MAX_SIDE, "test_fraction": TEST_FRACTION, "split_seed": SPLIT_SEED}
-    dv = catalog_version(name, listing, hashlib.sha256(prices_body).hexdigest(), spec)
-    dataset = lake.catalog(dv)
+    dv = catalog_version(name, listing, prices_sha256, spec)
     lv = make_labels_version(dv, {"kind": "table"}, SPLIT_SEED)
-    labels = lake.labels(dv, lv)
-    if dataset.complete and labels.complete:
-        log.info("catalog %s already in %s; nothing rewritten", dv, lake.uri)
-        return {"dataset_version": dv, "labels_version": lv, "skipped": True,
-                "manifest": dataset.manifest()}  # fmt: skip
-
-    has_split = "split" in rows[0] if rows else False
-    bad = check_rows(rows, set(listing), has_split)
+    bad = check_rows(rows, set(listing), "split" in rows[0] if rows else False)
     if bad and not skip_bad_rows:
         first = "; ".join(f"row {n}: {why}" for n, why in bad[:SHOWN_BAD_ROWS])
         raise CatalogError(
             f"{prices_uri}: {len(bad)} bad row{'s' if len(bad) > 1 else ''} ({first}"
             f"{'; ...' if len(bad) > SHOWN_BAD_ROWS else ''}); fix them or pass --skip-bad-rows"
         )
+    if len(bad) == len(rows):
+        raise CatalogError(f"{prices_uri}: no usable rows ({len(bad)} bad)")
+    return CatalogPlan(source, listing, rows, prices_sha256, bad, spec, dv, lv)
+
+
+def ingest_catalog(
+    lake: Lake, source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False,
+    shard_rows: int = SHARD_ROWS,
+) -> dict:  # fmt: skip
+    """Check everything (check_catalog), then write the dataset (manifest last) and its
+    labels (scaling last). Returns dataset and labels versions; ``skipped`` when both
+    existed."""
+    log = get_logger()
+    plan = check_catalog(source_uri, prices_uri, name, skip_bad_rows)
+    source, listing, rows, bad, spec = plan.source, plan.listing, plan.rows, plan.bad, plan.spec
+    dv, lv = plan.dataset_version, plan.labels_version
+    dataset, labels = lake.catalog(dv), lake.labels(dv, lv)
+    if dataset.complete and labels.complete:
+        log.info("catalog %s already in %s; nothing rewritten", dv, lake.uri)
+        return {"dataset_version": dv, "labels_version": lv, "skipped": True,
+                "manifest": dataset.manifest()}  # fmt: skip
+    has_split = "split" in rows[0]
     bad_rows = {n for n, _ in bad}
     good = [(n, r) for n, r in enumerate(rows, start=1) if n not in bad_rows]
-    if not good:
-        raise CatalogError(f"{prices_uri}: no usable rows ({len(bad)} bad)")
 
     # Decode every priced image (in memory: nothing is final until the manifest).
     blobs = source.read_all([str(r["image"]).strip() for _, r in good])
@@ -262,7 +285,8 @@ def ingest_catalog(
     has_cat = "category" in rows[0]
     cats = [str(r["category"]).strip() if has_cat else "" for _, r, _ in accepted]
     names = sorted(set(cats)) if has_cat else []
-    label = [names.index(c) if has_cat else 0 for c in cats]
+    index = {c: i for i, c in enumerate(names)}
+    label = [index.get(c, 0) for c in cats]
     if has_split:
         split = [str(r["split"]).strip() for _, r, _ in accepted]
     else:
@@ -300,7 +324,7 @@ def ingest_catalog(
             "images": source_uri,
             "prices": prices_uri,
             "listed": len(listing),
-            "prices_sha256": hashlib.sha256(prices_body).hexdigest(),
+            "prices_sha256": plan.prices_sha256,
         },  # fmt: skip
         "rules": spec | {"split": "column" if has_split else "seeded, stratified"},
         "counts": {

@@ -25,6 +25,7 @@ class Data:
     dataset_version: str
     labels_version: str
     scaling: dict
+    train_prices: np.ndarray  # every price of the labels' train split (not just a subset)
     train: Split | None = None
     test: Split | None = None
 
@@ -51,7 +52,8 @@ def load_data(
     scaling = labels.scaling()
     prices = labels.prices()
     price_of = dict(zip(prices["image_id"].to_pylist(), prices["price"].to_pylist(), strict=True))
-    data = Data(dataset_version, labels_version, scaling)
+    is_train = np.asarray(prices["split"].to_pylist()) == "train"
+    data = Data(dataset_version, labels_version, scaling, prices["price"].to_numpy()[is_train])
     span = scaling["max"] - scaling["min"]
     for split, limit in limits.items():
         table = lake.dataset(dataset_version).read_split(split)

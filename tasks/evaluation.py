@@ -8,10 +8,11 @@ from prefect import task
 from tasks.data import load_data
 from tasks.inference import load_stored_model, predict_prices, preprocess_of
 from tasks.labels import PriceRule
-from tasks.lake import Lake, line_of
+from tasks.lake import DEMO_LINE, Lake, line_of
 from tasks.reports import (
     GARMENTS,
     artifact_key,
+    line_key,
     plots_markdown,
     pred_vs_true_plot,
     publish_markdown,
@@ -26,97 +27,57 @@ RECIPE_MSE_SCALED = 0.0136  # the reference tutorial's val MSE after 5 epochs
 RECIPE_RMSE = 25.0  # about that, in price units
 
 
-def metrics_for(
-    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, rule: PriceRule,
-    train_mean: float,
-) -> dict:  # fmt: skip
-    """RMSE/MAE/MAPE in price units, scaled MSE, the noise floor, the baseline that always
-    predicts the mean train price, and a per-class table."""
+def error_metrics(true: np.ndarray, pred: np.ndarray, scaling: dict, train_mean: float) -> dict:
+    """RMSE/MAE/MAPE in price units, MSE on the scaled price, and the baseline that
+    always predicts the mean train price: what every evaluation reports."""
     err = pred - true
-    span = scaling["max"] - scaling["min"]
-    floor = np.asarray(rule.means)[labels] - true
-    per_class = []
-    for c in range(len(rule.means)):
-        m = labels == c
-        if m.any():
-            per_class.append(
-                {
-                    "class": c,
-                    "garment": GARMENTS[c] if c < len(GARMENTS) else str(c),
-                    "count": int(m.sum()),
-                    "rmse": float(np.sqrt(np.mean(err[m] ** 2))),
-                    "mean_pred": float(pred[m].mean()),
-                    "mean_true": float(true[m].mean()),
-                }
-            )
+    span = (scaling["max"] - scaling["min"]) or 1.0
     return {
         "n": int(len(true)),
         "rmse": float(np.sqrt(np.mean(err**2))),
         "mae": float(np.mean(np.abs(err))),
         "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(true), 1e-9)) * 100),
         "mse_scaled": float(np.mean((err / span) ** 2)),
-        "noise_floor_rmse": float(np.sqrt(np.mean(floor**2))),
         "baseline_rmse": float(np.sqrt(np.mean((true - train_mean) ** 2))),
         "baseline_price": float(train_mean),
-        "recipe_mse_scaled": RECIPE_MSE_SCALED,
-        "recipe_rmse": RECIPE_RMSE,
-        "per_class": per_class,
     }
 
 
-def verdict(m: dict) -> str:
-    """One line a person reads first."""
-    rmse, base, floor = m["rmse"], m["baseline_rmse"], m["noise_floor_rmse"]
-    if rmse >= base:
-        return (f"**Learned nothing useful yet**: RMSE {rmse:.1f} is no better than always "
-                f"predicting the mean train price ({base:.1f}).")  # fmt: skip
-    gain = f"{1 - rmse / base:.0%} better than always predicting the mean train price"
-    if rmse <= m["recipe_rmse"]:
-        return f"**Beats the reference recipe** (~{m['recipe_rmse']:.0f}): RMSE {rmse:.1f}, {gain}; the noise floor is {floor:.1f}."
-    return (f"**Learned something**: RMSE {rmse:.1f}, {gain} ({base:.1f}); the reference "
-            f"recipe reaches about {m['recipe_rmse']:.0f} and no model beats the noise floor "
-            f"({floor:.1f}).")  # fmt: skip
+def group_errors(true: np.ndarray, pred: np.ndarray, groups: list[tuple[dict, np.ndarray]]):
+    """One row per non-empty group (its fields, then count, RMSE, mean predicted/true)."""
+    return [
+        fields | {"count": int(m.sum()), "rmse": float(np.sqrt(np.mean((pred[m] - true[m]) ** 2))),
+                  "mean_pred": float(pred[m].mean()), "mean_true": float(true[m].mean())}
+        for fields, m in groups
+        if m.any()
+    ]  # fmt: skip
 
 
-def report_markdown(mv: str, labels_version: str, m: dict, plots: dict, sigma: float) -> str:
-    """The evaluation report: verdict, metrics, per-garment table, plots inline."""
-    rows = "\n".join(
-        f"| {r['class']} {r['garment']} | {r['count']} | {r['rmse']:.1f} | {r['mean_pred']:.1f} | "
-        f"{r['mean_true']:.1f} |"
-        for r in m["per_class"]
-    )
-    return f"""# Evaluation of `{mv}`
-
-{verdict(m)}
-
-Labels `{labels_version}`, {m["n"]} test images.
-
-| | RMSE (price units) | MAE | MAPE | MSE on the scaled price |
-| --- | --- | --- | --- | --- |
-| **this model** | **{m["rmse"]:.1f}** | {m["mae"]:.1f} | {m["mape"]:.1f} % | {m["mse_scaled"]:.4f} |
-| always the mean train price ({m["baseline_price"]:.2f}) | {m["baseline_rmse"]:.1f} | | | |
-| reference recipe | ~{RECIPE_RMSE:.0f} | | | {RECIPE_MSE_SCALED} |
-| noise floor | {m["noise_floor_rmse"]:.1f} | | | |
-
-No model can beat the noise floor on average: prices are drawn around a class
-mean with sigma {sigma:g}.
-
-| class | test images | RMSE | mean predicted | mean true |
-| --- | --- | --- | --- | --- |
-{rows}
-
-{plots_markdown(plots)}
-"""
+def metrics_for(
+    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, rule: PriceRule,
+    train_mean: float,
+) -> dict:  # fmt: skip
+    """The demo's metrics: the common ones, the noise floor, the recipe's figures and a
+    per-class table."""
+    floor = np.asarray(rule.means)[labels] - true
+    classes = [
+        ({"class": c, "garment": GARMENTS[c] if c < len(GARMENTS) else str(c)}, labels == c)
+        for c in range(len(rule.means))
+    ]
+    return error_metrics(true, pred, scaling, train_mean) | {
+        "noise_floor_rmse": float(np.sqrt(np.mean(floor**2))),
+        "recipe_mse_scaled": RECIPE_MSE_SCALED,
+        "recipe_rmse": RECIPE_RMSE,
+        "per_class": group_errors(true, pred, classes),
+    }
 
 
 def catalog_metrics(
     true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, train_mean: float,
     train_prices: np.ndarray,
 ) -> dict:  # fmt: skip
-    """A catalog's metrics: RMSE/MAE/MAPE, scaled MSE, the mean-train-price baseline, and
-    a table per category, or per decile of the train prices when there are none."""
-    err = pred - true
-    span = (scaling["max"] - scaling["min"]) or 1.0
+    """A catalog's metrics: the common ones and a table per category, or per decile of
+    the train prices when there are none."""
     names = scaling.get("categories") or []
     if names:
         groups = [(n, labels == i) for i, n in enumerate(names)]
@@ -125,56 +86,74 @@ def catalog_metrics(
         which = np.clip(np.searchsorted(edges[1:-1], true, side="right"), 0, 9)
         groups = [(f"decile {d + 1} ({edges[d]:.2f}..{edges[d + 1]:.2f})", which == d)
                   for d in range(10)]  # fmt: skip
-    per_group = [
-        {"group": name, "count": int(m.sum()), "rmse": float(np.sqrt(np.mean(err[m] ** 2))),
-         "mean_pred": float(pred[m].mean()), "mean_true": float(true[m].mean())}
-        for name, m in groups if m.any()
-    ]  # fmt: skip
-    return {
-        "n": int(len(true)),
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "mae": float(np.mean(np.abs(err))),
-        "mape": float(np.mean(np.abs(err) / np.maximum(np.abs(true), 1e-9)) * 100),
-        "mse_scaled": float(np.mean((err / span) ** 2)),
-        "baseline_rmse": float(np.sqrt(np.mean((true - train_mean) ** 2))),
-        "baseline_price": float(train_mean),
+    return error_metrics(true, pred, scaling, train_mean) | {
         "grouped_by": "category" if names else "price decile",
-        "per_group": per_group,
+        "per_group": group_errors(true, pred, [({"group": n}, m) for n, m in groups]),
     }
 
 
-def catalog_verdict(m: dict) -> str:
+def verdict(m: dict) -> str:
+    """One line a person reads first (the recipe and the noise floor where they apply)."""
     rmse, base = m["rmse"], m["baseline_rmse"]
     if rmse >= base:
-        return (f"**Learned nothing useful yet**: RMSE {rmse:.2f} is no better than always "
-                f"predicting the mean train price ({base:.2f}).")  # fmt: skip
-    return (f"**Learned something**: RMSE {rmse:.2f}, {1 - rmse / base:.0%} better than always "
-            f"predicting the mean train price ({base:.2f}).")  # fmt: skip
+        return (f"**Learned nothing useful yet**: RMSE {rmse:.1f} is no better than always "
+                f"predicting the mean train price ({base:.1f}).")  # fmt: skip
+    gain = f"{1 - rmse / base:.0%} better than always predicting the mean train price"
+    if "recipe_rmse" not in m:
+        return f"**Learned something**: RMSE {rmse:.1f}, {gain} ({base:.1f})."
+    floor = m["noise_floor_rmse"]
+    if rmse <= m["recipe_rmse"]:
+        return f"**Beats the reference recipe** (~{m['recipe_rmse']:.0f}): RMSE {rmse:.1f}, {gain}; the noise floor is {floor:.1f}."
+    return (f"**Learned something**: RMSE {rmse:.1f}, {gain} ({base:.1f}); the reference "
+            f"recipe reaches about {m['recipe_rmse']:.0f} and no model beats the noise floor "
+            f"({floor:.1f}).")  # fmt: skip
 
 
-def catalog_report(mv: str, line: str, labels_version: str, m: dict, plots: dict) -> str:
-    rows = "\n".join(
-        f"| {r['group']} | {r['count']} | {r['rmse']:.2f} | {r['mean_pred']:.2f} | "
-        f"{r['mean_true']:.2f} |"
-        for r in m["per_group"]
+def report_markdown(
+    heading: str, labels_version: str, m: dict, plots: dict, groups: tuple[str, list],
+    digits: int = 1, extra_rows: str = "", note: str = "",
+) -> str:  # fmt: skip
+    """An evaluation report: verdict, the metrics next to the mean-price baseline (plus
+    ``extra_rows``, each after a newline, and a ``note`` where the kind of model has them), the error table
+    ``groups`` = (header, [(row label, row)]), and the plots inline."""
+    f = f".{digits}f"
+    header, rows = groups
+    table = "\n".join(
+        f"| {label} | {r['count']} | {r['rmse']:{f}} | {r['mean_pred']:{f}} | {r['mean_true']:{f}} |"
+        for label, r in rows
     )
-    return f"""# Evaluation of `{mv}` (catalog `{line}`)
+    return f"""# Evaluation of {heading}
 
-{catalog_verdict(m)}
+{verdict(m)}
 
 Labels `{labels_version}`, {m["n"]} test images.
 
 | | RMSE (price units) | MAE | MAPE | MSE on the scaled price |
 | --- | --- | --- | --- | --- |
-| **this model** | **{m["rmse"]:.2f}** | {m["mae"]:.2f} | {m["mape"]:.1f} % | {m["mse_scaled"]:.4f} |
-| always the mean train price ({m["baseline_price"]:.2f}) | {m["baseline_rmse"]:.2f} | | | |
+| **this model** | **{m["rmse"]:{f}}** | {m["mae"]:{f}} | {m["mape"]:.1f} % | {m["mse_scaled"]:.4f} |
+| always the mean train price ({m["baseline_price"]:.2f}) | {m["baseline_rmse"]:{f}} | | | |{extra_rows}
 
-| {m["grouped_by"]} | test images | RMSE | mean predicted | mean true |
+{note}| {header} | test images | RMSE | mean predicted | mean true |
 | --- | --- | --- | --- | --- |
-{rows}
+{table}
 
 {plots_markdown(plots)}
 """
+
+
+def demo_report(mv: str, labels_version: str, m: dict, plots: dict, sigma: float) -> str:
+    extra = (f"\n| reference recipe | ~{RECIPE_RMSE:.0f} | | | {RECIPE_MSE_SCALED} |\n"
+             f"| noise floor | {m['noise_floor_rmse']:.1f} | | | |")  # fmt: skip
+    note = ("No model can beat the noise floor on average: prices are drawn around a class\n"
+            f"mean with sigma {sigma:g}.\n\n")  # fmt: skip
+    rows = [(f"{r['class']} {r['garment']}", r) for r in m["per_class"]]
+    return report_markdown(f"`{mv}`", labels_version, m, plots, ("class", rows), 1, extra, note)
+
+
+def catalog_report(mv: str, line: str, labels_version: str, m: dict, plots: dict) -> str:
+    rows = [(r["group"], r) for r in m["per_group"]]
+    return report_markdown(f"`{mv}` (catalog `{line}`)", labels_version, m, plots,
+                           (m["grouped_by"], rows), 2)  # fmt: skip
 
 
 def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
@@ -194,13 +173,10 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
                      {"test": settings.test_limit}, settings.seed, *preprocess_of(config))  # fmt: skip
     test = data.test
     pred = predict_prices(load_stored_model(model), test.images)
-    prices = lake.labels(lineage["dataset_version"], evaluation.labels_version).prices()
-    train_prices = np.array([p for p, s in zip(prices["price"].to_pylist(),
-                                               prices["split"].to_pylist(), strict=True)
-                             if s == "train"])  # fmt: skip
+    train_prices = data.train_prices
     train_mean = float(np.mean(train_prices))
     line = line_of(lineage["dataset_version"])
-    catalog = data.scaling.get("kind") == "table"
+    catalog = line != DEMO_LINE
     if catalog:
         metrics = catalog_metrics(test.price, pred, test.labels, data.scaling, train_mean,
                                   train_prices)  # fmt: skip
@@ -218,18 +194,18 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
         shown["training curves"] = (model.plot("loss"), model.plot_link("loss"))
     if catalog:
         publish_markdown(
-            artifact_key(f"{line}-eval-{mv}"),
+            line_key(line, f"eval-{mv}"),
             catalog_report(mv, line, evaluation.labels_version, metrics, shown),
-            f"evaluation of {mv} ({line}): {catalog_verdict(metrics).split(':')[0].strip('*')}",
+            f"evaluation of {mv} ({line}): {verdict(metrics).split(':')[0].strip('*')}",
         )
-        publish_table(artifact_key(f"{line}-eval-{mv}-groups"), rounded(metrics["per_group"]),
+        publish_table(line_key(line, f"eval-{mv}-groups"), rounded(metrics["per_group"]),
                       f"errors per {metrics['grouped_by']}")  # fmt: skip
         get_logger().info("%s (%s): RMSE %.2f (mean-price baseline %.2f) on %d images", mv,
                           line, metrics["rmse"], metrics["baseline_rmse"], metrics["n"])  # fmt: skip
         return metrics
     publish_markdown(
         artifact_key(f"eval-{mv}"),
-        report_markdown(mv, evaluation.labels_version, metrics, shown, rule.sigma),
+        demo_report(mv, evaluation.labels_version, metrics, shown, rule.sigma),
         f"evaluation of {mv}: {verdict(metrics).split(':')[0].strip('*')}",
     )
     publish_table(

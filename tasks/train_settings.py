@@ -21,6 +21,7 @@ QUICK = {
     "test_limit": 1000,
 }
 CATALOG_INPUT_SIZE = 96  # catalogs' default input side (the demo keeps 48)
+CATALOG_DEFAULTS = {"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE}  # RGB at 96
 
 
 class TrainSettings(BaseModel):
