@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from _common import prepared_store
@@ -110,22 +109,6 @@ def pool_fan_out(lake: Lake, drop: str, n: int, shard_size: int, api: str) -> tu
     return seconds, lake.score_run(drop, mv).manifest(), overheads(lake, drop, mv, launched)
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port = 4311
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    prefect = Path(sys.executable).with_name("prefect")
-    server = subprocess.Popen([str(prefect), "server", "start", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(api + "/health", timeout=2)
-            return server, api
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("prefect server did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=4000)
@@ -167,13 +150,13 @@ def main() -> None:
         )
     if args.no_pool:
         return
-    from tasks.pools import apply_pools, deploy_all
-
-    home = Path(tempfile.mkdtemp(prefix="vggprice-bench-prefect-"))
-    server, api = start_server(home)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    try:
+    from tasks.pools import apply_pools, deploy_all
+    from tests.conftest import running_prefect_server
+
+    home = Path(tempfile.mkdtemp(prefix="vggprice-bench-prefect-"))
+    with running_prefect_server(home) as api:
         with temporary_settings({PREFECT_API_URL: api}):
             apply_pools()
         deploy_all(REPO, api_url=api)
@@ -182,9 +165,6 @@ def main() -> None:
                 f"pool fan-out, {k} worker(s)",
                 *pool_fan_out(lake, f"f{k}", k, args.shard_size, api),
             )
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

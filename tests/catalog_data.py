@@ -12,6 +12,7 @@ from PIL import Image
 
 from tasks.labels import DEFAULT_MEANS
 from tasks.reports import GARMENTS
+from tests import conftest
 
 # colour -> (RGB of a full-intensity pixel, price premium)
 COLOURS = {
@@ -24,13 +25,7 @@ NOISE = 2.0
 
 def garments(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Generated 28x28 gray garments (class-dependent bright squares on a dark field)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    rng.shuffle(labels)
-    images = rng.integers(0, 40, size=(n, 28, 28))
-    for i, c in enumerate(labels):
-        images[i, 4 : 6 + 2 * c, 4 : 6 + 2 * c] = 200 + c * 5
-    return images.astype(np.uint8), labels
+    return conftest.garments(n, np.random.default_rng(seed))
 
 
 def tint(gray: np.ndarray, colour: str) -> np.ndarray:

@@ -3,6 +3,7 @@ server for flow tests, and small generated IDX files."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import socket
@@ -112,16 +113,23 @@ def idx_labels(labels: np.ndarray, magic: int = 0x00000801) -> bytes:
     )
 
 
+def garments(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Generated 28x28 gray garments: a bright square whose size depends on the class,
+    on a dark field; every class present."""
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28))
+    for i, c in enumerate(labels):
+        images[i, 4 : 6 + 2 * c, 4 : 6 + 2 * c] = 200 + c * 5
+    return images.astype(np.uint8), labels
+
+
 def write_idx_source(directory: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
-    """Four gzip IDX files in Fashion-MNIST's names: class-dependent blobs, every class present."""
+    """Four gzip IDX files in Fashion-MNIST's names, holding generated garments."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        rng.shuffle(labels)
-        images = rng.integers(0, 40, size=(n, 28, 28))
-        for i, c in enumerate(labels):  # a bright square whose size depends on the class
-            images[i, 4 : 6 + 2 * c, 4 : 6 + 2 * c] = 200 + c * 5
+        images, labels = garments(n, rng)
         (directory / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_images(images)))
         (directory / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_labels(labels)))
     return directory
@@ -182,37 +190,49 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture
-def prefect_api(tmp_path):
-    """`prefect server start` on 127.0.0.1 (SQLite, analytics and scheduler off)."""
-    port = free_port()
+def wait_healthy(url: str, log: Path | None = None, seconds: int = 240) -> None:
+    """Until the Prefect API at ``url`` answers; RuntimeError with the log's tail if not."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"no Prefect API at {url}: " + (log.read_text()[-3000:] if log else ""))
+
+
+@contextlib.contextmanager
+def running_prefect_server(home: Path, host: str = "127.0.0.1"):
+    """`prefect server start` bound to ``host`` (SQLite under ``home``, analytics and
+    scheduler off) for the duration of the block; yields the API URL."""
+    home.mkdir(parents=True, exist_ok=True)
     env = os.environ | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
     }
     env.pop("PREFECT_API_URL", None)
+    port = free_port()
     prefect = Path(sys.executable).with_name("prefect")
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - open while the server runs
+    log = open(home / "server.log", "w")  # noqa: SIM115 - open while the server runs
     server = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [str(prefect), "server", "start", "--host", host, "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}/api"
+    url = f"http://{host}:{port}/api"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError(
-                "prefect server did not start: " + (tmp_path / "server.log").read_text()
-            )
+        wait_healthy(url, home / "server.log")
         yield url
     finally:
         stop_process(server)
         log.close()
+
+
+@pytest.fixture
+def prefect_api(tmp_path):
+    """A real Prefect API server for one test."""
+    with running_prefect_server(tmp_path / "prefect-home") as url:
+        yield url

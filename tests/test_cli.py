@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,11 @@ from tests.conftest import copy_lake
 REPO = Path(__file__).resolve().parents[1]
 
 
-def vggprice(*args: str, env: dict | None = None) -> tuple[int, list[str], str, float]:
-    t0 = time.time()
+def vggprice(*args: str, env: dict | None = None) -> tuple[int, list[str], str]:
     out = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    return out.returncode, lines, out.stdout, time.time() - t0
+    return out.returncode, lines, out.stdout
 
 
 @pytest.fixture
@@ -35,25 +33,24 @@ def no_aws(tmp_path):
 
 
 def test_s3_without_credentials_fails_fast(no_aws):
-    code, err, _, seconds = vggprice("run", "--quick", "--store", "s3://no-such-bucket/x",
+    code, err, _ = vggprice("run", "--quick", "--store", "s3://no-such-bucket/x",
                                      env=no_aws)  # fmt: skip
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("vggprice: error: s3://no-such-bucket/x: no AWS credentials")
     assert "AWS_ACCESS_KEY_ID" in err[0]
-    assert seconds < 60  # no retries (a generous bound: imports take most of it)
 
 
 def test_unreachable_endpoint_fails_fast(no_aws):
     env = no_aws | {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
                     "VGGPRICE_S3_ENDPOINT_URL": "http://127.0.0.1:9"}  # fmt: skip
-    code, err, _, _ = vggprice("champion", "--store", "s3://bucket/x", env=env)
+    code, err, _ = vggprice("champion", "--store", "s3://bucket/x", env=env)
     assert code == 2 and len(err) == 1, err
     assert "cannot reach http://127.0.0.1:9 — check VGGPRICE_S3_ENDPOINT_URL" in err[0]
 
 
 def test_unknown_bucket(s3_endpoint, tmp_path):
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
-    code, err, _, _ = vggprice("champion", "--store", "s3://no-such-bucket/x", env=env)
+    code, err, _ = vggprice("champion", "--store", "s3://no-such-bucket/x", env=env)
     assert code == 2 and len(err) == 1, err
     assert "bucket 'no-such-bucket' does not exist" in err[0]
 
@@ -78,7 +75,7 @@ def test_unknown_versions_list_the_known_ones(lake, tmp_path):
         (("train", dv, lv, "--set", "epochs=zero"), "epochs: Input should be a valid integer"),
     ]
     for args, expected in cases:
-        code, err, _, _ = vggprice(*args, "--store", copy.uri, env=env)
+        code, err, _ = vggprice(*args, "--store", copy.uri, env=env)
         assert code == 2 and len(err) == 1, (args, err)
         assert err[0].startswith("vggprice: error: ") and expected in err[0], (args, err)
     assert copy.store.keys() == before, "nothing written"
@@ -87,8 +84,8 @@ def test_unknown_versions_list_the_known_ones(lake, tmp_path):
 def test_tracebacks_only_when_asked(lake, tmp_path):
     copy, _ = lake
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
-    code, err, _, _ = vggprice("evaluate", "m-nope", "--store", copy.uri, "--debug", env=env)
+    code, err, _ = vggprice("evaluate", "m-nope", "--store", copy.uri, "--debug", env=env)
     assert code != 0 and any(ln.startswith("Traceback") for ln in err)
-    code, err, _, _ = vggprice("evaluate", "m-nope", "--store", copy.uri,
+    code, err, _ = vggprice("evaluate", "m-nope", "--store", copy.uri,
                                env=env | {"VGGPRICE_DEBUG": "1"})  # fmt: skip
     assert code != 0 and any(ln.startswith("Traceback") for ln in err)

@@ -13,11 +13,8 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,14 @@ from PIL import Image
 
 from tasks.pools import REPO, apply_pools, deploy_all, worker_command
 from tasks.storage import open_store
-from tests.conftest import TINY, free_port, stop_process, write_idx_source
+from tests.conftest import (
+    TINY,
+    free_port,
+    running_prefect_server,
+    stop_process,
+    wait_healthy,
+    write_idx_source,
+)
 
 pytestmark = pytest.mark.docker
 COMPOSE = REPO / "infra" / "compose"
@@ -68,40 +72,6 @@ def bridge_gateway() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         request = struct.pack("256s", name[:15])
         return socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
-
-
-@contextmanager
-def prefect_server(host: str, home: Path):
-    """`prefect server start` bound to ``host`` (SQLite under ``home``)."""
-    port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    home.mkdir(parents=True, exist_ok=True)
-    log = open(home / "server.log", "w")  # noqa: SIM115 - open while the server runs
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "server", "start",
-         "--host", host, "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://{host}:{port}/api"
-    try:
-        wait_healthy(url, home / "server.log")
-        yield url
-    finally:
-        stop_process(proc)
-        log.close()
-
-
-def wait_healthy(url: str, log: Path | None = None, seconds: int = 240) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"no Prefect API at {url}: " + (log.read_text()[-3000:] if log else ""))
 
 
 def png(shade: int) -> bytes:
@@ -148,7 +118,10 @@ def test_docker_worker_runs_a_retrain_and_scores_a_drop(images, tmp_path):
     home = tmp_path / "prefect"
     worker_log = tmp_path / "worker.log"
     try:
-        with prefect_server(gateway, home) as api, temporary_settings({PREFECT_API_URL: api}):
+        with (
+            running_prefect_server(home, gateway) as api,
+            temporary_settings({PREFECT_API_URL: api}),
+        ):
             apply_pools()
             deploy_all(REPO, api_url=api, cpu_pool="cpu-docker", gpu_pool="cpu-docker")
             env = os.environ | aws | {

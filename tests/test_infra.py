@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -60,45 +59,23 @@ def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 for this module, with every pool applied."""
+    """A Prefect server for this module, with every pool applied."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.conftest import free_port, stop_process
+    from tests.conftest import running_prefect_server
 
-    home = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")  # noqa: SIM115 - open while the server runs
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "server", "start",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError((home / "server.log").read_text())
-        with temporary_settings({PREFECT_API_URL: url}):
-            assert apply_pools() == dict.fromkeys(POOLS, "created")
-            yield url
-            # The workers' log and event senders finish here, not against a stopped server
-            # later on (their retries would run in other tests' time).
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all()
-            EventsWorker.drain_all()
-    finally:
-        stop_process(proc)
-        log.close()
+    with (
+        running_prefect_server(tmp_path_factory.mktemp("prefect")) as url,
+        temporary_settings({PREFECT_API_URL: url}),
+    ):
+        assert apply_pools() == dict.fromkeys(POOLS, "created")
+        yield url
+        # The workers' log and event senders finish here, not against a stopped server
+        # later on (their retries would run in other tests' time).
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
 
 
 def _worker_class(kind: str):
@@ -506,7 +483,7 @@ def test_terraform_scales_from_zero_on_schedule_and_boots_the_right_disk():
     schedule = resources["aws_autoscaling_schedule.nightly"]
     assert schedule["autoscaling_group_name"] == "${aws_autoscaling_group.worker.name}"
     minute, hour = map(int, variables["scale_up_recurrence"]["default"].split()[:2])
-    nightly = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+    (nightly,) = [d for d in _SPEC if d["name"] == "retrain-nightly"]
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     assert (hour, minute) < (2, 0), "a worker is up before the nightly retrain"
     template = resources["aws_launch_template.worker"]

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # its digest.
 GOLDEN_DATASET = {"vggprice-fashion-mnist-v1": "a9fbd2f205230460"}
 GOLDEN_LABELS = {1: "5f1404d6ba88f575"}
+GOLDEN_CATALOG = {"vggprice-catalog-v1": "9cf1decde19c4c87"}
 
 # A literal that builds a lake key: one that starts with a zone or a part of one, or
 # is an object name. Only the catalog (and storage, which moves bytes) may hold them.
@@ -59,6 +60,37 @@ def labels_digest() -> str:
     return hashlib.sha256(prices.tobytes() + repr(sorted(scaling.items())).encode()).hexdigest()[
         :16
     ]
+
+
+def catalog_digest() -> str:
+    """What a catalog's ingest stores for fixed inputs: normalised RGB pixels (read back
+    from the stored PNGs) of images of several sizes and modes, and the seeded split."""
+    import io as _io
+
+    from PIL import Image
+
+    from tasks.catalog import SPLIT_SEED, TEST_FRACTION, stratified_split
+    from tasks.images import encode_png_rgb, to_rgb
+
+    rng = np.random.default_rng(0)
+    h = hashlib.sha256()
+    for size, mode in (((300, 200), "RGB"), ((40, 90), "L"), ((64, 64), "RGBA")):
+        im = Image.fromarray(rng.integers(0, 256, (*size[::-1], len(mode)), dtype=np.uint8)
+                             .squeeze(), mode=mode)  # fmt: skip
+        buf = _io.BytesIO()
+        im.save(buf, format="PNG")
+        stored = encode_png_rgb(to_rgb(buf.getvalue()))
+        h.update(np.asarray(Image.open(_io.BytesIO(stored))).tobytes())
+    categories = [f"c{i % 3}" for i in range(40)]
+    h.update(repr(stratified_split(categories, TEST_FRACTION, SPLIT_SEED)).encode())
+    return h.hexdigest()[:16]
+
+
+def test_catalog_format_is_pinned():
+    assert catalog.CATALOG_FORMAT in GOLDEN_CATALOG, "new format: add its golden digest here"
+    assert catalog_digest() == GOLDEN_CATALOG[catalog.CATALOG_FORMAT], (
+        "catalog ingest now stores other content: bump CATALOG_FORMAT in tasks/lake.py"
+    )
 
 
 def test_dataset_format_is_pinned():
