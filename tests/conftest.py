@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import socket
 import subprocess
@@ -176,6 +177,55 @@ def copy_lake(source, target_uri: str):
     for info in source.store.list():
         target.store.put_bytes(info.key, source.store.get_bytes(info.key))
     return target
+
+
+# --- tests that train in a process of their own ----------------------------------
+# TensorFlow keeps native memory from every model.fit of a process (about 100-400 MB a
+# training, clear_session does not give it back: tensorflow/tensorflow#61791). Tests marked
+# `own_process` run in a fresh pytest process whose reports come back to this one, as
+# pytest-xdist carries them, so the suite's memory does not grow with each training.
+
+REPORTS = "VGGPRICE_TEST_REPORTS"  # set in the child: where it writes its reports
+_config: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config  # noqa: PLW0603 - the hook below gets no config of its own
+    _config = config
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if os.environ.get(REPORTS) and _config is not None:
+        data = _config.hook.pytest_report_to_serializable(config=_config, report=report)
+        with open(os.environ[REPORTS], "a") as f:
+            f.write(json.dumps(data) + "\n")
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    if item.get_closest_marker("own_process") is None or os.environ.get(REPORTS):
+        return None
+    config = item.config
+    with tempfile.TemporaryDirectory(prefix="vggprice-own-process-") as base:
+        out = Path(base) / "reports.jsonl"
+        cmd = [sys.executable, "-m", "pytest", item.nodeid, "-q", "-p", "no:cacheprovider",
+               "--basetemp", str(Path(base) / "tmp"), "-o", "addopts="]  # fmt: skip
+        child = subprocess.run(cmd, cwd=config.rootpath, env=os.environ | {REPORTS: str(out)},
+                               capture_output=True, text=True)  # fmt: skip
+        lines = out.read_text().splitlines() if out.exists() else []
+    reports = [
+        config.hook.pytest_report_from_serializable(config=config, data=json.loads(line))
+        for line in lines
+    ]
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    if not any(r.when == "teardown" for r in reports):  # the child died mid-test
+        reports.append(pytest.TestReport(
+            item.nodeid, item.location, {}, "failed", f"the test's own process ended with "
+            f"status {child.returncode} before the test did:\n{child.stdout[-4000:]}"
+            f"{child.stderr[-4000:]}", "call"))  # fmt: skip
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
 
 
 # --- a real Prefect server --------------------------------------------------------

@@ -114,6 +114,7 @@ def test_train_evaluate_promote(versions, store_uri):
     assert decisions[1]["challenger"]["metrics"]["rmse"] > 0
 
 
+@pytest.mark.own_process
 def test_resume_after_crash(versions):
     lake, dv, lv = versions
     store = lake.store
@@ -138,6 +139,7 @@ def test_resume_after_crash(versions):
     assert store.keys("checkpoints/") == [], "checkpoints are removed once the model is stored"
 
 
+@pytest.mark.own_process
 def test_checkpoint_from_other_code_is_not_resumed(local_versions, caplog):
     lake, dv, lv = local_versions
     store = lake.store
@@ -160,6 +162,7 @@ def test_checkpoint_from_other_code_is_not_resumed(local_versions, caplog):
     assert "checkpoint does not fit" in caplog.text
 
 
+@pytest.mark.own_process
 def test_weights_from_file(tmp_path, local_versions):
     import hashlib
 
@@ -187,6 +190,7 @@ def test_weights_from_file(tmp_path, local_versions):
         train(lake, dv, lv, TrainSettings(**TINY | {"weights": str(wrong)}))
 
 
+@pytest.mark.own_process
 def test_weights_from_store_uri(tmp_path, s3_uri, local_versions):
     import keras
 
@@ -215,6 +219,7 @@ def scaled_to_price(y: np.ndarray, scaling: dict) -> np.ndarray:
     )
 
 
+@pytest.mark.own_process
 def test_stored_model_is_the_trained_model(local_versions):
     """The in-memory trained graphs (frozen layers, then the top with its fast
     convolutions) and the stored model.keras give the same prices on the same images;
@@ -248,6 +253,7 @@ def test_stored_model_is_the_trained_model(local_versions):
     assert keras.mixed_precision.global_policy().name == "float32", "policy restored"
 
 
+@pytest.mark.own_process
 def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
     """One model version, one model: the same inputs and settings train the same
     weights on this machine (seeded, with a seeded batch order)."""
@@ -273,6 +279,7 @@ def test_export_fails_naming_a_layer_without_trained_weights():
         export_model(settings, [top], {"min": 0.0, "max": 1.0})
 
 
+@pytest.mark.own_process
 def test_mixed_float16_trains_with_loss_scaling(local_versions):
     """The GPU pool's precision on CPU: Keras's loss scaling around the fused RMSprop."""
     import keras
@@ -293,6 +300,7 @@ def test_mixed_float16_trains_with_loss_scaling(local_versions):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.own_process
 def test_training_leaves_no_global_state_behind(local_versions):
     import random
 
@@ -310,6 +318,7 @@ def test_training_leaves_no_global_state_behind(local_versions):
     assert (random.random(), np.random.rand()) == expected, "seeds put back as they were"
 
 
+@pytest.mark.own_process
 def test_online_mode_and_none_default_trains_all(local_versions, caplog):
     lake, dv, lv = local_versions
     settings = TrainSettings(weights="none", input_size=32, epochs=1, augment="online")
