@@ -160,6 +160,21 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _share_local_api() -> None:
+    """Where no PREFECT_API_URL is set, start the temporary local server now and hand its
+    address to the processes started below (local Dask workers): one server for the run,
+    instead of one more server and database connection per worker."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one this process's flow run will use too
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+
+
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
     from tasks.scoring import list_drop, locate_drop, resolve_model
@@ -180,6 +195,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
             runner = DaskTaskRunner(address=args.dask_address)
         else:  # N local scorer processes, one thread each, sharing the cores between them
             scorers = args.workers
+            _share_local_api()
             os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, _cores() // scorers)))
             runner = DaskTaskRunner(
                 cluster_kwargs={"n_workers": scorers, "threads_per_worker": 1, "processes": True}
