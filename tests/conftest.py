@@ -182,11 +182,14 @@ def copy_lake(source, target_uri: str):
 # --- tests that train in a process of their own ----------------------------------
 # TensorFlow keeps native memory from every model.fit of a process (about 100-400 MB a
 # training, clear_session does not give it back: tensorflow/tensorflow#61791). Tests marked
-# `own_process` run in a fresh pytest process whose reports come back to this one, as
-# pytest-xdist carries them, so the suite's memory does not grow with each training.
+# `own_process` run, a few at a time, in a fresh pytest process whose reports come back to
+# this one as pytest-xdist carries them, so the suite's memory does not grow with each fit.
 
 REPORTS = "VGGPRICE_TEST_REPORTS"  # set in the child: where it writes its reports
+BATCH = 4  # marked tests per fresh process: ~5 s of start-up against ~0.25 GB a training
 _config: pytest.Config | None = None
+_from_child: dict[str, list[pytest.TestReport]] = {}  # reports not yet shown, by test
+_sent: set[str] = set()  # tests already run in a child
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -201,28 +204,42 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             f.write(json.dumps(data) + "\n")
 
 
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if item.get_closest_marker("own_process") is None or os.environ.get(REPORTS):
-        return None
+def _run_in_child(item: pytest.Item) -> None:
+    """Run this test and the next marked ones of its file (BATCH in all) in one fresh
+    pytest process; keep each test's reports for its turn."""
     config = item.config
+    batch = [
+        i
+        for i in item.session.items
+        if i.get_closest_marker("own_process") and i.path == item.path and i.nodeid not in _sent
+    ][:BATCH]
     with tempfile.TemporaryDirectory(prefix="vggprice-own-process-") as base:
         out = Path(base) / "reports.jsonl"
-        cmd = [sys.executable, "-m", "pytest", item.nodeid, "-q", "-p", "no:cacheprovider",
-               "--basetemp", str(Path(base) / "tmp"), "-o", "addopts="]  # fmt: skip
+        cmd = [sys.executable, "-m", "pytest", *(i.nodeid for i in batch), "-q",
+               "-p", "no:cacheprovider", "--basetemp", str(Path(base) / "tmp"), "-o", "addopts="]  # fmt: skip
         child = subprocess.run(cmd, cwd=config.rootpath, env=os.environ | {REPORTS: str(out)},
                                capture_output=True, text=True)  # fmt: skip
         lines = out.read_text().splitlines() if out.exists() else []
-    reports = [
-        config.hook.pytest_report_from_serializable(config=config, data=json.loads(line))
-        for line in lines
-    ]
+    for line in lines:
+        report = config.hook.pytest_report_from_serializable(config=config, data=json.loads(line))
+        _from_child.setdefault(report.nodeid, []).append(report)
+    for i in batch:
+        _sent.add(i.nodeid)
+        reports = _from_child.setdefault(i.nodeid, [])
+        if not any(r.when == "teardown" for r in reports):  # the child died before it ended
+            reports.append(pytest.TestReport(
+                i.nodeid, i.location, {}, "failed", f"the tests' own process ended with status "
+                f"{child.returncode} before this test did:\n{child.stdout[-4000:]}"
+                f"{child.stderr[-4000:]}", "call"))  # fmt: skip
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    if item.get_closest_marker("own_process") is None or os.environ.get(REPORTS):
+        return None
+    if item.nodeid not in _sent:
+        _run_in_child(item)
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    if not any(r.when == "teardown" for r in reports):  # the child died mid-test
-        reports.append(pytest.TestReport(
-            item.nodeid, item.location, {}, "failed", f"the test's own process ended with "
-            f"status {child.returncode} before the test did:\n{child.stdout[-4000:]}"
-            f"{child.stderr[-4000:]}", "call"))  # fmt: skip
-    for report in reports:
+    for report in _from_child.pop(item.nodeid):
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
