@@ -53,8 +53,11 @@ def _lake(args: argparse.Namespace):
 
 def _cmd_ingest(args: argparse.Namespace) -> dict:
     from flows.ingest import ingest_flow
+    from tasks.dataset import find_source
 
     _lake(args)
+    if args.source:  # a wrong directory stops here, before any run starts
+        find_source(args.source)
     return ingest_flow(store=args.store, source=args.source)
 
 

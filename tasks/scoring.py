@@ -521,7 +521,7 @@ def resolve_champion(lake: Lake, line: str | None) -> dict:
         raise LineError(f"{lake.uri} holds several model lines ({', '.join(champions)}): "
                         "pass --line NAME")  # fmt: skip
     if not champions:
-        raise NotInLake(f"no champion in {lake.uri}: train and promote a model, or pass --model")
+        raise NotInLake(f"no champion in {lake.uri}: train and promote a model (vggprice run)")
     return next(iter(champions.values()))
 
 

@@ -89,3 +89,18 @@ def test_tracebacks_only_when_asked(lake, tmp_path):
     code, err, _ = vggprice("evaluate", "m-nope", "--store", copy.uri,
                                env=env | {"VGGPRICE_DEBUG": "1"})  # fmt: skip
     assert code != 0 and any(ln.startswith("Traceback") for ln in err)
+
+
+def test_empty_store_and_missing_source(tmp_path):
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
+    store = str(tmp_path / "lake")
+    cases = [
+        (("ingest", "--source", str(tmp_path / "nowhere")), "nowhere: missing train-images"),
+        (("champion",), "no champion in"),
+        (("score-new",), "train and promote a model (vggprice run)"),
+    ]
+    for args, expected in cases:
+        code, err, _ = vggprice(*args, "--store", store, env=env)
+        assert code == 2 and len(err) == 1, (args, err)
+        assert err[0].startswith("vggprice: error: ") and expected in err[0], (args, err)
+    assert not Path(store).exists() or not any(Path(store).rglob("*.*")), "nothing written"
