@@ -138,6 +138,7 @@ def _drop_images(directory: Path) -> list[bytes]:
     return out + [buf.getvalue()]
 
 
+@pytest.mark.own_process
 @pytest.mark.usefixtures("prefect_server")
 def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, tmp_path):
     demo_lake, _, _, demo_mv = tiny_lake

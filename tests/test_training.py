@@ -60,6 +60,7 @@ def local_versions(tmp_path, idx_source):
     return make_versions(str(tmp_path / "lake"), idx_source)
 
 
+@pytest.mark.own_process
 @pytest.mark.usefixtures("prefect_server")
 def test_train_evaluate_promote(versions, store_uri):
     lake, dv, lv = versions
