@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -57,10 +56,8 @@ def main() -> int:
         return 2
     proc = subprocess.Popen(sys.argv[1:])
     peak_tree, peak_one, peak_name = 0, 0, ""
-    done = threading.Event()
-    threading.Thread(target=lambda: (proc.wait(), done.set()), daemon=True).start()
     start = time.time()
-    while not done.is_set():
+    while proc.poll() is None:
         kids, todo, total = _children(), [proc.pid], 0
         while todo:
             pid = todo.pop()
@@ -70,7 +67,7 @@ def main() -> int:
                 peak_one, peak_name = rss, _name(pid)
             todo += kids.get(pid, [])
         peak_tree = max(peak_tree, total)
-        done.wait(0.5)
+        time.sleep(0.5)
     print(f"\ncommand: {' '.join(sys.argv[1:])}: status {proc.returncode}, "
           f"{time.time() - start:.0f} s")  # fmt: skip
     print(f"peak of one process: {peak_one / 1e9:.2f} GB ({peak_name.strip()})")

@@ -14,10 +14,9 @@ from PIL import Image
 
 from tasks.pools import POOLS, REPO, apply_pools, deploy_all, worker_command
 from tasks.storage import open_store
-from tests.conftest import stop_process
+from tests.conftest import TINY, stop_process
 
 pytestmark = pytest.mark.deployed
-TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
 
 
 def _png(shade: int = 0) -> bytes:
