@@ -232,8 +232,10 @@ def _cmd_pools(args: argparse.Namespace) -> dict:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> dict:
-    from tasks.pools import apply_pools, deploy_all
+    from tasks.pools import apply_pools, deploy_all, pool_kind
 
+    for pool in (args.cpu_pool, args.gpu_pool):  # a wrong name stops before any write
+        pool_kind(pool)
     pools = apply_pools()
     out = deploy_all(
         cpu_pool=args.cpu_pool,

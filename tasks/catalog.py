@@ -224,11 +224,11 @@ def check_catalog(
     """List the images, read the prices table and check it whole; CatalogError with one
     line for anything that stops the run. Writes nothing."""
     check_line_name(name)
+    rows, prices_body = read_prices(prices_uri)  # a missing table stops before any listing
     source = open_source(source_uri)
     listing = source.listing()
     if not listing:
         raise CatalogError(f"{source_uri}: no images found")
-    rows, prices_body = read_prices(prices_uri)
     prices_sha256 = hashlib.sha256(prices_body).hexdigest()
     spec = {"max_side": MAX_SIDE, "test_fraction": TEST_FRACTION, "split_seed": SPLIT_SEED}
     dv = catalog_version(name, listing, prices_sha256, spec)

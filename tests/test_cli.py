@@ -94,10 +94,13 @@ def test_tracebacks_only_when_asked(lake, tmp_path):
 def test_empty_store_and_missing_source(tmp_path):
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
     store = str(tmp_path / "lake")
+    no_prices = ("--prices", str(tmp_path / "none.csv"), "--name", "shop")
     cases = [
         (("ingest", "--source", str(tmp_path / "nowhere")), "nowhere: missing train-images"),
         (("champion",), "no champion in"),
         (("score-new",), "train and promote a model (vggprice run)"),
+        (("deploy", "--gpu-pool", "nosuch"), "unknown work pool 'nosuch': one of cpu, gpu"),
+        (("run", "--source", str(tmp_path), *no_prices), "none.csv: no such prices file"),
     ]
     for args, expected in cases:
         code, err, _ = vggprice(*args, "--store", store, env=env)
