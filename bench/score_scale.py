@@ -153,7 +153,7 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.pools import apply_pools, deploy_all
-    from tests.conftest import running_prefect_server
+    from tests.servers import running_prefect_server
 
     home = Path(tempfile.mkdtemp(prefix="vggprice-bench-prefect-"))
     with running_prefect_server(home) as api:

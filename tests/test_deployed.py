@@ -14,7 +14,8 @@ from PIL import Image
 
 from tasks.pools import POOLS, REPO, apply_pools, deploy_all, worker_command
 from tasks.storage import open_store
-from tests.conftest import TINY, stop_process
+from tests.conftest import TINY
+from tests.servers import stop_process
 
 pytestmark = pytest.mark.deployed
 

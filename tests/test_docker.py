@@ -22,14 +22,8 @@ from PIL import Image
 
 from tasks.pools import REPO, apply_pools, deploy_all, worker_command
 from tasks.storage import open_store
-from tests.conftest import (
-    TINY,
-    free_port,
-    running_prefect_server,
-    stop_process,
-    wait_healthy,
-    write_idx_source,
-)
+from tests.conftest import TINY, write_idx_source
+from tests.servers import free_port, running_prefect_server, stop_process, wait_healthy
 
 pytestmark = pytest.mark.docker
 COMPOSE = REPO / "infra" / "compose"

@@ -64,7 +64,7 @@ def server(tmp_path_factory):
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.conftest import running_prefect_server
+    from tests.servers import running_prefect_server
 
     with (
         running_prefect_server(tmp_path_factory.mktemp("prefect")) as url,
@@ -590,7 +590,7 @@ def test_automations_notify_on_a_rejected_challenger(prefect_api):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.pools import apply_automations
-    from tests.conftest import free_port
+    from tests.servers import free_port
 
     received: list[bytes] = []
 

@@ -1,0 +1,69 @@
+"""Processes the tests (and benchmarks) run: free ports, a `prefect server start`, and
+stopping what they started. No side effects on import, unlike conftest.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_healthy(url: str, log: Path | None = None, seconds: int = 240) -> None:
+    """Until the Prefect API at ``url`` answers; RuntimeError with the log's tail if not."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"no Prefect API at {url}: " + (log.read_text()[-3000:] if log else ""))
+
+
+@contextlib.contextmanager
+def running_prefect_server(home: Path, host: str = "127.0.0.1"):
+    """`prefect server start` bound to ``host`` (SQLite under ``home``, analytics and
+    scheduler off) for the duration of the block; yields the API URL."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    prefect = Path(sys.executable).with_name("prefect")
+    log = open(home / "server.log", "w")  # noqa: SIM115 - open while the server runs
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", host, "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://{host}:{port}/api"
+    try:
+        wait_healthy(url, home / "server.log")
+        yield url
+    finally:
+        stop_process(server)
+        log.close()
