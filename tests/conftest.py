@@ -3,9 +3,11 @@ server for flow tests, and small generated IDX files."""
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,9 +19,13 @@ import pytest
 
 from tests.servers import free_port, running_prefect_server
 
-# Keep test runs out of the user's Prefect database, caches and store, and quiet.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vggprice-prefect-")
-os.environ["VGGPRICE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vggprice-cache-")
+# Keep test runs out of the user's Prefect database, caches and store, and quiet. The
+# scratch directory (Prefect's home, the model cache: about 2 GB by the end of a run) goes
+# when this process ends.
+SCRATCH = Path(tempfile.mkdtemp(prefix="vggprice-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ["PREFECT_HOME"] = str(SCRATCH / "prefect")
+os.environ["VGGPRICE_CACHE_DIR"] = str(SCRATCH / "cache")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests never use the user's store or data source by accident.
@@ -228,7 +234,11 @@ def _run_in_child(item: pytest.Item) -> None:
                                capture_output=True, text=True)  # fmt: skip
         lines = out.read_text().splitlines() if out.exists() else []
     for line in lines:
-        report = config.hook.pytest_report_from_serializable(config=config, data=json.loads(line))
+        try:  # a line cut short (the child killed mid-write, a full disk) is dropped
+            data = json.loads(line)
+        except ValueError:
+            continue
+        report = config.hook.pytest_report_from_serializable(config=config, data=data)
         _from_child.setdefault(report.nodeid, []).append(report)
     for i in batch:
         _sent.add(i.nodeid)
