@@ -4,6 +4,7 @@ server for flow tests, and small generated IDX files."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gzip
 import json
 import os
@@ -20,12 +21,20 @@ import pytest
 from tests.servers import free_port, running_prefect_server
 
 # Keep test runs out of the user's Prefect database, caches and store, and quiet. The
-# scratch directory (Prefect's home, the model cache: about 2 GB by the end of a run) goes
-# when this process ends.
+# scratch directory (Prefect's home, the model cache: about 2 GB by the end of a run, the
+# session's tiny lake) goes when this process ends.
+REPORTS = "VGGPRICE_TEST_REPORTS"  # set in an own-process child: where it writes its reports
+PREFECT_URL = "VGGPRICE_TEST_PREFECT_API"  # the session's Prefect server, once started
 SCRATCH = Path(tempfile.mkdtemp(prefix="vggprice-tests-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
-os.environ["PREFECT_HOME"] = str(SCRATCH / "prefect")
-os.environ["VGGPRICE_CACHE_DIR"] = str(SCRATCH / "cache")
+if not os.environ.get(REPORTS):  # the main process: its own-process children share these
+    os.environ.update(
+        PREFECT_HOME=str(SCRATCH / "prefect"),
+        VGGPRICE_CACHE_DIR=str(SCRATCH / "cache"),
+        VGGPRICE_TEST_TINY_LAKE=str(SCRATCH / "tiny"),
+        VGGPRICE_TEST_PREFECT_DB=str(SCRATCH / "prefect-migrated.db"),  # see servers.py
+    )
+    os.environ.pop(PREFECT_URL, None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests never use the user's store or data source by accident.
@@ -86,12 +95,28 @@ def store_uri(request, tmp_path):
     return request.getfixturevalue("s3_uri")
 
 
+_servers = contextlib.ExitStack()  # the shared Prefect server; closed when pytest ends
+
+
+def shared_prefect_api() -> str:
+    """The session's Prefect API (`prefect server start` on SQLite in the scratch
+    directory), started on first use; own-process children inherit its URL."""
+    if PREFECT_URL not in os.environ:
+        home = SCRATCH / "prefect-server"
+        os.environ[PREFECT_URL] = _servers.enter_context(running_prefect_server(home))
+    return os.environ[PREFECT_URL]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _servers.close()
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real (temporary) Prefect API server for the flow runs of this session."""
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_settings({PREFECT_API_URL: shared_prefect_api()}):
         yield
 
 
@@ -146,9 +171,10 @@ TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views":
 
 
 @pytest.fixture(scope="session")
-def tiny_lake(tmp_path_factory):
+def tiny_lake():
     """A local lake with a dataset (shards of 30 rows), labels, and one TINY model,
-    promoted: trained once for the whole session."""
+    promoted: trained once for the whole session (children included). Tests copy it
+    (`copy_lake`) before they write."""
     from tasks.dataset import find_source, ingest
     from tasks.labels import PriceRule, make_labels
     from tasks.lake import Lake
@@ -157,13 +183,19 @@ def tiny_lake(tmp_path_factory):
     from tasks.train_settings import TrainSettings
     from tasks.training import version_for
 
-    root = tmp_path_factory.mktemp("tiny")
+    root = Path(os.environ["VGGPRICE_TEST_TINY_LAKE"])
+    done = root / "versions.json"  # written last: the lake is complete
     lake = Lake(LocalStore(root / "lake"))
-    dv = ingest(lake, find_source(write_idx_source(root / "idx")), shard_rows=30)["version"]
-    lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
-    mv = train_in_child(root / "lake", dv, lv, TINY)
-    assert mv == version_for(dv, lv, TrainSettings(**TINY))
-    promote(lake, mv)
+    if not done.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        source = find_source(write_idx_source(root / "idx"))
+        dv = ingest(lake, source, shard_rows=30)["version"]
+        lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
+        mv = train_in_child(root / "lake", dv, lv, TINY)
+        assert mv == version_for(dv, lv, TrainSettings(**TINY))
+        promote(lake, mv)
+        done.write_text(json.dumps([dv, lv, mv]))
+    dv, lv, mv = json.loads(done.read_text())
     return lake, dv, lv, mv
 
 
@@ -198,7 +230,6 @@ def copy_lake(source, target_uri: str):
 # `own_process` run, a few at a time, in a fresh pytest process whose reports come back to
 # this one as pytest-xdist carries them, so the suite's memory does not grow with each fit.
 
-REPORTS = "VGGPRICE_TEST_REPORTS"  # set in the child: where it writes its reports
 BATCH = 4  # marked tests per fresh process: ~5 s of start-up against ~0.25 GB a training
 _config: pytest.Config | None = None
 _from_child: dict[str, list[pytest.TestReport]] = {}  # reports not yet shown, by test
@@ -226,6 +257,8 @@ def _run_in_child(item: pytest.Item) -> None:
         for i in item.session.items
         if i.get_closest_marker("own_process") and i.path == item.path and i.nodeid not in _sent
     ][:BATCH]
+    if any("prefect_server" in i.fixturenames for i in batch):
+        shared_prefect_api()  # started here, so that it outlives the child
     with tempfile.TemporaryDirectory(prefix="vggprice-own-process-") as base:
         out = Path(base) / "reports.jsonl"
         cmd = [sys.executable, "-m", "pytest", *(i.nodeid for i in batch), "-q",

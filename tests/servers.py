@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -40,11 +41,27 @@ def wait_healthy(url: str, log: Path | None = None, seconds: int = 240) -> None:
     raise RuntimeError(f"no Prefect API at {url}: " + (log.read_text()[-3000:] if log else ""))
 
 
+def copy_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of a live SQLite database (its backup API), renamed into place."""
+    partial = target.with_name(target.name + ".partial")
+    with (
+        contextlib.closing(sqlite3.connect(source)) as src,
+        contextlib.closing(sqlite3.connect(partial)) as dst,
+    ):
+        src.backup(dst)
+    partial.replace(target)
+
+
 @contextlib.contextmanager
 def running_prefect_server(home: Path, host: str = "127.0.0.1"):
     """`prefect server start` bound to ``host`` (SQLite under ``home``, analytics and
     scheduler off) for the duration of the block; yields the API URL."""
     home.mkdir(parents=True, exist_ok=True)
+    # A fresh database costs ~13 s of migrations: start from a copy of one already migrated
+    # (VGGPRICE_TEST_PREFECT_DB, made by the first server that starts without it).
+    template = os.environ.get("VGGPRICE_TEST_PREFECT_DB")
+    if template and Path(template).is_file() and not (home / "prefect.db").exists():
+        copy_sqlite(Path(template), home / "prefect.db")
     env = os.environ | {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -63,6 +80,8 @@ def running_prefect_server(home: Path, host: str = "127.0.0.1"):
     url = f"http://{host}:{port}/api"
     try:
         wait_healthy(url, home / "server.log")
+        if template and not Path(template).exists():
+            copy_sqlite(home / "prefect.db", Path(template))
         yield url
     finally:
         stop_process(server)
