@@ -19,6 +19,9 @@ os.environ.setdefault(
     "2" if any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")) else "3",
 )
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary local server's first start migrates a fresh SQLite database: on a busy
+# 2-core machine that takes longer than Prefect's default 20 s wait for it.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from tasks.labels import PriceRule
 from tasks.scoring import DropBusy

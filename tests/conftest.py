@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.servers import free_port, running_prefect_server
+from tests.servers import copy_sqlite, free_port, migrated_prefect_db, running_prefect_server
 
 # Keep test runs out of the user's Prefect database, caches and store, and quiet. The
 # scratch directory (Prefect's home, the model cache: about 2 GB by the end of a run, the
@@ -32,7 +32,7 @@ if not os.environ.get(REPORTS):  # the main process: its own-process children sh
         PREFECT_HOME=str(SCRATCH / "prefect"),
         VGGPRICE_CACHE_DIR=str(SCRATCH / "cache"),
         VGGPRICE_TEST_TINY_LAKE=str(SCRATCH / "tiny"),
-        VGGPRICE_TEST_PREFECT_DB=str(SCRATCH / "prefect-migrated.db"),  # see servers.py
+        VGGPRICE_TEST_PREFECT_DB=str(SCRATCH / "prefect-migrated.db"),  # servers.py
     )
     os.environ.pop(PREFECT_URL, None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -105,6 +105,14 @@ def shared_prefect_api() -> str:
         home = SCRATCH / "prefect-server"
         os.environ[PREFECT_URL] = _servers.enter_context(running_prefect_server(home))
     return os.environ[PREFECT_URL]
+
+
+def prefect_home(path: Path) -> str:
+    """A PREFECT_HOME of its own for a CLI run, holding a copy of an empty migrated
+    database, so that the run's temporary server starts in seconds."""
+    path.mkdir(parents=True, exist_ok=True)
+    copy_sqlite(migrated_prefect_db(), path / "prefect.db")
+    return str(path)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -257,15 +265,21 @@ def _run_in_child(item: pytest.Item) -> None:
         for i in item.session.items
         if i.get_closest_marker("own_process") and i.path == item.path and i.nodeid not in _sent
     ][:BATCH]
-    if any("prefect_server" in i.fixturenames for i in batch):
-        shared_prefect_api()  # started here, so that it outlives the child
-    with tempfile.TemporaryDirectory(prefix="vggprice-own-process-") as base:
-        out = Path(base) / "reports.jsonl"
-        cmd = [sys.executable, "-m", "pytest", *(i.nodeid for i in batch), "-q",
-               "-p", "no:cacheprovider", "--basetemp", str(Path(base) / "tmp"), "-o", "addopts="]  # fmt: skip
-        child = subprocess.run(cmd, cwd=config.rootpath, env=os.environ | {REPORTS: str(out)},
-                               capture_output=True, text=True)  # fmt: skip
-        lines = out.read_text().splitlines() if out.exists() else []
+    lines: list[str] = []
+    try:  # whatever goes wrong here fails these tests, not the whole session
+        if any("prefect_server" in i.fixturenames for i in batch):
+            shared_prefect_api()  # started here, so that it outlives the child
+        with tempfile.TemporaryDirectory(prefix="vggprice-own-process-") as base:
+            out = Path(base) / "reports.jsonl"
+            cmd = [sys.executable, "-m", "pytest", *(i.nodeid for i in batch), "-q", "-p",
+                   "no:cacheprovider", "--basetemp", str(Path(base) / "tmp"), "-o", "addopts="]  # fmt: skip
+            child = subprocess.run(cmd, cwd=config.rootpath, env=os.environ | {REPORTS: str(out)},
+                                   capture_output=True, text=True)  # fmt: skip
+            ended = (f"the tests' own process ended with status {child.returncode} before this "
+                     f"test did:\n{child.stdout[-4000:]}{child.stderr[-4000:]}")  # fmt: skip
+            lines = out.read_text(errors="replace").splitlines() if out.exists() else []
+    except Exception as err:  # noqa: BLE001 - a full disk, a server that did not start, ...
+        ended = f"the tests' own process could not run: {err.__class__.__name__}: {err}"
     for line in lines:
         try:  # a line cut short (the child killed mid-write, a full disk) is dropped
             data = json.loads(line)
@@ -277,10 +291,7 @@ def _run_in_child(item: pytest.Item) -> None:
         _sent.add(i.nodeid)
         reports = _from_child.setdefault(i.nodeid, [])
         if not any(r.when == "teardown" for r in reports):  # the child died before it ended
-            reports.append(pytest.TestReport(
-                i.nodeid, i.location, {}, "failed", f"the tests' own process ended with status "
-                f"{child.returncode} before this test did:\n{child.stdout[-4000:]}"
-                f"{child.stderr[-4000:]}", "call"))  # fmt: skip
+            reports.append(pytest.TestReport(i.nodeid, i.location, {}, "failed", ended, "call"))
 
 
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_lake
+from tests.conftest import copy_lake, prefect_home
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def no_aws(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VGGPRICE_S3"))}
     return env | {"AWS_CONFIG_FILE": str(tmp_path / "none"),
                   "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                  "AWS_EC2_METADATA_DISABLED": "true", "PREFECT_HOME": str(tmp_path / "ph")}  # fmt: skip
+                  "AWS_EC2_METADATA_DISABLED": "true", "PREFECT_HOME": prefect_home(tmp_path / "ph")}  # fmt: skip
 
 
 def test_s3_without_credentials_fails_fast(no_aws):
@@ -49,7 +49,7 @@ def test_unreachable_endpoint_fails_fast(no_aws):
 
 
 def test_unknown_bucket(s3_endpoint, tmp_path):
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     code, err, _ = vggprice("champion", "--store", "s3://no-such-bucket/x", env=env)
     assert code == 2 and len(err) == 1, err
     assert "bucket 'no-such-bucket' does not exist" in err[0]
@@ -62,7 +62,7 @@ def lake(tiny_lake, tmp_path):
 
 def test_unknown_versions_list_the_known_ones(lake, tmp_path):
     copy, (_, dv, lv, mv) = lake
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     before = copy.store.keys()
     cases = [
         (("train", "bad-version", "bad-labels"), f"no such dataset version (known: {dv})"),
@@ -83,7 +83,7 @@ def test_unknown_versions_list_the_known_ones(lake, tmp_path):
 
 def test_tracebacks_only_when_asked(lake, tmp_path):
     copy, _ = lake
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     code, err, _ = vggprice("evaluate", "m-nope", "--store", copy.uri, "--debug", env=env)
     assert code != 0 and any(ln.startswith("Traceback") for ln in err)
     code, err, _ = vggprice("evaluate", "m-nope", "--store", copy.uri,
@@ -92,7 +92,7 @@ def test_tracebacks_only_when_asked(lake, tmp_path):
 
 
 def test_empty_store_and_missing_source(tmp_path):
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "ph")}
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     store = str(tmp_path / "lake")
     no_prices = ("--prices", str(tmp_path / "none.csv"), "--name", "shop")
     cases = [

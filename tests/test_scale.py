@@ -20,7 +20,7 @@ from tasks.inference import cached_model_file
 from tasks.lake import Lake
 from tasks.scoring import ScoreOptions, locate_drop, plan_work, score_drop, take_claim
 from tasks.storage import S3Store
-from tests.conftest import copy_lake
+from tests.conftest import copy_lake, prefect_home
 from tests.faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_dask_local_cluster_spreads_the_scorers(tiny_lake, tmp_path):
     lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
     mv = tiny_lake[3]
     keys = put_images(lake, "dask", 400)
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")}
     out = cli("score", "dask", "--store", lake.uri, "--workers", "2", "--shard-size", "10",
               "--json", env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -189,7 +189,7 @@ def test_no_wait_when_live_scorers_hold_everything(tiny_lake, tmp_path):
     for shard in plan_work(run, source.listing()[0], 10)[1]["shards"]:
         assert take_claim(run, shard, "elsewhere:42", 600)
     out = cli("score", "held", "--store", lake.uri, "--shard-size", "10", "--no-wait",
-              env=os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")})  # fmt: skip
+              env=os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")})  # fmt: skip
     assert out.returncode == 3, out.stderr[-2000:]
     (last,) = [ln for ln in out.stderr.splitlines() if ln.startswith("vggprice: error:")]
     assert last.startswith("vggprice: error: drop held: 0 shards priced here, 2 shards held")
@@ -277,7 +277,7 @@ def test_dask_cluster_by_address(tiny_lake, tmp_path):
 
     lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
     keys = put_images(lake, "remote", 200)
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
         out = cli("score", "remote", "--store", lake.uri, "--dask-address",
                   cluster.scheduler_address, "--shard-size", "10", "--json", env=env)  # fmt: skip
