@@ -111,7 +111,8 @@ def prefect_home(path: Path) -> str:
     """A PREFECT_HOME of its own for a CLI run, holding a copy of an empty migrated
     database, so that the run's temporary server starts in seconds."""
     path.mkdir(parents=True, exist_ok=True)
-    copy_sqlite(migrated_prefect_db(), path / "prefect.db")
+    if template := migrated_prefect_db():
+        copy_sqlite(template, path / "prefect.db")
     return str(path)
 
 

@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+PREFECT = Path(sys.executable).with_name("prefect")  # the CLI of this environment
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,7 +45,7 @@ def wait_healthy(url: str, log: Path | None = None, seconds: int = 240) -> None:
 
 
 def copy_sqlite(source: Path, target: Path) -> None:
-    """A consistent copy of a live SQLite database (its backup API), renamed into place."""
+    """A consistent copy of a SQLite database (its backup API), renamed into place."""
     partial = target.with_name(target.name + ".partial")
     with (
         contextlib.closing(sqlite3.connect(source)) as src,
@@ -56,7 +58,7 @@ def copy_sqlite(source: Path, target: Path) -> None:
 def migrated_prefect_db() -> Path | None:
     """An empty Prefect database with every migration applied, at VGGPRICE_TEST_PREFECT_DB
     (None where that is unset), made on first use by `prefect server database upgrade`.
-    A server or CLI run that starts from a copy skips ~13 s of migrations."""
+    A server started from a copy is up in about 10 s instead of 20 s here."""
     template = os.environ.get("VGGPRICE_TEST_PREFECT_DB")
     if not template:
         return None
@@ -66,8 +68,7 @@ def migrated_prefect_db() -> Path | None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if "DATABASE_CONNECTION_URL" not in k}
-        prefect = Path(sys.executable).with_name("prefect")
-        subprocess.run([str(prefect), "server", "database", "upgrade", "-y"], check=True,
+        subprocess.run([str(PREFECT), "server", "database", "upgrade", "-y"], check=True,
                        env=env | {"PREFECT_HOME": str(work)}, capture_output=True)  # fmt: skip
         (work / "prefect.db").replace(template)  # closed by the upgrade's exit: a rename is enough
         shutil.rmtree(work)
@@ -89,10 +90,9 @@ def running_prefect_server(home: Path, host: str = "127.0.0.1"):
     }
     env.pop("PREFECT_API_URL", None)
     port = free_port()
-    prefect = Path(sys.executable).with_name("prefect")
     log = open(home / "server.log", "w")  # noqa: SIM115 - open while the server runs
     server = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", host, "--port", str(port)],
+        [str(PREFECT), "server", "start", "--host", host, "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
