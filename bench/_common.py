@@ -11,10 +11,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from tasks.dataset import DEBIAN_DIR, FILES, find_source, ingest  # noqa: E402
-from tasks.labels import PriceRule, make_labels  # noqa: E402
-from tasks.lake import Lake  # noqa: E402
-from tasks.storage import LocalStore  # noqa: E402
+from tasks.data.fashion_mnist import DEBIAN_DIR, FILES, find_source, ingest  # noqa: E402
+from tasks.data.prices import PriceRule, make_labels  # noqa: E402
+from tasks.store.lake import Lake  # noqa: E402
+from tasks.store.storage import LocalStore  # noqa: E402
 
 
 def cpu_line() -> str:

@@ -25,9 +25,9 @@ import time
 import numpy as np
 from _common import prepared_store
 
-from tasks.evaluation import evaluate
-from tasks.train_settings import TrainSettings
-from tasks.training import train
+from tasks.governance.evaluation import evaluate
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
 
 MODES = {
     "online": {"augment": "online"},

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from _common import cpu_line
 
-from tasks.catalog import ingest_catalog
-from tasks.dataset import DEBIAN_DIR, FILES, read_split
-from tasks.evaluation import evaluate
-from tasks.lake import Lake
-from tasks.storage import LocalStore
-from tasks.train_settings import TrainSettings
-from tasks.training import train
+from tasks.data.catalog import ingest_catalog
+from tasks.data.fashion_mnist import DEBIAN_DIR, FILES, read_split
+from tasks.governance.evaluation import evaluate
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
+from tasks.store.lake import Lake
+from tasks.store.storage import LocalStore
 from tests.catalog_data import COLOURS, csv_text, garments, write_catalog
 
 

@@ -14,9 +14,9 @@ import time
 
 from _common import prepared_store
 
-from tasks.evaluation import evaluate
-from tasks.train_settings import TrainSettings
-from tasks.training import train
+from tasks.governance.evaluation import evaluate
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
 
 
 def main() -> None:

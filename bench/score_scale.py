@@ -24,20 +24,20 @@ from pathlib import Path
 from _common import prepared_store
 from PIL import Image
 
-from tasks.data import load_data
-from tasks.inference import load_stored_model, predict_prices
-from tasks.lake import Lake
-from tasks.registry import promote
-from tasks.scoring import finish, list_drop, locate_drop, plan_work
-from tasks.train_settings import TrainSettings
-from tasks.training import train
+from tasks.data.loading import load_data
+from tasks.governance.registry import promote
+from tasks.model.export import load_stored_model, predict_prices
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
+from tasks.scoring.runner import finish, list_drop, locate_drop, plan_work
+from tasks.store.lake import Lake
 
 REPO = Path(__file__).resolve().parents[1]
 SCORER = """
 import sys
-from tasks.lake import Lake
-from tasks.scoring import ScoreOptions, locate_drop, work
-from tasks.storage import open_store
+from tasks.store.lake import Lake
+from tasks.scoring.runner import ScoreOptions, locate_drop, work
+from tasks.store.storage import open_store
 lake = Lake(open_store(sys.argv[1]))
 run = lake.score_run(sys.argv[2], sys.argv[3])
 work(run, locate_drop(lake, sys.argv[2]), ScoreOptions(shard_size=int(sys.argv[4]),
@@ -77,7 +77,7 @@ def pool_fan_out(lake: Lake, drop: str, n: int, shard_size: int, api: str) -> tu
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.pools import worker_command
+    from tasks.deploy.pools import worker_command
 
     threads = str(max(1, len(os.sched_getaffinity(0)) // n))  # the cores shared, as above
     env = os.environ | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -152,7 +152,7 @@ def main() -> None:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.pools import apply_pools, deploy_all
+    from tasks.deploy.pools import apply_pools, deploy_all
     from tests.servers import running_prefect_server
 
     home = Path(tempfile.mkdtemp(prefix="vggprice-bench-prefect-"))

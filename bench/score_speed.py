@@ -18,12 +18,12 @@ import time
 from _common import prepared_store
 from PIL import Image
 
-from tasks.data import load_data
-from tasks.inference import get_model, load_stored_model, resolve_precision
-from tasks.registry import promote
-from tasks.scoring import ScoreOptions, score_drop
-from tasks.train_settings import TrainSettings
-from tasks.training import train
+from tasks.data.loading import load_data
+from tasks.governance.registry import promote
+from tasks.model.export import get_model, load_stored_model, resolve_precision
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
+from tasks.scoring.runner import ScoreOptions, score_drop
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ import time
 
 from _common import prepared_store
 
-from tasks.data import load_data
-from tasks.inference import resolve_precision
-from tasks.train_settings import TrainSettings
-from tasks.training import train
+from tasks.data.loading import load_data
+from tasks.model.export import resolve_precision
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
 
 
 def plain_keras_fit(images, y, epochs: int, size: int) -> float:

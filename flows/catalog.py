@@ -6,10 +6,10 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.pipeline import train_evaluate_promote
-from tasks.catalog import ingest_catalog_task
+from tasks.data.catalog import ingest_catalog_task
+from tasks.model.train_settings import CATALOG_DEFAULTS, TrainSettings
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
-from tasks.train_settings import CATALOG_DEFAULTS, TrainSettings
 
 
 def catalog_settings(**fields: object) -> TrainSettings:

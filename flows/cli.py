@@ -23,8 +23,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # 2-core machine that takes longer than Prefect's default 20 s wait for it.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from tasks.labels import PriceRule
-from tasks.scoring import DropBusy
+from tasks.data.prices import PriceRule
+from tasks.scoring.runner import DropBusy
 
 
 def _rule(args: argparse.Namespace) -> PriceRule | None:
@@ -45,9 +45,9 @@ def _rule(args: argparse.Namespace) -> PriceRule | None:
 
 def _lake(args: argparse.Namespace):
     """The store of ``--store`` (or VGGPRICE_STORE), checked: fails fast with one line."""
-    from tasks.lake import Lake
     from tasks.settings import load_settings
-    from tasks.storage import open_store
+    from tasks.store.lake import Lake
+    from tasks.store.storage import open_store
 
     store = open_store(load_settings(store=args.store).store)
     store.check()
@@ -56,7 +56,7 @@ def _lake(args: argparse.Namespace):
 
 def _cmd_ingest(args: argparse.Namespace) -> dict:
     from flows.ingest import ingest_flow
-    from tasks.dataset import find_source
+    from tasks.data.fashion_mnist import find_source
 
     _lake(args)
     if args.source:  # a wrong directory stops here, before any run starts
@@ -74,7 +74,7 @@ def _cmd_label(args: argparse.Namespace) -> dict:
 
 
 def _train_settings(args: argparse.Namespace, catalog: bool = False):
-    from tasks.train_settings import CATALOG_DEFAULTS, QUICK, TrainSettings
+    from tasks.model.train_settings import CATALOG_DEFAULTS, QUICK, TrainSettings
 
     fields: dict = dict(CATALOG_DEFAULTS) if catalog else {}
     fields |= dict(QUICK) if getattr(args, "quick", False) else {}
@@ -108,8 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> dict:
 def _run_catalog(args: argparse.Namespace) -> dict:
     """vggprice run --source ... --prices ... --name ...: a catalog's own line."""
     from flows.catalog import catalog_flow
-    from tasks.catalog import check_catalog
-    from tasks.lake import check_line_name
+    from tasks.data.catalog import check_catalog
+    from tasks.store.lake import check_line_name
 
     missing = [f for f in ("source", "prices", "name") if not getattr(args, f)]
     if missing:
@@ -183,7 +183,7 @@ def _share_local_api() -> None:
 
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
-    from tasks.scoring import list_drop, locate_drop, resolve_model
+    from tasks.scoring.runner import list_drop, locate_drop, resolve_model
 
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
     lake = _lake(args)
@@ -222,20 +222,20 @@ def _cmd_score(args: argparse.Namespace) -> dict:
 
 def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
-    from tasks.scoring import resolve_model
+    from tasks.scoring.runner import resolve_model
 
     resolve_model(_lake(args), None, args.line)  # a champion, or one line saying why not
     return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line)
 
 
 def _cmd_pools(args: argparse.Namespace) -> dict:
-    from tasks.pools import apply_pools
+    from tasks.deploy.pools import apply_pools
 
     return apply_pools(args.pool or None)
 
 
 def _cmd_deploy(args: argparse.Namespace) -> dict:
-    from tasks.pools import apply_pools, deploy_all, pool_kind
+    from tasks.deploy.pools import apply_pools, deploy_all, pool_kind
 
     for pool in (args.cpu_pool, args.gpu_pool):  # a wrong name stops before any write
         pool_kind(pool)
@@ -253,14 +253,14 @@ def _cmd_deploy(args: argparse.Namespace) -> dict:
 def _cmd_automations(args: argparse.Namespace) -> dict:
     from prefect.blocks.core import Block
 
-    from tasks.pools import apply_automations
+    from tasks.deploy.pools import apply_automations
 
     block = Block.load(args.block)  # e.g. slack-webhook/vggprice-alerts
     return {"automations": apply_automations(str(block._block_document_id))}
 
 
 def _cmd_worker(args: argparse.Namespace) -> dict:
-    from tasks.pools import worker_command
+    from tasks.deploy.pools import worker_command
 
     cmd = worker_command(args.pool, args.limit)
     os.execv(cmd[0], cmd)
@@ -268,7 +268,7 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def _cmd_champion(args: argparse.Namespace) -> dict:
-    from tasks.scoring import resolve_champion
+    from tasks.scoring.runner import resolve_champion
 
     return resolve_champion(_lake(args), args.line)
 
@@ -302,7 +302,7 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from tasks.train_settings import QUICK
+    from tasks.model.train_settings import QUICK
 
     p.add_argument(
         "--quick",

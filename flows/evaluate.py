@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.evaluation import evaluate_model
-from tasks.registry import promote_model
+from tasks.governance.evaluation import evaluate_model
+from tasks.governance.registry import promote_model
 from tasks.settings import load_settings
 
 

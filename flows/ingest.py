@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.dataset import ingest_dataset
-from tasks.lake import Lake
+from tasks.data.fashion_mnist import ingest_dataset
 from tasks.settings import load_settings
-from tasks.storage import open_store
+from tasks.store.lake import Lake
+from tasks.store.storage import open_store
 
 
 @flow(name="ingest")

@@ -19,13 +19,13 @@ from flows.evaluate import evaluate_flow, promote_flow
 from flows.ingest import ingest_flow
 from flows.label import label_flow
 from flows.train import train_flow
-from tasks.labels import PriceRule
-from tasks.lake import Lake
+from tasks.data.prices import PriceRule
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import version_for
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
-from tasks.storage import open_store
-from tasks.train_settings import TrainSettings
-from tasks.training import version_for
+from tasks.store.lake import Lake
+from tasks.store.storage import open_store
 
 
 def train_deployment_on(pool: str) -> str:

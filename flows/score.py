@@ -22,8 +22,7 @@ import numpy as np
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.lake import DropSource, Lake, line_of
+from tasks.data.images import DEFAULT_MAX_PIXELS
 from tasks.reports import (
     drop_markdown,
     line_key,
@@ -33,7 +32,7 @@ from tasks.reports import (
     publish_table,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.scoring import (
+from tasks.scoring.runner import (
     Job,
     ScoreOptions,
     drops_needing_scores,
@@ -43,7 +42,8 @@ from tasks.scoring import (
     work,
 )
 from tasks.settings import load_settings
-from tasks.storage import open_store
+from tasks.store.lake import DropSource, Lake, line_of
+from tasks.store.storage import open_store
 
 PARTITION_DEPLOYMENT = "score-partition/score-partition-{pool}"
 

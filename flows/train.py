@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.lake import Lake
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train_model
 from tasks.settings import load_settings
-from tasks.storage import open_store
-from tasks.train_settings import TrainSettings
-from tasks.training import train_model
+from tasks.store.lake import Lake
+from tasks.store.storage import open_store
 
 
 @flow(name="train")

@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from tasks.lake import DEMO_LINE
+from tasks.store.lake import DEMO_LINE
 
 # Fashion-MNIST's classes, in label order.
 GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

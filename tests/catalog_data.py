@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.labels import DEFAULT_MEANS
+from tasks.data.prices import DEFAULT_MEANS
 from tasks.reports import GARMENTS
 from tests import conftest
 

@@ -184,13 +184,13 @@ def tiny_lake():
     """A local lake with a dataset (shards of 30 rows), labels, and one TINY model,
     promoted: trained once for the whole session (children included). Tests copy it
     (`copy_lake`) before they write."""
-    from tasks.dataset import find_source, ingest
-    from tasks.labels import PriceRule, make_labels
-    from tasks.lake import Lake
-    from tasks.registry import promote
-    from tasks.storage import LocalStore
-    from tasks.train_settings import TrainSettings
-    from tasks.training import version_for
+    from tasks.data.fashion_mnist import find_source, ingest
+    from tasks.data.prices import PriceRule, make_labels
+    from tasks.governance.registry import promote
+    from tasks.model.train_settings import TrainSettings
+    from tasks.model.training import version_for
+    from tasks.store.lake import Lake
+    from tasks.store.storage import LocalStore
 
     root = Path(os.environ["VGGPRICE_TEST_TINY_LAKE"])
     done = root / "versions.json"  # written last: the lake is complete
@@ -211,8 +211,8 @@ def tiny_lake():
 def train_in_child(lake_dir: Path, dv: str, lv: str, settings: dict) -> str:
     """`train` on a local lake in a fresh Python process (the memory TensorFlow keeps
     from the fit goes with it); the model version."""
-    code = ("import json, sys; from tasks.lake import Lake; from tasks.storage import LocalStore; "
-            "from tasks.train_settings import TrainSettings; from tasks.training import train; "
+    code = ("import json, sys; from tasks.store.lake import Lake; from tasks.store.storage import LocalStore; "
+            "from tasks.model.train_settings import TrainSettings; from tasks.model.training import train; "
             "d, dv, lv, s = sys.argv[1:]; "
             "print(train(Lake(LocalStore(d)), dv, lv, TrainSettings(**json.loads(s)))"
             "['model_version'])")  # fmt: skip
@@ -224,8 +224,8 @@ def train_in_child(lake_dir: Path, dv: str, lv: str, settings: dict) -> str:
 
 def copy_lake(source, target_uri: str):
     """Every object of one lake into another store (a fresh copy for one test)."""
-    from tasks.lake import Lake
-    from tasks.storage import open_store
+    from tasks.store.lake import Lake
+    from tasks.store.storage import open_store
 
     target = Lake(open_store(target_uri))
     for info in source.store.list():

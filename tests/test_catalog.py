@@ -13,15 +13,15 @@ from PIL import Image
 from flows.catalog import catalog_flow
 from flows.cli import main
 from flows.score import score_flow
-from tasks.catalog import CatalogError, ingest_catalog
-from tasks.data import load_data
-from tasks.images import GRAY28, RGB, ImageRejected, pixel_shape, prepare
-from tasks.inference import cached_model_file, load_stored_model, predict_prices, preprocess_of
-from tasks.lake import Lake, NotInLake
+from tasks.data.catalog import CatalogError, ingest_catalog
+from tasks.data.images import GRAY28, RGB, ImageRejected, pixel_shape, prepare
+from tasks.data.loading import load_data
+from tasks.model.export import cached_model_file, load_stored_model, predict_prices, preprocess_of
+from tasks.model.train_settings import TrainSettings
 from tasks.reports import GARMENTS
-from tasks.scoring import LineError, resolve_model
-from tasks.storage import LocalStore, open_store
-from tasks.train_settings import TrainSettings
+from tasks.scoring.runner import LineError, resolve_model
+from tasks.store.lake import Lake, NotInLake
+from tasks.store.storage import LocalStore, open_store
 from tests.catalog_data import csv_text, encode, garments, tint, write_catalog
 from tests.catalog_data import tinted as tinted_rows
 from tests.conftest import TINY, copy_lake
@@ -284,7 +284,7 @@ def test_parquet_images_parquet_prices_and_a_split_column(tmp_path):
 
 
 def test_catalog_metrics_per_decile_without_categories():
-    from tasks.evaluation import catalog_metrics
+    from tasks.governance.evaluation import catalog_metrics
 
     rng = np.random.default_rng(0)
     train = rng.uniform(0, 100, 500)

@@ -7,16 +7,16 @@ import gzip
 import numpy as np
 import pytest
 
-from tasks.dataset import (
+from tasks.data.fashion_mnist import (
     DatasetError,
     find_source,
     ingest,
     parse_idx_images,
     parse_idx_labels,
 )
-from tasks.images import to_pixels_batch
-from tasks.lake import Lake
-from tasks.storage import LocalStore
+from tasks.data.images import to_pixels_batch
+from tasks.store.lake import Lake
+from tasks.store.storage import LocalStore
 from tests.conftest import idx_images, idx_labels
 
 
@@ -95,7 +95,7 @@ def test_ingest_roundtrip_and_unverified(tmp_path, idx_source):
     assert train.column_names == ["image_id", "label", "image"]
     assert train["image_id"][0].as_py() == "train-00000"
     pixels = to_pixels_batch(train["image"].to_pylist())
-    from tasks.dataset import read_split
+    from tasks.data.fashion_mnist import read_split
 
     raw, labels = read_split(idx_source, "train")
     assert (pixels == raw).all(), "PNG in the shards is lossless"
@@ -103,7 +103,7 @@ def test_ingest_roundtrip_and_unverified(tmp_path, idx_source):
 
 
 def test_version_depends_on_content(tmp_path):
-    from tasks.dataset import dataset_version
+    from tasks.data.fashion_mnist import dataset_version
     from tests.conftest import write_idx_source
 
     a = dataset_version(find_source(write_idx_source(tmp_path / "a", seed=1)))

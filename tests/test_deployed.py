@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.pools import POOLS, REPO, apply_pools, deploy_all, worker_command
-from tasks.storage import open_store
+from tasks.deploy.pools import POOLS, REPO, apply_pools, deploy_all, worker_command
+from tasks.store.storage import open_store
 from tests.conftest import TINY
 from tests.servers import stop_process
 

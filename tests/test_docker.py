@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.pools import REPO, apply_pools, deploy_all, worker_command
-from tasks.storage import open_store
+from tasks.deploy.pools import REPO, apply_pools, deploy_all, worker_command
+from tasks.store.storage import open_store
 from tests.conftest import TINY, write_idx_source
 from tests.servers import free_port, running_prefect_server, stop_process, wait_healthy
 

@@ -10,9 +10,9 @@ import pytest
 from flows.cli import main
 from flows.ingest import ingest_flow
 from flows.label import label_flow
-from tasks.labels import PriceRule
-from tasks.lake import Lake
-from tasks.storage import open_store
+from tasks.data.prices import PriceRule
+from tasks.store.lake import Lake
+from tasks.store.storage import open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.pools import POOLS, REPO, apply_pools, deploy_all
+from tasks.deploy.pools import POOLS, REPO, apply_pools, deploy_all
 
 INFRA = REPO / "infra"
 # prefect.yaml's deployments, and those on the gpu-role pool (the rest are cpu-role).
@@ -179,7 +179,7 @@ def test_pools_applied_with_their_own_type_template_and_limit(server):
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.pools import pool_template
+    from tasks.deploy.pools import pool_template
 
     with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as c:
         for name, (kind, limit) in POOLS.items():
@@ -234,7 +234,7 @@ def test_pull_step_enters_the_checkout_where_the_run_runs(rendered, tmp_path):
     """The deployments store one pull step and nothing of the deployer's machine; run as a
     flow run runs it (from another directory), it enters the checkout its Python imports."""
     for deployment in rendered["deployments"].values():
-        assert deployment.pull_steps == [{"tasks.pools.enter_checkout": {}}]
+        assert deployment.pull_steps == [{"tasks.deploy.pools.enter_checkout": {}}]
         assert str(REPO) not in deployment.model_dump_json(), "deployer's path stored"
     code = (
         "import asyncio, json, os\n"
@@ -589,7 +589,7 @@ def test_automations_notify_on_a_rejected_challenger(prefect_api):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.pools import apply_automations
+    from tasks.deploy.pools import apply_automations
     from tests.servers import free_port
 
     received: list[bytes] = []

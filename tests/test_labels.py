@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks.labels import DEFAULT_MEANS, PriceRule, draw_prices, fit_scaling, labels_version
+from tasks.data.prices import DEFAULT_MEANS, PriceRule, draw_prices, fit_scaling, labels_version
 
 
 def test_rule_matches_design():

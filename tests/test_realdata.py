@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.dataset import DEBIAN_DIR, FILES, find_source, ingest
-from tasks.labels import PriceRule, make_labels
-from tasks.lake import Lake
-from tasks.storage import LocalStore
+from tasks.data.fashion_mnist import DEBIAN_DIR, FILES, find_source, ingest
+from tasks.data.prices import PriceRule, make_labels
+from tasks.store.lake import Lake
+from tasks.store.storage import LocalStore
 
 pytestmark = [
     pytest.mark.realdata,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lake import Lake
-from tasks.registry import promote
-from tasks.storage import LocalStore, S3Store, open_store
+from tasks.governance.registry import promote
+from tasks.store.lake import Lake
+from tasks.store.storage import LocalStore, S3Store, open_store
 from tests.faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,9 +175,9 @@ RACER = textwrap.dedent(
     log.addHandler(handler)
     log.propagate = False
 
-    from tasks.lake import Lake
-    from tasks.registry import promote
-    from tasks.storage import open_store
+    from tasks.store.lake import Lake
+    from tasks.governance.registry import promote
+    from tasks.store.storage import open_store
 
     lake = Lake(open_store(os.environ["RACE_STORE"]))
     lake.registry().champion()  # connections warm before the start

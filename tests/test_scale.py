@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.inference import cached_model_file
-from tasks.lake import Lake
-from tasks.scoring import ScoreOptions, locate_drop, plan_work, score_drop, take_claim
-from tasks.storage import S3Store
+from tasks.model.export import cached_model_file
+from tasks.scoring.runner import ScoreOptions, locate_drop, plan_work, score_drop, take_claim
+from tasks.store.lake import Lake
+from tasks.store.storage import S3Store
 from tests.conftest import copy_lake, prefect_home
 from tests.faultproxy import FaultProxy
 
@@ -101,10 +101,10 @@ def test_lost_answers_on_plan_and_claim_writes(s3_endpoint, s3_lake):
 SCORER = """
 import os, sys, time
 from pathlib import Path
-from tasks.inference import get_model
-from tasks.lake import Lake
-from tasks.scoring import ScoreOptions, score_drop
-from tasks.storage import open_store
+from tasks.model.export import get_model
+from tasks.store.lake import Lake
+from tasks.scoring.runner import ScoreOptions, score_drop
+from tasks.store.storage import open_store
 store, drop, go, ttl = sys.argv[1:5]
 lake = Lake(open_store(store))
 get_model(lake.model(lake.registry().champion()["model_version"]))  # loaded before the start

@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 
 from flows.score import score_flow, score_new_drops_flow
-from tasks.data import load_data
-from tasks.images import ImageRejected, to_pixels
-from tasks.inference import cached_model_file
-from tasks.lake import Lake
-from tasks.scoring import (
+from tasks.data.images import ImageRejected, to_pixels
+from tasks.data.loading import load_data
+from tasks.model.export import cached_model_file
+from tasks.scoring.runner import (
     DropBusy,
     DropError,
     ScoreOptions,
@@ -29,6 +28,7 @@ from tasks.scoring import (
     take_claim,
 )
 from tasks.settings import load_settings
+from tasks.store.lake import Lake
 from tests.conftest import copy_lake
 
 LIMIT = 1_000_000
@@ -255,7 +255,7 @@ def test_score_new_drops(scored_store):
 
 
 def test_preprocessing_parity_training_and_scoring(tiny_lake):
-    from tasks.scoring import decode_object
+    from tasks.scoring.runner import decode_object
 
     lake, dv, lv, _ = tiny_lake
     trained = load_data(lake, dv, lv, {"test": None}, 0).test.images

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tasks.storage import LocalStore, ObjectNotFound, S3Store, open_store, validate_key
+from tasks.store.storage import LocalStore, ObjectNotFound, S3Store, open_store, validate_key
 
 
 @pytest.mark.parametrize(

@@ -9,24 +9,24 @@ import pytest
 
 from flows.evaluate import evaluate_flow, promote_flow
 from flows.train import train_flow
-from tasks.data import load_data
-from tasks.dataset import find_source, ingest
-from tasks.features import augment_view
-from tasks.inference import (
+from tasks.data.fashion_mnist import find_source, ingest
+from tasks.data.loading import load_data
+from tasks.data.prices import PriceRule, make_labels
+from tasks.governance.registry import decide, read_champion
+from tasks.model.export import (
     ExportError,
     cached_model_file,
     export_model,
     load_inference_model,
     load_stored_model,
 )
-from tasks.labels import PriceRule, make_labels
-from tasks.lake import Lake
-from tasks.registry import decide, read_champion
+from tasks.model.features import augment_view
+from tasks.model.train_settings import TrainSettings
+from tasks.model.training import train
+from tasks.model.weights import WeightsError
 from tasks.runtime import keras_precision
-from tasks.storage import open_store
-from tasks.train_settings import TrainSettings
-from tasks.training import train
-from tasks.weights import WeightsError
+from tasks.store.lake import Lake
+from tasks.store.storage import open_store
 from tests.conftest import TINY
 
 TINY = TINY | {"views": 2}  # two cached views: the image and its flip
@@ -271,7 +271,7 @@ def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
 
 
 def test_export_fails_naming_a_layer_without_trained_weights():
-    from tasks.graphs import build_graphs
+    from tasks.model.graphs import build_graphs
 
     settings = TrainSettings(**TINY)
     with keras_precision("float32"):
@@ -349,7 +349,7 @@ def test_augment_views_are_deterministic():
 def test_patch_conv_matches_conv2d(side):
     import keras
 
-    from tasks.kernels import as_patch_conv
+    from tasks.model.kernels import as_patch_conv
 
     with keras_precision("float32"):
         inp = keras.Input((side, side, 64))
@@ -364,7 +364,7 @@ def test_patch_conv_matches_conv2d(side):
 def test_patch_conv_leaves_other_convolutions():
     import keras
 
-    from tasks.kernels import as_patch_conv
+    from tasks.model.kernels import as_patch_conv
 
     strided = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")
     strided(keras.Input((6, 6, 4)))
@@ -377,7 +377,7 @@ def test_patch_conv_leaves_other_convolutions():
 def test_fused_rmsprop_matches_keras_rmsprop():
     import keras
 
-    from tasks.kernels import fused_rmsprop
+    from tasks.model.kernels import fused_rmsprop
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 16)).astype("float32")

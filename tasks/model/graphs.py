@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.images import GRAY28, pixel_shape
-from tasks.kernels import as_patch_conv
+from tasks.data.images import GRAY28, pixel_shape
+from tasks.model.kernels import as_patch_conv
+from tasks.model.train_settings import TrainSettings
+from tasks.model.weights import build_vgg
 from tasks.runtime import keras_precision, seeded
-from tasks.train_settings import TrainSettings
-from tasks.weights import build_vgg
 
 VGG_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input, "caffe"
 

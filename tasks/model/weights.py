@@ -14,10 +14,10 @@ import shutil
 import warnings
 from pathlib import Path
 
+from tasks.model.train_settings import TrainSettings
 from tasks.runtime import seeded
 from tasks.settings import load_settings
-from tasks.storage import ObjectNotFound, open_object, sha256_file
-from tasks.train_settings import TrainSettings
+from tasks.store.storage import ObjectNotFound, open_object, sha256_file
 
 
 class WeightsError(ValueError):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.graphs import build_inference
-from tasks.images import GRAY28, SIZE, model_input
-from tasks.lake import Model, digest
+from tasks.data.images import GRAY28, SIZE, model_input
+from tasks.model.graphs import build_inference
+from tasks.model.train_settings import TrainSettings
 from tasks.runtime import keras_precision
 from tasks.settings import load_settings
-from tasks.storage import sha256_file
-from tasks.train_settings import TrainSettings
+from tasks.store.lake import Model, digest
+from tasks.store.storage import sha256_file
 
 
 class ExportError(RuntimeError):

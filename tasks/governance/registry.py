@@ -7,10 +7,10 @@ import uuid
 
 from prefect import task
 
-from tasks.evaluation import evaluate, read_metrics
-from tasks.lake import DEMO_LINE, Lake, line_of
+from tasks.governance.evaluation import evaluate, read_metrics
 from tasks.reports import emit, line_key, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
+from tasks.store.lake import DEMO_LINE, Lake, line_of
 
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
 RECENT = 32  # promotion ids the pointer remembers, newest first
@@ -154,6 +154,6 @@ Reason: {d["reason"]} (margin {d["margin"]:.1%}{", forced" if d["forced"] else "
 @task(name="promote-model", **TASK_RETRIES)
 def promote_model(store_uri: str, model_version: str, margin: float = 0.01, force: bool = False):
     """The champion/challenger gate as a task."""
-    from tasks.storage import open_store
+    from tasks.store.storage import open_store
 
     return promote(Lake(open_store(store_uri)), model_version, margin, force)

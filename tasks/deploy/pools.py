@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POOL_DIR = REPO / "infra" / "work-pools"
 
 # pool -> (worker type, the most flow runs at once on the pool; None: no limit). Kubernetes

@@ -2,7 +2,7 @@
 of prices into a dataset version and a labels version.
 
 - **Images** are listed (any depth; folder markers and hidden names skipped) and
-  every priced one is decoded with the scoring rules (``tasks.images``), kept in
+  every priced one is decoded with the scoring rules (``tasks.data.images``), kept in
   RGB with its longest side at most ``images.MAX_SIDE`` and stored as PNG in
   Parquet shards. An undecodable file is a row of ``rejected.parquet``.
 - **Prices** (CSV or Parquet) need ``image`` (the key relative to the source, or the
@@ -34,12 +34,12 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks import __version__
-from tasks.images import MAX_SIDE, ImageRejected, encode_png_rgb, to_rgb
-from tasks.labels import fit_scaling
-from tasks.lake import CATALOG_FORMAT, Lake, catalog_version, check_line_name, is_image_key
-from tasks.lake import labels_version as make_labels_version
+from tasks.data.images import MAX_SIDE, ImageRejected, encode_png_rgb, to_rgb
+from tasks.data.prices import fit_scaling
 from tasks.runtime import TASK_RETRIES, get_logger, progress
-from tasks.storage import Store, open_store
+from tasks.store.lake import CATALOG_FORMAT, Lake, catalog_version, check_line_name, is_image_key
+from tasks.store.lake import labels_version as make_labels_version
+from tasks.store.storage import Store, open_store
 
 TEST_FRACTION = 0.15
 SPLIT_SEED = 0

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tasks.images import GRAY28, model_input
-from tasks.lake import FeatureCache, feature_key
+from tasks.data.images import GRAY28, model_input
 from tasks.runtime import get_logger, progress
+from tasks.store.lake import FeatureCache, feature_key
 
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
 

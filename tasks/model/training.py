@@ -15,19 +15,19 @@ import numpy as np
 from prefect import task
 
 from tasks import __version__
-from tasks.checkpoints import CheckpointWriter, restore_checkpoint
-from tasks.data import Data, load_data, train_stats
-from tasks.features import FeatureSpec, Views, load_or_extract
-from tasks.graphs import augmentation_layers, build_graphs, input_shape
-from tasks.images import model_input
-from tasks.inference import export_model, hardware, resolve_precision
-from tasks.kernels import fused_rmsprop
-from tasks.lake import MODEL_CODE, Lake, Model, code_fingerprint, model_version
+from tasks.data.images import model_input
+from tasks.data.loading import Data, load_data, train_stats
+from tasks.model.checkpoints import CheckpointWriter, restore_checkpoint
+from tasks.model.export import export_model, hardware, resolve_precision
+from tasks.model.features import FeatureSpec, Views, load_or_extract
+from tasks.model.graphs import augmentation_layers, build_graphs, input_shape
+from tasks.model.kernels import fused_rmsprop
+from tasks.model.train_settings import TrainSettings
+from tasks.model.weights import build_vgg, weights_identity
 from tasks.reports import TrainingProgress, loss_plot
 from tasks.runtime import TASK_RETRIES, get_logger, keras_precision, seeded
-from tasks.storage import sha256_file
-from tasks.train_settings import TrainSettings
-from tasks.weights import build_vgg, weights_identity
+from tasks.store.lake import Lake, Model, code_fingerprint, model_version
+from tasks.store.storage import sha256_file
 
 # Called after every epoch with (epoch, history, fit): progress, tests, crash drills.
 EpochHook = Callable[[int, dict, "Fit"], None]
@@ -317,7 +317,7 @@ def write_model(
             "labels_version": data.labels_version,
             "base_weights": {"source": settings.weights, "identity": weights_identity(settings)},
             "feature_cache_key": (facts.get("features") or {}).get("key"),
-            "code": code_fingerprint(MODEL_CODE),
+            "code": code_fingerprint(),
             "package": {"name": "vggprice", "version": __version__, "git_commit": git_commit()},
             "libraries": {"keras": keras.__version__, "tensorflow": tf.__version__},
             "hardware": hardware(),
@@ -339,6 +339,6 @@ def train_model(
     store_uri: str, dataset_version: str, labels_version: str, settings: TrainSettings
 ) -> dict:
     """Train the price model (or find it); a retried run resumes from its last checkpoint."""
-    from tasks.storage import open_store
+    from tasks.store.storage import open_store
 
     return train(Lake(open_store(store_uri)), dataset_version, labels_version, settings)

@@ -22,11 +22,11 @@ from PIL import Image
 from prefect import task
 
 from tasks import __version__
-from tasks.lake import DATASET_FORMAT, Lake
-from tasks.lake import dataset_version as version_of
 from tasks.runtime import TASK_RETRIES, get_logger, progress
 from tasks.settings import load_settings
-from tasks.storage import sha256_file
+from tasks.store.lake import DATASET_FORMAT, Lake
+from tasks.store.lake import dataset_version as version_of
+from tasks.store.storage import sha256_file
 
 FILES = {
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
@@ -276,6 +276,6 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
 @task(name="ingest-dataset", **TASK_RETRIES)
 def ingest_dataset(store_uri: str, source: str | None = None) -> dict:
     """Find the IDX files, verify them, and write the dataset version to the store."""
-    from tasks.storage import open_store
+    from tasks.store.storage import open_store
 
     return ingest(Lake(open_store(store_uri)), find_source(source))

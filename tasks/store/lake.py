@@ -42,13 +42,14 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.storage import ObjectInfo, ObjectNotFound, Store, json_bytes
+from tasks.store.storage import ObjectInfo, ObjectNotFound, Store, json_bytes
 
 DATASET_FORMAT = "vggprice-fashion-mnist-v1"  # bump when ingest writes other bytes
 CATALOG_FORMAT = "vggprice-catalog-v1"  # bump when catalog ingest writes other bytes
@@ -56,18 +57,10 @@ DEMO_LINE = "demo"  # the Fashion-MNIST model line: registry/ as before lines ex
 LINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
 LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
 
-# The modules whose code decides what a cache or model holds (see code_fingerprint).
-# tests/test_lake.py checks that each list holds every module its code imports.
-FEATURE_CODE = (
-    "tasks.images",
-    "tasks.data",
-    "tasks.train_settings",
-    "tasks.weights",
-    "tasks.kernels",
-    "tasks.graphs",
-    "tasks.features",
-)
-MODEL_CODE = FEATURE_CODE + ("tasks.checkpoints", "tasks.inference", "tasks.training")
+# The code that decides what a feature cache or a model holds: every module under
+# these packages (see code_fingerprint). tests/test_lake.py checks that their modules
+# import nothing else of tasks/ but the store, settings, runtime and reports.
+LEARNING_CODE = ("tasks.data", "tasks.model")
 
 
 class NotInLake(ObjectNotFound):
@@ -95,16 +88,30 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@functools.cache
-def code_fingerprint(modules: tuple[str, ...]) -> str:
-    """A hash of what the modules compute: their syntax trees without docstrings and
-    comments, so editing prose or formatting keeps versions, and editing code does not."""
-    h = hashlib.sha256()
-    for name in sorted(modules):
+def modules_of(names: tuple[str, ...]) -> list[str]:
+    """The modules named, with a package standing for every module in its folder."""
+    found = []
+    for name in names:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             raise ImportError(f"cannot fingerprint {name}: module not found")
-        with open(spec.origin, encoding="utf-8") as f:
+        if spec.submodule_search_locations:
+            folder = Path(spec.origin).parent
+            found += [
+                f"{name}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"
+            ]
+        found.append(name)
+    return sorted(found)
+
+
+@functools.cache
+def code_fingerprint(names: tuple[str, ...] = LEARNING_CODE) -> str:
+    """A hash of what the modules (or packages: every module in them) compute: their
+    syntax trees without docstrings and comments, so editing prose or formatting keeps
+    versions, and editing code does not."""
+    h = hashlib.sha256()
+    for name in modules_of(names):
+        with open(importlib.util.find_spec(name).origin, encoding="utf-8") as f:
             tree = _strip_docstrings(ast.parse(f.read()))
         h.update(f"{name}\n{ast.dump(tree)}\n".encode())
     return h.hexdigest()[:16]
@@ -155,12 +162,12 @@ def labels_version(dataset: str, rule: dict, seed: int) -> str:
 def feature_key(spec: dict) -> str:
     """The cache key of frozen-layer outputs: data, base weights, input size, cut layer,
     precision, views, and the code that computes them."""
-    return "ft-" + digest(spec | {"code": code_fingerprint(FEATURE_CODE)})
+    return "ft-" + digest(spec | {"code": code_fingerprint()})
 
 
 def model_version(spec: dict) -> str:
     """Dataset, labels, settings, base weights, and the code that trains."""
-    return "m-" + digest(spec | {"code": code_fingerprint(MODEL_CODE)})
+    return "m-" + digest(spec | {"code": code_fingerprint()})
 
 
 # --- (de)serialisation ------------------------------------------------------------------
@@ -547,6 +554,15 @@ class ScoreRun(Entry):
     @staticmethod
     def shard_name(plan: int, index: int) -> str:
         return f"{plan:08d}-{index:05d}"
+
+    @staticmethod
+    def finish_name(last_plan: int) -> str:
+        """The claim of the one scorer that finishes the plans up to ``last_plan``."""
+        return f"finish-{last_plan:08d}"
+
+    @staticmethod
+    def is_finish_name(name: str) -> bool:
+        return name.startswith("finish-")
 
     # claims
     @staticmethod

@@ -8,8 +8,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from tasks.lake import Checkpoints
 from tasks.runtime import get_logger
+from tasks.store.lake import Checkpoints
 
 EMPTY_HISTORY = {"loss": [], "val_loss": [], "seconds": []}
 

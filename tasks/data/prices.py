@@ -9,10 +9,10 @@ import pyarrow as pa
 from prefect import task
 from pydantic import BaseModel, Field, field_validator
 
-from tasks import lake as catalog
-from tasks.dataset import N_CLASSES
-from tasks.lake import Lake
+from tasks.data.fashion_mnist import N_CLASSES
 from tasks.runtime import TASK_RETRIES, get_logger
+from tasks.store import lake
+from tasks.store.lake import Lake
 
 DEFAULT_MEANS = (45.0, 57.0, 85.0, 99.0, 125.0, 27.0, 180.0, 152.0, 225.0, 33.0)
 PRICES_SCHEMA = pa.schema(
@@ -49,7 +49,7 @@ class PriceRule(BaseModel):
 
 
 def labels_version(dataset_version: str, rule: PriceRule, seed: int) -> str:
-    return catalog.labels_version(dataset_version, rule.model_dump(), seed)
+    return lake.labels_version(dataset_version, rule.model_dump(), seed)
 
 
 def draw_prices(labels: np.ndarray, rule: PriceRule, seed: int) -> np.ndarray:
@@ -116,6 +116,6 @@ def make_labels(lake: Lake, dataset_version: str, rule: PriceRule, seed: int) ->
 @task(name="label-prices", **TASK_RETRIES)
 def label_prices(store_uri: str, dataset_version: str, rule: PriceRule, seed: int) -> dict:
     """Draw the prices for a dataset version and write them with their scaling."""
-    from tasks.storage import open_store
+    from tasks.store.storage import open_store
 
     return make_labels(Lake(open_store(store_uri)), dataset_version, rule, seed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from prefect import task
 
-from tasks.data import load_data
-from tasks.inference import load_stored_model, predict_prices, preprocess_of
-from tasks.labels import PriceRule
-from tasks.lake import DEMO_LINE, Lake, line_of
+from tasks.data.loading import load_data
+from tasks.data.prices import PriceRule
+from tasks.model.export import load_stored_model, predict_prices, preprocess_of
+from tasks.model.train_settings import TrainSettings
 from tasks.reports import (
     GARMENTS,
     artifact_key,
@@ -21,7 +21,7 @@ from tasks.reports import (
     rounded,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.train_settings import TrainSettings
+from tasks.store.lake import DEMO_LINE, Lake, line_of
 
 RECIPE_MSE_SCALED = 0.0136  # the reference tutorial's val MSE after 5 epochs
 RECIPE_RMSE = 25.0  # about that, in price units
@@ -229,6 +229,6 @@ def read_metrics(lake: Lake, mv: str, labels_version: str | None = None) -> dict
 @task(name="evaluate-model", **TASK_RETRIES)
 def evaluate_model(store_uri: str, model_version: str, labels_version: str | None = None) -> dict:
     """Metrics and plots of a model version on a labelled test split."""
-    from tasks.storage import open_store
+    from tasks.store.storage import open_store
 
     return evaluate(Lake(open_store(store_uri)), model_version, labels_version)

@@ -2,7 +2,7 @@
 
 Two backends behind one interface: a local directory (the embedded default)
 and S3 (any S3-compatible endpoint). Which key holds what is the catalog's
-business (``tasks/lake.py``); this module only moves bytes under keys.
+business (``tasks/store/lake.py``); this module only moves bytes under keys.
 
 Writes are atomic. Locally a temp file in the same directory is renamed over
 the target; on S3 an object only appears after a single PUT or a completed

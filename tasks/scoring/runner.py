@@ -45,12 +45,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, pixel_shape, prepare
-from tasks.inference import get_model, predict_prices, preprocess_of
-from tasks.lake import DropSource, Lake, NotInLake, ScoreRun
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageRejected, pixel_shape, prepare
+from tasks.model.export import get_model, predict_prices, preprocess_of
 from tasks.runtime import get_logger, progress
 from tasks.settings import load_settings
-from tasks.storage import ObjectInfo, ObjectNotFound, open_store
+from tasks.store.lake import DropSource, Lake, NotInLake, ScoreRun
+from tasks.store.storage import ObjectInfo, ObjectNotFound, open_store
 
 _ROW = [("key", pa.string()), ("object", pa.string())]
 _STAMP = [("model_version", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))]
@@ -435,7 +435,7 @@ def finish(
     manifest = run.manifest()
     if manifest is not None and manifest.get("last_plan") == last:
         return manifest | {"skipped": True}
-    name = f"finish-{last:08d}"
+    name = run.finish_name(last)
     claim_id = take_claim(run, name, scorer_name(), 600)
     if claim_id is None:
         return None
@@ -587,7 +587,7 @@ def score_drop(
             manifest = finish(run, plans, listing, skipped, timings)
             if manifest is not None:
                 return manifest
-        held = {c["owner"] for n, c in run.claims().items() if n in todo or n.startswith("finish")}
+        held = {c["owner"] for n, c in run.claims().items() if n in todo or run.is_finish_name(n)}
         if not options.wait:
             left = f"{len(todo)} shards" if todo else "the finishing step"
             raise DropBusy(

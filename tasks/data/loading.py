@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.images import GRAY28, SIZE, prepare_batch
-from tasks.lake import Lake
+from tasks.data.images import GRAY28, SIZE, prepare_batch
+from tasks.store.lake import Lake
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Data in: Fashion-MNIST, product catalogs, prices, image decoding, loading for training."""

@@ -1,0 +1,1 @@
+"""Deployment helpers: work pools, deployments, automations, the pull step."""
