@@ -29,7 +29,9 @@ from tasks.governance.registry import promote
 from tasks.model.export import load_stored_model, predict_prices
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import train
-from tasks.scoring.runner import finish, list_drop, locate_drop, plan_work
+from tasks.scoring.finish import finish
+from tasks.scoring.ledger import plan_work
+from tasks.scoring.runner import list_drop, locate_drop
 from tasks.store.lake import Lake
 
 REPO = Path(__file__).resolve().parents[1]

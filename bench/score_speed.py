@@ -23,7 +23,8 @@ from tasks.governance.registry import promote
 from tasks.model.export import get_model, load_stored_model, resolve_precision
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import train
-from tasks.scoring.runner import ScoreOptions, score_drop
+from tasks.scoring.ledger import ScoreOptions
+from tasks.scoring.runner import score_drop
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from tasks.data.prices import PriceRule
-from tasks.scoring.runner import DropBusy
+from tasks.scoring.ledger import DropBusy
 
 
 def _rule(args: argparse.Namespace) -> PriceRule | None:
@@ -183,7 +183,8 @@ def _share_local_api() -> None:
 
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
-    from tasks.scoring.runner import list_drop, locate_drop, resolve_model
+    from tasks.governance.registry import resolve_model
+    from tasks.scoring.runner import list_drop, locate_drop
 
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
     lake = _lake(args)
@@ -222,7 +223,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
 
 def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
-    from tasks.scoring.runner import resolve_model
+    from tasks.governance.registry import resolve_model
 
     resolve_model(_lake(args), None, args.line)  # a champion, or one line saying why not
     return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line)
@@ -268,7 +269,7 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def _cmd_champion(args: argparse.Namespace) -> dict:
-    from tasks.scoring.runner import resolve_champion
+    from tasks.governance.registry import resolve_champion
 
     return resolve_champion(_lake(args), args.line)
 

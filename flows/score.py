@@ -23,6 +23,7 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.data.images import DEFAULT_MAX_PIXELS
+from tasks.governance.registry import resolve_model
 from tasks.reports import (
     drop_markdown,
     line_key,
@@ -32,15 +33,9 @@ from tasks.reports import (
     publish_table,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.scoring.runner import (
-    Job,
-    ScoreOptions,
-    drops_needing_scores,
-    resolve_model,
-    score_drop,
-    scorer_name,
-    work,
-)
+from tasks.scoring.ledger import ScoreOptions, scorer_name
+from tasks.scoring.runner import Job, drops_needing_scores, score_drop
+from tasks.scoring.shard import work
 from tasks.settings import load_settings
 from tasks.store.lake import DropSource, Lake, line_of
 from tasks.store.storage import open_store

@@ -16,10 +16,10 @@ from flows.score import score_flow
 from tasks.data.catalog import CatalogError, ingest_catalog
 from tasks.data.images import GRAY28, RGB, ImageRejected, pixel_shape, prepare
 from tasks.data.loading import load_data
+from tasks.governance.registry import LineError, resolve_model
 from tasks.model.export import cached_model_file, load_stored_model, predict_prices, preprocess_of
 from tasks.model.train_settings import TrainSettings
 from tasks.reports import GARMENTS
-from tasks.scoring.runner import LineError, resolve_model
 from tasks.store.lake import Lake, NotInLake
 from tasks.store.storage import LocalStore, open_store
 from tests.catalog_data import csv_text, encode, garments, tint, write_catalog

@@ -15,18 +15,17 @@ from flows.score import score_flow, score_new_drops_flow
 from tasks.data.images import ImageRejected, to_pixels
 from tasks.data.loading import load_data
 from tasks.model.export import cached_model_file
-from tasks.scoring.runner import (
+from tasks.scoring.ledger import (
     DropBusy,
     DropError,
     ScoreOptions,
-    locate_drop,
     pending,
     plan_work,
-    score_drop,
-    score_shard,
     scorer_name,
     take_claim,
 )
+from tasks.scoring.runner import locate_drop, score_drop
+from tasks.scoring.shard import score_shard
 from tasks.settings import load_settings
 from tasks.store.lake import Lake
 from tests.conftest import copy_lake
@@ -255,7 +254,7 @@ def test_score_new_drops(scored_store):
 
 
 def test_preprocessing_parity_training_and_scoring(tiny_lake):
-    from tasks.scoring.runner import decode_object
+    from tasks.scoring.shard import decode_object
 
     lake, dv, lv, _ = tiny_lake
     trained = load_data(lake, dv, lv, {"test": None}, 0).test.images

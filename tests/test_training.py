@@ -12,7 +12,7 @@ from flows.train import train_flow
 from tasks.data.fashion_mnist import find_source, ingest
 from tasks.data.loading import load_data
 from tasks.data.prices import PriceRule, make_labels
-from tasks.governance.registry import decide, read_champion
+from tasks.governance.registry import decide, resolve_champion
 from tasks.model.export import (
     ExportError,
     cached_model_file,
@@ -91,7 +91,7 @@ def test_train_evaluate_promote(versions, store_uri):
 
     decision = promote_flow(mv, store=store_uri)
     assert decision["promoted"] and decision["reason"] == "no champion yet"
-    assert read_champion(lake)["model_version"] == mv
+    assert resolve_champion(lake, None)["model_version"] == mv
 
     # Same inputs, another top hyper-parameter: the feature cache is hit, not rebuilt.
     features_before = {o.key: o.etag for o in store.list("features/")}
@@ -104,10 +104,10 @@ def test_train_evaluate_promote(versions, store_uri):
 
     decision = promote_flow(second["model_version"], store=store_uri, margin=10.0)
     assert decision["promoted"] is False, "a 1000 % margin cannot be beaten"
-    assert read_champion(lake)["model_version"] == mv
+    assert resolve_champion(lake, None)["model_version"] == mv
     forced = promote_flow(second["model_version"], store=store_uri, force=True)
     assert forced["promoted"] and forced["forced"]
-    champion = read_champion(lake)
+    champion = resolve_champion(lake, None)
     assert champion["model_version"] == second["model_version"] and champion["forced"]
     decisions = [store.get_json(k) for k in store.keys("registry/decisions/")]
     assert [d["promoted"] for d in decisions] == [True, False, True]

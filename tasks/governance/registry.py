@@ -10,14 +10,40 @@ from prefect import task
 from tasks.governance.evaluation import evaluate, read_metrics
 from tasks.reports import emit, line_key, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.store.lake import DEMO_LINE, Lake, line_of
+from tasks.store.lake import Lake, NotInLake, line_of
 
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
 RECENT = 32  # promotion ids the pointer remembers, newest first
 
 
-def read_champion(lake: Lake, line: str = DEMO_LINE) -> dict | None:
-    return lake.registry(line).champion()
+class LineError(ValueError):
+    """Which model line to score with is unknown or ambiguous (the message lists them)."""
+
+
+def resolve_champion(lake: Lake, line: str | None) -> dict:
+    """The champion of the line named, or of the store's only line; LineError when the
+    line has none or several lines need a choice (the message lists them)."""
+    if line:
+        champion = lake.registry(line).champion()
+        if champion is None:
+            raise LineError(f"no model line {line!r} with a champion in {lake.uri} "
+                            f"(lines: {', '.join(lake.lines()) or 'none'})")  # fmt: skip
+        return champion
+    champions = lake.champions()
+    if len(champions) > 1:
+        raise LineError(f"{lake.uri} holds several model lines ({', '.join(champions)}): "
+                        "pass --line NAME")  # fmt: skip
+    if not champions:
+        raise NotInLake(f"no champion in {lake.uri}: train and promote a model (vggprice run)")
+    return next(iter(champions.values()))
+
+
+def resolve_model(lake: Lake, model_version: str | None, line: str | None = None) -> str:
+    """A pinned model version, or the champion of the line (see resolve_champion)."""
+    if model_version:
+        lake.model(model_version).lineage()  # complete, or NotInLake listing the known
+        return model_version
+    return resolve_champion(lake, line)["model_version"]
 
 
 def decide(challenger_rmse: float, champion_rmse: float | None, margin: float) -> tuple[bool, str]:
