@@ -7,6 +7,7 @@ from prefect import flow
 
 from flows.pipeline import train_evaluate_promote
 from tasks.data.catalog import ingest_catalog_task
+from tasks.governance.registry import MARGIN
 from tasks.model.train_settings import CATALOG_DEFAULTS, TrainSettings
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
@@ -24,7 +25,7 @@ def catalog_flow(
     name: str,
     store: str | None = None,
     settings: TrainSettings | None = None,
-    margin: float = 0.01,
+    margin: float = MARGIN,
     skip_bad_rows: bool = False,
     train_pool: str | None = None,
 ) -> dict:
@@ -33,8 +34,8 @@ def catalog_flow(
     store = load_settings(store=store).store
     settings = settings or catalog_settings()
     ingested = ingest_catalog_task(store, source, prices, name, skip_bad_rows)
-    dv, lv = ingested["dataset_version"], ingested["labels_version"]
-    trained, evaluated, decision = train_evaluate_promote(store, dv, lv, settings, margin,
+    dataset_version, labels_version = ingested["dataset_version"], ingested["labels_version"]
+    trained, evaluated, decision = train_evaluate_promote(store, dataset_version, labels_version, settings, margin,
                                                           train_pool)  # fmt: skip
     stages = (("ingest", ingested), ("train", trained), ("evaluate", evaluated))
     skipped = [n for n, result in stages if result.get("skipped")]
@@ -43,7 +44,11 @@ def catalog_flow(
     counts = ingested["manifest"]["counts"]
     return {
         "line": name,
-        "ingest": {"dataset_version": dv, "labels_version": lv, "counts": counts},
+        "ingest": {
+            "dataset_version": dataset_version,
+            "labels_version": labels_version,
+            "counts": counts,
+        },
         "train": trained,
         "evaluate": evaluated,
         "promote": {k: decision[k] for k in ("promoted", "reason")},

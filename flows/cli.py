@@ -11,23 +11,23 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-# TensorFlow's C++ start-up chatter (CPU flags; on machines without an NVIDIA device,
-# its failed CUDA probe) is noise on a laptop. The embedded Prefect server sends no
-# telemetry unless the user turned it on.
-os.environ.setdefault(
-    "TF_CPP_MIN_LOG_LEVEL",
-    "2" if any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")) else "3",
-)
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The temporary local server's first start migrates a fresh SQLite database: on a busy
-# 2-core machine that takes longer than Prefect's default 20 s wait for it.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from tasks.data.prices import PriceRule
-from tasks.scoring.ledger import DropBusy
+def _quiet_environment() -> None:
+    """Defaults for the libraries this command starts, set before any of them loads (a
+    value the user set wins). TensorFlow's C++ start-up chatter (CPU flags; on machines
+    without an NVIDIA device, its failed CUDA probe) is noise on a laptop; the embedded
+    Prefect server sends no telemetry unless the user turned it on; its first start
+    migrates a fresh SQLite database, which on a busy 2-core machine takes longer than
+    Prefect's default 20 s wait for it."""
+    gpu = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu else "3")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _rule(args: argparse.Namespace) -> PriceRule | None:
+def _rule(args: argparse.Namespace):
+    from tasks.data.prices import PriceRule
+
     if args.means is None and args.sigma is None:
         return None
     fields: dict = {}
@@ -108,8 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> dict:
 def _run_catalog(args: argparse.Namespace) -> dict:
     """vggprice run --source ... --prices ... --name ...: a catalog's own line."""
     from flows.catalog import catalog_flow
-    from tasks.data.catalog import check_catalog
-    from tasks.store.lake import check_line_name
+    from tasks.data.catalog import check_inputs
 
     missing = [f for f in ("source", "prices", "name") if not getattr(args, f)]
     if missing:
@@ -117,11 +116,9 @@ def _run_catalog(args: argparse.Namespace) -> dict:
                          "--prices CSV_OR_PARQUET, --name NAME)")  # fmt: skip
     if args.means is not None or args.sigma is not None:
         raise ValueError("--means and --sigma draw the demo's prices; a catalog has its own")
-    check_line_name(args.name)
+    check_inputs(args.prices, args.name)  # what was typed, before any run starts
     settings = _train_settings(args, catalog=True)
-    # Bad inputs stop here with one line, before any flow run starts (nothing written).
     _lake(args)
-    check_catalog(args.source, args.prices, args.name, args.skip_bad_rows)
     return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
                         settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows)  # fmt: skip
 
@@ -322,6 +319,10 @@ LINE_HELP = "the model line: demo or a catalog's name (default: the store's only
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tasks.governance.registry import MARGIN
+    from tasks.scoring.ledger import ScoreOptions
+
+    SCORE = ScoreOptions()  # the scoring defaults the options show
     parser = argparse.ArgumentParser(prog="vggprice", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", help="s3://bucket/prefix or a directory (default ./lake)")
@@ -349,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (and record) bad rows of the prices table instead of failing")  # fmt: skip
     _add_label_args(p)
     _add_train_args(p)
-    p.add_argument("--margin", type=float, default=0.01, help="promotion margin (0.01 = 1%%)")
+    p.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"promotion margin (default {MARGIN}: {MARGIN * 100:g}%%)")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", parents=[common], help="train the price model")
@@ -365,17 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("promote", parents=[common], help="champion/challenger gate")
     p.add_argument("model_version")
-    p.add_argument("--margin", type=float, default=0.01, help="required RMSE improvement")
+    p.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"required RMSE improvement (default {MARGIN})")  # fmt: skip
     p.add_argument("--force", action="store_true", help="promote regardless (recorded)")
     p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("score", parents=[common], help="price every image of a drop")
     p.add_argument("drop", help="a drop id under drops/, or an s3:// URI or directory")
     p.add_argument("--model", help="pin a model version instead of the champion")
-    p.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
-    p.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="refuse larger images (bombs)"
-    )
+    p.add_argument("--shard-size", type=int, default=SCORE.shard_size,
+                   help=f"objects per shard (default {SCORE.shard_size})")  # fmt: skip
+    p.add_argument("--max-pixels", type=int, default=SCORE.max_pixels,
+                   help=f"refuse larger images (bombs; default {SCORE.max_pixels:,})")  # fmt: skip
     p.add_argument("--workers", type=int, help="N local scorer processes (a Dask LocalCluster)")
     p.add_argument("--dask-address", help="an existing Dask cluster, e.g. tcp://scheduler:8786")
     p.add_argument(
@@ -383,13 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop (status 3) instead of waiting for shards that live scorers hold",
     )
-    p.add_argument("--claim-seconds", type=float, default=90.0,
-                   help="a scorer's claim expires this long after its last heartbeat")  # fmt: skip
+    p.add_argument("--claim-seconds", type=float, default=SCORE.claim_seconds,
+                   help="a scorer's claim expires this long after its last heartbeat "
+                        f"(default {SCORE.claim_seconds:g})")  # fmt: skip
     p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
-    p.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
+    p.add_argument("--shard-size", type=int, default=SCORE.shard_size,
+                   help=f"objects per shard (default {SCORE.shard_size})")  # fmt: skip
     p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_score_new)
 
@@ -446,6 +451,7 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()
     from tasks.settings import load_settings
 
     args = build_parser().parse_args(argv)
@@ -473,6 +479,8 @@ def _report(err: Exception) -> int:
         where = ".".join(str(x) for x in first["loc"])
         _error(f"{where + ': ' if where else ''}{first['msg']}")
         return 2
+    from tasks.scoring.ledger import DropBusy
+
     if isinstance(err, DropBusy):
         _error(str(err))
         return 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.governance.evaluation import evaluate_model
-from tasks.governance.registry import promote_model
+from tasks.governance.registry import MARGIN, promote_model
 from tasks.settings import load_settings
 
 
@@ -20,7 +20,7 @@ def evaluate_flow(
 
 @flow(name="promote")
 def promote_flow(
-    model_version: str, store: str | None = None, margin: float = 0.01, force: bool = False
+    model_version: str, store: str | None = None, margin: float = MARGIN, force: bool = False
 ) -> dict:
     """Make the model the champion if it beats the one in service; record the decision."""
     return promote_model(load_settings(store=store).store, model_version, margin, force)

@@ -20,6 +20,7 @@ from flows.ingest import ingest_flow
 from flows.label import label_flow
 from flows.train import train_flow
 from tasks.data.prices import PriceRule
+from tasks.governance.registry import MARGIN
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import version_for
 from tasks.runtime import get_logger
@@ -42,18 +43,20 @@ def train_deployment_on(pool: str) -> str:
     return f"train/{found[0].name}"
 
 
-def train_on_pool(pool: str, dv: str, lv: str, store: str, settings: TrainSettings) -> dict:
+def train_on_pool(
+    pool: str, dataset_version: str, labels_version: str, store: str, settings: TrainSettings
+) -> dict:
     """Run the train deployment on ``pool`` (unless the model exists), wait, and find
     the model in the store by its version."""
-    model = Lake(open_store(store)).model(version_for(dv, lv, settings))
+    model = Lake(open_store(store)).model(version_for(dataset_version, labels_version, settings))
     result = {"model_version": model.version, "model_uri": model.uri(model.FILE)}
     if model.complete:
         return result | {"skipped": True, "pool": pool}
     run = run_deployment(
         train_deployment_on(pool),
         parameters={
-            "dataset_version": dv,
-            "labels_version": lv,
+            "dataset_version": dataset_version,
+            "labels_version": labels_version,
             "store": store,
             "settings": settings.model_dump(),
         },
@@ -72,13 +75,23 @@ def train_on_pool(pool: str, dv: str, lv: str, store: str, settings: TrainSettin
 
 
 def train_evaluate_promote(
-    store: str, dv: str, lv: str, settings: TrainSettings, margin: float, train_pool: str | None
+    store: str,
+    dataset_version: str,
+    labels_version: str,
+    settings: TrainSettings,
+    margin: float,
+    train_pool: str | None,
 ) -> tuple[dict, dict, dict]:
     """The stages after the data: train (here, or on ``train_pool``), evaluate, promote."""
     if train_pool:
-        trained = train_on_pool(train_pool, dv, lv, store, settings)
+        trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings)
     else:
-        trained = train_flow(dataset_version=dv, labels_version=lv, store=store, settings=settings)
+        trained = train_flow(
+            dataset_version=dataset_version,
+            labels_version=labels_version,
+            store=store,
+            settings=settings,
+        )
     evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
     decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
     return trained, evaluated, decision
@@ -91,17 +104,17 @@ def retrain_flow(
     rule: PriceRule | None = None,
     seed: int = 0,
     settings: TrainSettings | None = None,
-    margin: float = 0.01,
+    margin: float = MARGIN,
     train_pool: str | None = None,
 ) -> dict:
     """Run every stage in order; each stage skips when its inputs are unchanged."""
     store = load_settings(store=store).store
     settings = settings or TrainSettings()
     ingested = ingest_flow(store=store, source=source)
-    dv = ingested["dataset_version"]
-    labelled = label_flow(dataset_version=dv, store=store, rule=rule, seed=seed)
-    lv = labelled["labels_version"]
-    trained, evaluated, decision = train_evaluate_promote(store, dv, lv, settings, margin,
+    dataset_version = ingested["dataset_version"]
+    labelled = label_flow(dataset_version=dataset_version, store=store, rule=rule, seed=seed)
+    labels_version = labelled["labels_version"]
+    trained, evaluated, decision = train_evaluate_promote(store, dataset_version, labels_version, settings, margin,
                                                           train_pool)  # fmt: skip
     skipped = [
         name

@@ -22,7 +22,6 @@ import numpy as np
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.data.images import DEFAULT_MAX_PIXELS
 from tasks.governance.registry import resolve_model
 from tasks.reports import (
     drop_markdown,
@@ -40,28 +39,31 @@ from tasks.settings import load_settings
 from tasks.store.lake import DropSource, Lake, line_of
 from tasks.store.storage import open_store
 
+SCORE = ScoreOptions()  # the scoring defaults
 PARTITION_DEPLOYMENT = "score-partition/score-partition-{pool}"
 
 
-def _scorer(store: str, drop_id: str, mv: str, source: list[str], options: dict, start: int):
-    run = Lake(open_store(store)).score_run(drop_id, mv)
+def _scorer(
+    store: str, drop_id: str, model_version: str, source: list[str], options: dict, start: int
+):
+    run = Lake(open_store(store)).score_run(drop_id, model_version)
     drop = DropSource(open_store(source[0]), source[1], drop_id)
     return work(run, drop, ScoreOptions(**options), start)
 
 
 @task(name="scorer", **TASK_RETRIES)
 def scorer_task(
-    store: str, drop_id: str, mv: str, source: list[str], options: dict, start: int
+    store: str, drop_id: str, model_version: str, source: list[str], options: dict, start: int
 ) -> list[dict]:
     """One scorer: claims and prices whole shards until none is left unclaimed."""
-    return _scorer(store, drop_id, mv, source, options, start)
+    return _scorer(store, drop_id, model_version, source, options, start)
 
 
 def _job_parameters(job: Job, options: ScoreOptions) -> dict:
     return {
         "store": job.run.store.uri,
         "drop_id": job.run.drop_id,
-        "mv": job.run.model_version,
+        "model_version": job.run.model_version,
         "source": [job.source.store.uri, job.source.prefix],
         "options": dataclasses.asdict(options),
     }
@@ -112,10 +114,10 @@ def scorers_on_pool(pool: str, partitions: int):
 
 @flow(name="score-partition")
 def score_partition_flow(
-    store: str, drop_id: str, mv: str, source: list[str], options: dict, start: int = 0
+    store: str, drop_id: str, model_version: str, source: list[str], options: dict, start: int = 0
 ) -> dict:
     """One partition of a drop on a work pool: a scorer that claims whole shards."""
-    scored = _scorer(store, drop_id, mv, source, options, start)
+    scored = _scorer(store, drop_id, model_version, source, options, start)
     return {"scorer": scorer_name(), "shards": len(scored)}
 
 
@@ -123,11 +125,11 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
     """The drop-<id> artifacts: summary markdown and price bands by class."""
     n = manifest["counts"]["priced"] + manifest["counts"]["rejected"]
     seconds = manifest["timings"]["seconds"]
-    mv = manifest["model_version"]
-    lineage = lake.model(mv).lineage()
+    model_version = manifest["model_version"]
+    lineage = lake.model(model_version).lineage()
     line = line_of(lineage["dataset_version"])
     key = line_key(line, f"drop-{manifest['drop_id']}")
-    run = lake.score_run(manifest["drop_id"], mv)
+    run = lake.score_run(manifest["drop_id"], model_version)
     priced = run.prices(["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
     plots = {}
@@ -156,13 +158,13 @@ def score_flow(
     drop: str,
     store: str | None = None,
     model: str | None = None,
-    shard_size: int = 1000,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    precision: str = "auto",
+    shard_size: int = SCORE.shard_size,
+    max_pixels: int = SCORE.max_pixels,
+    precision: str = SCORE.precision,
     scorers: int = 2,
     score_pool: str | None = None,
     partitions: int = 2,
-    claim_seconds: float = 90.0,
+    claim_seconds: float = SCORE.claim_seconds,
     wait: bool = True,
     line: str | None = None,
 ) -> dict:
@@ -183,7 +185,7 @@ def score_flow(
 @flow(name="score-new-drops")
 def score_new_drops_flow(
     store: str | None = None,
-    shard_size: int = 1000,
+    shard_size: int = SCORE.shard_size,
     score_pool: str | None = None,
     line: str | None = None,
 ) -> dict:
@@ -191,15 +193,19 @@ def score_new_drops_flow(
     (the store's only line when not named), or that has new files."""
     uri = load_settings(store=store).store
     lake = Lake(open_store(uri))
-    mv = resolve_model(lake, None, line)
-    drops = drops_needing_scores(lake, mv)
-    get_logger().info("%d drops to score with %s: %s", len(drops), mv, ", ".join(drops) or "-")
+    model_version = resolve_model(lake, None, line)
+    drops = drops_needing_scores(lake, model_version)
+    get_logger().info(
+        "%d drops to score with %s: %s", len(drops), model_version, ", ".join(drops) or "-"
+    )
     results = {
-        d: score_flow(drop=d, store=uri, shard_size=shard_size, score_pool=score_pool, model=mv)
+        d: score_flow(
+            drop=d, store=uri, shard_size=shard_size, score_pool=score_pool, model=model_version
+        )
         for d in drops
     }
     return {
-        "model_version": mv,
-        "line": line_of(lake.model(mv).lineage()["dataset_version"]),
+        "model_version": model_version,
+        "line": line_of(lake.model(model_version).lineage()["dataset_version"]),
         "scored": {d: r["counts"] for d, r in results.items()},
     }

@@ -284,13 +284,15 @@ def test_parquet_images_parquet_prices_and_a_split_column(tmp_path):
 
 
 def test_catalog_metrics_per_decile_without_categories():
+    from tasks.data.loading import Split
     from tasks.governance.evaluation import catalog_metrics
 
     rng = np.random.default_rng(0)
     train = rng.uniform(0, 100, 500)
     true = rng.uniform(0, 100, 200)
     pred = true + rng.normal(0, 5, 200)
-    m = catalog_metrics(true, pred, np.zeros(200, int), {"min": 0, "max": 100}, 50.0, train)
+    test = Split(ids=[], images=np.zeros(0), classes=np.zeros(200, int), price=true, y=true / 100)
+    m = catalog_metrics(test, pred, {"min": 0, "max": 100}, 50.0, train)
     assert m["grouped_by"] == "price decile" and len(m["per_group"]) == 10
     assert sum(g["count"] for g in m["per_group"]) == 200
     assert m["rmse"] < m["baseline_rmse"] and m["baseline_price"] == 50.0

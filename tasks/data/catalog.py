@@ -245,96 +245,122 @@ def check_catalog(
     return CatalogPlan(source, listing, rows, prices_sha256, bad, spec, dv, lv)
 
 
-def ingest_catalog(
-    lake: Lake, source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False,
-    shard_rows: int = SHARD_ROWS,
-) -> dict:  # fmt: skip
-    """Check everything (check_catalog), then write the dataset (manifest last) and its
-    labels (scaling last). Returns dataset and labels versions; ``skipped`` when both
-    existed."""
-    log = get_logger()
-    plan = check_catalog(source_uri, prices_uri, name, skip_bad_rows)
-    source, listing, rows, bad, spec = plan.source, plan.listing, plan.rows, plan.bad, plan.spec
-    dv, lv = plan.dataset_version, plan.labels_version
-    dataset, labels = lake.catalog(dv), lake.labels(dv, lv)
-    if dataset.complete and labels.complete:
-        log.info("catalog %s already in %s; nothing rewritten", dv, lake.uri)
-        return {"dataset_version": dv, "labels_version": lv, "skipped": True,
-                "manifest": dataset.manifest()}  # fmt: skip
-    has_split = "split" in rows[0]
-    bad_rows = {n for n, _ in bad}
-    good = [(n, r) for n, r in enumerate(rows, start=1) if n not in bad_rows]
+def check_inputs(prices_uri: str, name: str) -> None:
+    """What a user typed, checked before any run starts: the line name and a readable
+    prices table with its columns (the whole check, against the images, is
+    ``check_catalog``, once, in the ingest)."""
+    check_line_name(name)
+    read_prices(prices_uri)
 
-    # Decode every priced image (in memory: nothing is final until the manifest).
-    blobs = source.read_all([str(r["image"]).strip() for _, r in good])
+
+@dataclass
+class Decoded:
+    """The priced images that decode, sorted by key, and the files that do not."""
+
+    accepted: list[tuple[str, dict, bytes]]  # (key, prices row, normalised PNG)
+    rejected: list[tuple[str, str]]  # (key, reason)
+
+
+def decode_images(plan: CatalogPlan) -> Decoded:
+    """Every priced image decoded by the scoring rules and stored as RGB PNG; one bad
+    file is one rejection, never a crash."""
+    bad_rows = {n for n, _ in plan.bad}
+    good = [r for n, r in enumerate(plan.rows, start=1) if n not in bad_rows]
+    blobs = plan.source.read_all([str(r["image"]).strip() for r in good])
     accepted, rejected = [], []
-    bar = progress(len(good), "decode", "image")
-    for _n, row in good:
-        key = str(row["image"]).strip()
-        try:
-            png = encode_png_rgb(to_rgb(blobs[key]))
-        except ImageRejected as err:
-            rejected.append((key, str(err)))
-        except Exception as err:  # whatever a decoder raises, one bad file is one row
-            rejected.append((key, f"undecodable: {type(err).__name__}: {err}"))
-        else:
-            accepted.append((key, row, png))
-        bar.update()
-    bar.close()
-    accepted.sort(key=lambda a: a[0])
-    has_cat = "category" in rows[0]
-    cats = [str(r["category"]).strip() if has_cat else "" for _, r, _ in accepted]
+    with progress(len(good), "decode", "image") as bar:
+        for row in good:
+            key = str(row["image"]).strip()
+            try:
+                png = encode_png_rgb(to_rgb(blobs[key]))
+            except ImageRejected as err:
+                rejected.append((key, str(err)))
+            except Exception as err:  # whatever a decoder raises, one bad file is one row
+                rejected.append((key, f"undecodable: {type(err).__name__}: {err}"))
+            else:
+                accepted.append((key, row, png))
+            bar.update()
+    return Decoded(sorted(accepted, key=lambda a: a[0]), rejected)
+
+
+@dataclass
+class Assignment:
+    """Each accepted image's category index and split, and the category names."""
+
+    categories: list[str]  # per image ("" without a category column)
+    names: list[str]  # the sorted category names (none without the column)
+    classes: list[int]  # per image: index into names (0 without)
+    splits: list[str]  # per image: train or test
+
+
+def assign_splits(decoded: Decoded, plan: CatalogPlan, prices_uri: str) -> Assignment:
+    """Categories and splits: the table's split column, or a seeded stratified split.
+    CatalogError when a split would be empty."""
+    rows = [r for _, r, _ in decoded.accepted]
+    has_cat = "category" in plan.rows[0]
+    cats = [str(r["category"]).strip() if has_cat else "" for r in rows]
     names = sorted(set(cats)) if has_cat else []
     index = {c: i for i, c in enumerate(names)}
-    label = [index.get(c, 0) for c in cats]
-    if has_split:
-        split = [str(r["split"]).strip() for _, r, _ in accepted]
+    if "split" in plan.rows[0]:
+        splits = [str(r["split"]).strip() for r in rows]
     else:
-        split = stratified_split(cats, TEST_FRACTION, SPLIT_SEED)
+        splits = stratified_split(cats, TEST_FRACTION, SPLIT_SEED)
     for s in SPLITS:
-        if s not in split:
-            raise CatalogError(f"{prices_uri}: no {s} images left ({len(accepted)} usable)")
+        if s not in splits:
+            raise CatalogError(f"{prices_uri}: no {s} images left ({len(rows)} usable)")
+    return Assignment(cats, names, [index.get(c, 0) for c in cats], splits)
 
+
+def write_catalog(
+    lake: Lake, plan: CatalogPlan, decoded: Decoded, assigned: Assignment, inputs: dict,
+    shard_rows: int,
+) -> dict:  # fmt: skip
+    """The dataset's shards, rejections and skipped rows, its manifest last, then its
+    labels (scaling last); returns the manifest."""
+    dataset = lake.catalog(plan.dataset_version)
+    accepted, rows = decoded.accepted, plan.rows
     manifest_splits = {}
     for s in SPLITS:
-        idx = [i for i, x in enumerate(split) if x == s]
+        idx = [i for i, x in enumerate(assigned.splits) if x == s]
         shards = []
         for j, start in enumerate(range(0, len(idx), shard_rows)):
             part = idx[start : start + shard_rows]
             table = pa.table(
-                {"image_id": [accepted[i][0] for i in part], "label": [label[i] for i in part],
+                {"image_id": [accepted[i][0] for i in part],
+                 "label": [assigned.classes[i] for i in part],
                  "image": [accepted[i][2] for i in part]},
                 schema=SCHEMA,
             )  # fmt: skip
             shards.append(dataset.write_shard(s, j, table))
         manifest_splits[s] = {"rows": len(idx), "shards": shards}
-    dataset.write_rejected(pa.table({"image": [k for k, _ in rejected],
-                                     "reason": [r for _, r in rejected]}, schema=REJECTED_SCHEMA))  # fmt: skip
-    reasons = dict(bad)
+    dataset.write_rejected(pa.table({"image": [k for k, _ in decoded.rejected],
+                                     "reason": [r for _, r in decoded.rejected]},
+                                    schema=REJECTED_SCHEMA))  # fmt: skip
+    reasons = dict(plan.bad)
     dataset.write_skipped(pa.table(
         {"row": sorted(reasons), "image": [str(rows[n - 1]["image"]) for n in sorted(reasons)],
          "price": [str(rows[n - 1]["price"]) for n in sorted(reasons)],
          "reason": [reasons[n] for n in sorted(reasons)]}, schema=SKIPPED_SCHEMA))  # fmt: skip
     manifest = {
         "dataset": "catalog",
-        "name": name,
-        "version": dv,
+        "name": inputs["name"],
+        "version": plan.dataset_version,
         "format": CATALOG_FORMAT,
         "source": {
-            "images": source_uri,
-            "prices": prices_uri,
-            "listed": len(listing),
+            "images": inputs["source"],
+            "prices": inputs["prices"],
+            "listed": len(plan.listing),
             "prices_sha256": plan.prices_sha256,
         },  # fmt: skip
-        "rules": spec | {"split": "column" if has_split else "seeded, stratified"},
+        "rules": plan.spec | {"split": "column" if "split" in rows[0] else "seeded, stratified"},
         "counts": {
             "rows": len(rows),
-            "skipped_rows": len(bad),
-            "rejected_images": len(rejected),
+            "skipped_rows": len(plan.bad),
+            "rejected_images": len(decoded.rejected),
             "images": len(accepted),
-            "unpriced_images": len(listing) - len(rows) + len(bad),
+            "unpriced_images": len(plan.listing) - len(rows) + len(plan.bad),
         },  # fmt: skip
-        "categories": names,
+        "categories": assigned.names,
         "splits": manifest_splits,
         "schema": {f.name: str(f.type) for f in SCHEMA},
         "image_encoding": "png-rgb",
@@ -343,16 +369,39 @@ def ingest_catalog(
     dataset.write_manifest(manifest)  # last: marks the version complete
 
     price = np.array([float(_price(r["price"])[0]) for _, r, _ in accepted])
-    scaling = fit_scaling(price, np.asarray(split)) | {
-        "kind": "table", "categories": names, "dataset_version": dv,
+    scaling = fit_scaling(price, np.asarray(assigned.splits)) | {
+        "kind": "table", "categories": assigned.names, "dataset_version": plan.dataset_version,
     }  # fmt: skip
-    labels.write(
-        pa.table({"image_id": [a[0] for a in accepted], "split": split, "label": label,
-                  "category": cats, "price": price}, schema=PRICES_SCHEMA),
+    lake.labels(plan.dataset_version, plan.labels_version).write(
+        pa.table({"image_id": [a[0] for a in accepted], "split": assigned.splits,
+                  "label": assigned.classes, "category": assigned.categories, "price": price},
+                 schema=PRICES_SCHEMA),
         scaling,
     )  # fmt: skip
-    log.info("catalog %s: %d images (%d rejected, %d rows skipped), labels %s",
-             dv, len(accepted), len(rejected), len(bad), lv)  # fmt: skip
+    return manifest
+
+
+def ingest_catalog(
+    lake: Lake, source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False,
+    shard_rows: int = SHARD_ROWS,
+) -> dict:  # fmt: skip
+    """Check everything (once), decode the priced images, assign splits, then write the
+    dataset (manifest last) and its labels (scaling last). Returns dataset and labels
+    versions; ``skipped`` when both existed."""
+    log = get_logger()
+    plan = check_catalog(source_uri, prices_uri, name, skip_bad_rows)
+    dv, lv = plan.dataset_version, plan.labels_version
+    dataset, labels = lake.catalog(dv), lake.labels(dv, lv)
+    if dataset.complete and labels.complete:
+        log.info("catalog %s already in %s; nothing rewritten", dv, lake.uri)
+        return {"dataset_version": dv, "labels_version": lv, "skipped": True,
+                "manifest": dataset.manifest()}  # fmt: skip
+    decoded = decode_images(plan)  # in memory: nothing is final until the manifest
+    assigned = assign_splits(decoded, plan, prices_uri)
+    inputs = {"name": name, "source": source_uri, "prices": prices_uri}
+    manifest = write_catalog(lake, plan, decoded, assigned, inputs, shard_rows)
+    log.info("catalog %s: %d images (%d rejected, %d rows skipped), labels %s", dv,
+             len(decoded.accepted), len(decoded.rejected), len(plan.bad), lv)  # fmt: skip
     return {"dataset_version": dv, "labels_version": lv, "skipped": False, "manifest": manifest}
 
 

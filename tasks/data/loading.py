@@ -15,7 +15,7 @@ from tasks.store.lake import Lake
 class Split:
     ids: list[str]
     images: np.ndarray  # uint8 (n, 28, 28) gray, or (n, s, s, 3) RGB
-    labels: np.ndarray  # int64 class ids
+    classes: np.ndarray  # int64 class ids (a catalog's category index, or 0)
     price: np.ndarray  # float64, price units
     y: np.ndarray  # float32, min-max scaled price
 
@@ -66,7 +66,7 @@ def load_data(
             Split(
                 ids=ids,
                 images=prepare_batch(table["image"].to_pylist(), mode, size),
-                labels=table["label"].to_numpy().astype(np.int64),
+                classes=table["label"].to_numpy().astype(np.int64),
                 price=price,
                 y=((price - scaling["min"]) / span).astype(np.float32),
             ),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from prefect import task
 
-from tasks.data.loading import load_data
+from tasks.data.loading import Split, load_data
 from tasks.data.prices import PriceRule
 from tasks.model.export import load_stored_model, predict_prices, preprocess_of
 from tasks.model.train_settings import TrainSettings
@@ -53,34 +55,31 @@ def group_errors(true: np.ndarray, pred: np.ndarray, groups: list[tuple[dict, np
     ]  # fmt: skip
 
 
-def metrics_for(
-    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, rule: PriceRule,
-    train_mean: float,
-) -> dict:  # fmt: skip
-    """The demo's metrics: the common ones, the noise floor, the recipe's figures and a
-    per-class table."""
-    floor = np.asarray(rule.means)[labels] - true
+def demo_metrics(test: Split, pred: np.ndarray, scaling: dict, train_mean: float) -> dict:
+    """The demo's metrics: the common ones, the noise floor of the price rule, the
+    recipe's figures and a per-class table."""
+    rule = PriceRule(**{k: scaling["rule"][k] for k in ("means", "sigma")})
+    floor = np.asarray(rule.means)[test.classes] - test.price
     classes = [
-        ({"class": c, "garment": GARMENTS[c] if c < len(GARMENTS) else str(c)}, labels == c)
+        ({"class": c, "garment": GARMENTS[c] if c < len(GARMENTS) else str(c)}, test.classes == c)
         for c in range(len(rule.means))
     ]
-    return error_metrics(true, pred, scaling, train_mean) | {
+    return error_metrics(test.price, pred, scaling, train_mean) | {
         "noise_floor_rmse": float(np.sqrt(np.mean(floor**2))),
         "recipe_mse_scaled": RECIPE_MSE_SCALED,
         "recipe_rmse": RECIPE_RMSE,
-        "per_class": group_errors(true, pred, classes),
+        "per_class": group_errors(test.price, pred, classes),
     }
 
 
 def catalog_metrics(
-    true: np.ndarray, pred: np.ndarray, labels: np.ndarray, scaling: dict, train_mean: float,
-    train_prices: np.ndarray,
-) -> dict:  # fmt: skip
+    test: Split, pred: np.ndarray, scaling: dict, train_mean: float, train_prices: np.ndarray
+) -> dict:
     """A catalog's metrics: the common ones and a table per category, or per decile of
     the train prices when there are none."""
-    names = scaling.get("categories") or []
+    true, names = test.price, scaling.get("categories") or []
     if names:
-        groups = [(n, labels == i) for i, n in enumerate(names)]
+        groups = [(n, test.classes == i) for i, n in enumerate(names)]
     else:
         edges = np.quantile(train_prices, np.linspace(0, 1, 11))
         which = np.clip(np.searchsorted(edges[1:-1], true, side="right"), 0, 9)
@@ -141,24 +140,71 @@ Labels `{labels_version}`, {m["n"]} test images.
 """
 
 
-def demo_report(mv: str, labels_version: str, m: dict, plots: dict, sigma: float) -> str:
+@dataclass(frozen=True)
+class Publication:
+    """What an evaluation shows in the Prefect UI and the log."""
+
+    key: str  # the report's artifact key; the table's is key + table_suffix
+    markdown: str
+    description: str
+    table_suffix: str
+    table: list[dict]
+    table_description: str
+    summary: str  # the log line
+
+
+def demo_publication(mv: str, labels_version: str, m: dict, plots: dict, sigma: float):
     extra = (f"\n| reference recipe | ~{RECIPE_RMSE:.0f} | | | {RECIPE_MSE_SCALED} |\n"
              f"| noise floor | {m['noise_floor_rmse']:.1f} | | | |")  # fmt: skip
     note = ("No model can beat the noise floor on average: prices are drawn around a class\n"
             f"mean with sigma {sigma:g}.\n\n")  # fmt: skip
     rows = [(f"{r['class']} {r['garment']}", r) for r in m["per_class"]]
-    return report_markdown(f"`{mv}`", labels_version, m, plots, ("class", rows), 1, extra, note)
+    return Publication(
+        key=artifact_key(f"eval-{mv}"),
+        markdown=report_markdown(
+            f"`{mv}`", labels_version, m, plots, ("class", rows), 1, extra, note
+        ),  # fmt: skip
+        description=f"evaluation of {mv}: {headline(m)}",
+        table_suffix="-classes",
+        table=rounded(m["per_class"]),
+        table_description="per-garment errors",
+        summary=f"{mv}: RMSE {m['rmse']:.2f} (noise floor {m['noise_floor_rmse']:.2f}), scaled "
+        f"MSE {m['mse_scaled']:.4f} on {m['n']} images",  # fmt: skip
+    )
 
 
-def catalog_report(mv: str, line: str, labels_version: str, m: dict, plots: dict) -> str:
+def catalog_publication(mv: str, line: str, labels_version: str, m: dict, plots: dict):
     rows = [(r["group"], r) for r in m["per_group"]]
-    return report_markdown(f"`{mv}` (catalog `{line}`)", labels_version, m, plots,
-                           (m["grouped_by"], rows), 2)  # fmt: skip
+    return Publication(
+        key=line_key(line, f"eval-{mv}"),
+        markdown=report_markdown(
+            f"`{mv}` (catalog `{line}`)", labels_version, m, plots, (m["grouped_by"], rows), 2
+        ),  # fmt: skip
+        description=f"evaluation of {mv} ({line}): {headline(m)}",
+        table_suffix="-groups",
+        table=rounded(m["per_group"]),
+        table_description=f"errors per {m['grouped_by']}",
+        summary=f"{mv} ({line}): RMSE {m['rmse']:.2f} (mean-price baseline "
+        f"{m['baseline_rmse']:.2f}) on {m['n']} images",  # fmt: skip
+    )
 
 
-def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
+def headline(m: dict) -> str:
+    return verdict(m).split(":")[0].strip("*")
+
+
+def publish(publication: Publication) -> None:
+    """The one publish path: the report and its table as artifacts, one log line."""
+    p = publication
+    publish_markdown(p.key, p.markdown, p.description)
+    publish_table(p.key + p.table_suffix, p.table, p.table_description)
+    get_logger().info("%s", p.summary)
+
+
+def evaluate(lake: Lake, model_version: str, labels_version: str | None = None) -> dict:
     """Score the test split and write metrics.json and plots (under models/<v>/ for the
     model's own labels, under models/<v>/eval/<labels>/ for other labels)."""
+    mv = model_version
     model = lake.model(mv)
     config, lineage = model.config(), model.lineage()
     evaluation = model.evaluation(labels_version)
@@ -173,16 +219,12 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
                      {"test": settings.test_limit}, settings.seed, *preprocess_of(config))  # fmt: skip
     test = data.test
     pred = predict_prices(load_stored_model(model), test.images)
-    train_prices = data.train_prices
-    train_mean = float(np.mean(train_prices))
+    train_mean = float(np.mean(data.train_prices))
     line = line_of(lineage["dataset_version"])
-    catalog = line != DEMO_LINE
-    if catalog:
-        metrics = catalog_metrics(test.price, pred, test.labels, data.scaling, train_mean,
-                                  train_prices)  # fmt: skip
+    if line == DEMO_LINE:
+        metrics = demo_metrics(test, pred, data.scaling, train_mean)
     else:
-        rule = PriceRule(**{k: data.scaling["rule"][k] for k in ("means", "sigma")})
-        metrics = metrics_for(test.price, pred, test.labels, data.scaling, rule, train_mean)
+        metrics = catalog_metrics(test, pred, data.scaling, train_mean, data.train_prices)
     metrics |= {"model_version": mv, "labels_version": evaluation.labels_version}
     plots = {
         "predicted vs true": (pred_vs_true_plot(test.price, pred), "pred_vs_true"),
@@ -192,38 +234,16 @@ def evaluate(lake: Lake, mv: str, labels_version: str | None = None) -> dict:
     evaluation.write_metrics(metrics)
     if evaluation.labels_version == lineage["labels_version"]:
         shown["training curves"] = (model.plot("loss"), model.plot_link("loss"))
-    if catalog:
-        publish_markdown(
-            line_key(line, f"eval-{mv}"),
-            catalog_report(mv, line, evaluation.labels_version, metrics, shown),
-            f"evaluation of {mv} ({line}): {verdict(metrics).split(':')[0].strip('*')}",
-        )
-        publish_table(line_key(line, f"eval-{mv}-groups"), rounded(metrics["per_group"]),
-                      f"errors per {metrics['grouped_by']}")  # fmt: skip
-        get_logger().info("%s (%s): RMSE %.2f (mean-price baseline %.2f) on %d images", mv,
-                          line, metrics["rmse"], metrics["baseline_rmse"], metrics["n"])  # fmt: skip
-        return metrics
-    publish_markdown(
-        artifact_key(f"eval-{mv}"),
-        demo_report(mv, evaluation.labels_version, metrics, shown, rule.sigma),
-        f"evaluation of {mv}: {verdict(metrics).split(':')[0].strip('*')}",
-    )
-    publish_table(
-        artifact_key(f"eval-{mv}-classes"), rounded(metrics["per_class"]), "per-garment errors"
-    )
-    get_logger().info(
-        "%s: RMSE %.2f (noise floor %.2f), scaled MSE %.4f on %d images",
-        mv,
-        metrics["rmse"],
-        metrics["noise_floor_rmse"],
-        metrics["mse_scaled"],
-        metrics["n"],
-    )
+    if line == DEMO_LINE:
+        sigma = data.scaling["rule"]["sigma"]
+        publish(demo_publication(mv, evaluation.labels_version, metrics, shown, sigma))
+    else:
+        publish(catalog_publication(mv, line, evaluation.labels_version, metrics, shown))
     return metrics
 
 
-def read_metrics(lake: Lake, mv: str, labels_version: str | None = None) -> dict | None:
-    return lake.model(mv).evaluation(labels_version).metrics()
+def read_metrics(lake: Lake, model_version: str, labels_version: str | None = None) -> dict | None:
+    return lake.model(model_version).evaluation(labels_version).metrics()
 
 
 @task(name="evaluate-model", **TASK_RETRIES)

@@ -12,6 +12,7 @@ from tasks.reports import emit, line_key, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.store.lake import Lake, NotInLake, line_of
 
+MARGIN = 0.01  # a challenger must beat the champion's RMSE by this fraction
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
 RECENT = 32  # promotion ids the pointer remembers, newest first
 
@@ -74,7 +75,7 @@ def _metrics_on(lake: Lake, mv: str, labels_version: str) -> dict:
     return read_metrics(lake, mv, labels_version) or evaluate(lake, mv, labels_version)
 
 
-def promote(lake: Lake, model_version: str, margin: float = 0.01, force: bool = False) -> dict:
+def promote(lake: Lake, model_version: str, margin: float = MARGIN, force: bool = False) -> dict:
     """Gate a challenger against the champion; record the decision either way.
 
     The pointer is swapped only if it is still the one the decision was made against
@@ -178,7 +179,7 @@ Reason: {d["reason"]} (margin {d["margin"]:.1%}{", forced" if d["forced"] else "
 
 
 @task(name="promote-model", **TASK_RETRIES)
-def promote_model(store_uri: str, model_version: str, margin: float = 0.01, force: bool = False):
+def promote_model(store_uri: str, model_version: str, margin: float = MARGIN, force: bool = False):
     """The champion/challenger gate as a task."""
     from tasks.store.storage import open_store
 

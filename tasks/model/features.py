@@ -21,7 +21,7 @@ DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
 
 
 @dataclass(frozen=True)
-class Views:
+class ViewRecipe:
     """How the cached train views are made: view 0 as is, 1 flipped, then shifted."""
 
     n: int
@@ -41,7 +41,7 @@ class FeatureSpec:
     preprocess: str
     cut: int
     precision: str
-    views: Views
+    views: ViewRecipe
 
     def key(self) -> str:
         spec = asdict(self)
@@ -95,7 +95,11 @@ def extract(frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
 
 
 def load_or_extract(
-    cache: FeatureCache, frozen, train_images: np.ndarray, test_images: np.ndarray, views: Views
+    cache: FeatureCache,
+    frozen,
+    train_images: np.ndarray,
+    test_images: np.ndarray,
+    views: ViewRecipe,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(train features [views, n, ...], test features [n, ...], cache hit)."""
     log = get_logger()

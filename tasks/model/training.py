@@ -19,7 +19,7 @@ from tasks.data.images import model_input
 from tasks.data.loading import Data, load_data, train_stats
 from tasks.model.checkpoints import CheckpointWriter, restore_checkpoint
 from tasks.model.export import export_model, hardware, resolve_precision
-from tasks.model.features import FeatureSpec, Views, load_or_extract
+from tasks.model.features import FeatureSpec, ViewRecipe, load_or_extract
 from tasks.model.graphs import augmentation_layers, build_graphs, input_shape
 from tasks.model.kernels import fused_rmsprop
 from tasks.model.train_settings import TrainSettings
@@ -120,8 +120,8 @@ def epoch_bar(epoch: int, epochs: int, steps: int) -> list:
 
 @dataclass
 class Fit:
-    """What the epoch loop trains: the compiled model and its inputs. With ``views`` the
-    train x is (views, n, ...) and each epoch draws one view per image."""
+    """What the epoch loop trains: the compiled model and its inputs. With ``multi_view``
+    the train x is (views, n, ...) and each epoch draws one view per image."""
 
     model: object  # what fit() trains: the top on cached features, or the whole graph
     frozen: object | None  # pixels -> cut-layer features (None when nothing is frozen)
@@ -130,7 +130,7 @@ class Fit:
     train_y: np.ndarray
     val_x: np.ndarray
     val_y: np.ndarray
-    views: bool
+    multi_view: bool
     features: dict | None  # the feature cache used: key, hit, views, seconds
 
 
@@ -150,7 +150,7 @@ def fit_epochs(
     fit_seconds = 0.0
     for epoch in range(start_epoch, settings.epochs):
         epoch_x = fit.train_x
-        if fit.views:
+        if fit.multi_view:
             rng = np.random.default_rng([settings.seed, epoch])
             pick = rng.integers(0, len(fit.train_x), size=fit.train_x.shape[1])
             epoch_x = fit.train_x[pick, np.arange(fit.train_x.shape[1])]
@@ -204,7 +204,7 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
         fit = Fit(model, frozen, top, model_input(data.train.images), data.train.y,
                   model_input(data.test.images), data.test.y, False, None)  # fmt: skip
         return fit
-    views = Views(settings.cached_views(), settings.shift, settings.flip, settings.seed)
+    recipe = ViewRecipe(settings.cached_views(), settings.shift, settings.flip, settings.seed)
     spec = FeatureSpec(
         dataset_version=data.dataset_version,
         subset={"train": settings.train_limit, "test": settings.test_limit, "seed": settings.seed},
@@ -213,14 +213,14 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
         preprocess=settings.preprocess,
         cut=settings.frozen_layers(),
         precision=precision,
-        views=views,
+        views=recipe,
     )
     key = spec.key()
     t0 = time.time()
     train_x, val_x, hit = load_or_extract(
-        lake.features(key), frozen, data.train.images, data.test.images, views
+        lake.features(key), frozen, data.train.images, data.test.images, recipe
     )
-    info = {"key": key, "hit": hit, "views": views.n, "seconds": round(time.time() - t0, 2)}
+    info = {"key": key, "hit": hit, "views": recipe.n, "seconds": round(time.time() - t0, 2)}
     return Fit(top, frozen, top, train_x, data.train.y, val_x, data.test.y, True, info)
 
 
