@@ -153,38 +153,43 @@ class Publication:
     summary: str  # the log line
 
 
-def demo_publication(mv: str, labels_version: str, m: dict, plots: dict, sigma: float):
+def demo_publication(model_version: str, labels_version: str, m: dict, plots: dict, sigma: float):
     extra = (f"\n| reference recipe | ~{RECIPE_RMSE:.0f} | | | {RECIPE_MSE_SCALED} |\n"
              f"| noise floor | {m['noise_floor_rmse']:.1f} | | | |")  # fmt: skip
     note = ("No model can beat the noise floor on average: prices are drawn around a class\n"
             f"mean with sigma {sigma:g}.\n\n")  # fmt: skip
     rows = [(f"{r['class']} {r['garment']}", r) for r in m["per_class"]]
     return Publication(
-        key=artifact_key(f"eval-{mv}"),
+        key=artifact_key(f"eval-{model_version}"),
         markdown=report_markdown(
-            f"`{mv}`", labels_version, m, plots, ("class", rows), 1, extra, note
+            f"`{model_version}`", labels_version, m, plots, ("class", rows), 1, extra, note
         ),  # fmt: skip
-        description=f"evaluation of {mv}: {headline(m)}",
+        description=f"evaluation of {model_version}: {headline(m)}",
         table_suffix="-classes",
         table=rounded(m["per_class"]),
         table_description="per-garment errors",
-        summary=f"{mv}: RMSE {m['rmse']:.2f} (noise floor {m['noise_floor_rmse']:.2f}), scaled "
+        summary=f"{model_version}: RMSE {m['rmse']:.2f} (noise floor {m['noise_floor_rmse']:.2f}), scaled "
         f"MSE {m['mse_scaled']:.4f} on {m['n']} images",  # fmt: skip
     )
 
 
-def catalog_publication(mv: str, line: str, labels_version: str, m: dict, plots: dict):
+def catalog_publication(model_version: str, line: str, labels_version: str, m: dict, plots: dict):
     rows = [(r["group"], r) for r in m["per_group"]]
     return Publication(
-        key=line_key(line, f"eval-{mv}"),
+        key=line_key(line, f"eval-{model_version}"),
         markdown=report_markdown(
-            f"`{mv}` (catalog `{line}`)", labels_version, m, plots, (m["grouped_by"], rows), 2
+            f"`{model_version}` (catalog `{line}`)",
+            labels_version,
+            m,
+            plots,
+            (m["grouped_by"], rows),
+            2,
         ),  # fmt: skip
-        description=f"evaluation of {mv} ({line}): {headline(m)}",
+        description=f"evaluation of {model_version} ({line}): {headline(m)}",
         table_suffix="-groups",
         table=rounded(m["per_group"]),
         table_description=f"errors per {m['grouped_by']}",
-        summary=f"{mv} ({line}): RMSE {m['rmse']:.2f} (mean-price baseline "
+        summary=f"{model_version} ({line}): RMSE {m['rmse']:.2f} (mean-price baseline "
         f"{m['baseline_rmse']:.2f}) on {m['n']} images",  # fmt: skip
     )
 

@@ -176,7 +176,7 @@ def _score_until_finished(
         todo = pending(run, plans)
 
 
-def drops_needing_scores(lake: Lake, mv: str) -> list[str]:
+def drops_needing_scores(lake: Lake, model_version: str) -> list[str]:
     """Drops with images and no complete manifest for this model, or with objects added
     or overwritten since it was written."""
     todo = []
@@ -184,7 +184,7 @@ def drops_needing_scores(lake: Lake, mv: str) -> list[str]:
         listing, _ = lake.drop(drop_id).listing()
         if not listing:
             continue
-        manifest = lake.score_run(drop_id, mv).manifest()
+        manifest = lake.score_run(drop_id, model_version).manifest()
         scored = {k: etag for k, _, etag in (manifest or {}).get("listing", [])}
         if any(scored.get(o.key) != o.etag for o in listing):
             todo.append(drop_id)
