@@ -1,4 +1,4 @@
-"""The lake's catalog: every thing the store holds, as a typed entry.
+"""The lake's index: every thing the store holds, as a typed entry.
 
 Each entry knows its keys, its completion marker, how it is (de)serialised and
 how its version is derived; no other module builds a key (``storage.py`` only

@@ -1,7 +1,7 @@
 """The object store: the one module that knows URIs, paths and boto3.
 
 Two backends behind one interface: a local directory (the embedded default)
-and S3 (any S3-compatible endpoint). Which key holds what is the catalog's
+and S3 (any S3-compatible endpoint). Which key holds what is the lake index's
 business (``tasks/store/lake.py``); this module only moves bytes under keys.
 
 Writes are atomic. Locally a temp file in the same directory is renamed over
