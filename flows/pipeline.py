@@ -22,7 +22,7 @@ from flows.train import train_flow
 from tasks.data.prices import PriceRule
 from tasks.governance.registry import MARGIN
 from tasks.model.train_settings import TrainSettings
-from tasks.model.training import version_for
+from tasks.model.training import resolved, version_for
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
 from tasks.store.lake import Lake
@@ -43,13 +43,30 @@ def train_deployment_on(pool: str) -> str:
     return f"train/{found[0].name}"
 
 
+def pool_precision(pool: str) -> str:
+    """What ``precision=auto`` means for a training on ``pool``: ``mixed_float16`` on a
+    gpu pool (its workers have GPUs, where a worker's own ``auto`` picks that too),
+    ``float32`` on any other pool."""
+    # The version must be known here, before the run (to skip a training that exists
+    # without starting a GPU worker, and to find the model afterwards), but this machine
+    # is not the one that trains: resolving ``auto`` on its own CPU would send a GPU
+    # worker float32 or bfloat16. So the parent resolves ``auto`` for the pool and sends
+    # the concrete value; the worker trains exactly that. A cpu pool's workers may be of
+    # any CPU class, and only float32 is what every class would train alike, so
+    # ``auto`` is float32 there; set precision=mixed_bfloat16 for AVX512-BF16/AMX workers.
+    return "mixed_float16" if pool.startswith("gpu") else "float32"
+
+
 def train_on_pool(
     pool: str, dataset_version: str, labels_version: str, store: str, settings: TrainSettings
 ) -> dict:
     """Run the train deployment on ``pool`` (unless the model exists), wait, and find
-    the model in the store by its version."""
+    the model in the store by its version. ``auto`` is resolved for the pool
+    (``pool_precision``), and the run gets the resolved settings."""
+    settings = resolved(settings, auto_precision=pool_precision(pool))
     model = Lake(open_store(store)).model(version_for(dataset_version, labels_version, settings))
-    result = {"model_version": model.version, "model_uri": model.uri(model.FILE)}
+    result = {"model_version": model.version, "model_uri": model.uri(model.FILE),
+              "settings": settings.model_dump()}  # fmt: skip
     if model.complete:
         return result | {"skipped": True, "pool": pool}
     run = run_deployment(
@@ -85,13 +102,9 @@ def train_evaluate_promote(
     """The stages after the data: train (here, or on ``train_pool``), evaluate, promote."""
     if train_pool:
         trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings)
-    else:
-        trained = train_flow(
-            dataset_version=dataset_version,
-            labels_version=labels_version,
-            store=store,
-            settings=settings,
-        )
+    else:  # trains here: ``auto`` resolved on this machine, shown so in the run's parameters
+        trained = train_flow(dataset_version=dataset_version, labels_version=labels_version,
+                             store=store, settings=resolved(settings))  # fmt: skip
     evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
     decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
     return trained, evaluated, decision

@@ -18,7 +18,8 @@ def train_flow(
     store: str | None = None,
     settings: TrainSettings | None = None,
 ) -> dict:
-    """Train (or find) the model version for these inputs; returns its version and URI."""
+    """Train (or find) the model version for these inputs; returns its version, URI and
+    the settings it was made with, resolved (no ``auto`` left)."""
     uri = load_settings(store=store).store
     result = train_model(uri, dataset_version, labels_version, settings or TrainSettings())
     model = Lake(open_store(uri)).model(result["model_version"])
@@ -26,6 +27,7 @@ def train_flow(
         "model_version": model.version,
         "model_uri": model.uri(model.FILE),
         "skipped": result["skipped"],
+        "settings": result["settings"],
         "features": result.get("features"),
         "images_per_second": result.get("images_per_second"),
     }

@@ -101,8 +101,11 @@ def residuals_plot(true: np.ndarray, pred: np.ndarray) -> bytes:
     return _png(fig)
 
 
-def epochs_markdown(model_version: str, history: dict, epochs: int, images: int) -> str:
-    """The training artifact: one row per finished epoch, and the loss curves."""
+def epochs_markdown(
+    model_version: str, history: dict, epochs: int, images: int, about: str = ""
+) -> str:
+    """The training artifact: one row per finished epoch, and the loss curves; ``about``
+    (a line on the run's resolved settings) under the title."""
     rows = "\n".join(
         f"| {i + 1} | {loss:.4f} | {val:.4f} | {sec:.1f} | {images / sec:.0f} |"
         for i, (loss, val, sec) in enumerate(
@@ -110,6 +113,8 @@ def epochs_markdown(model_version: str, history: dict, epochs: int, images: int)
         )
     )
     return f"""# Training `{model_version}`: epoch {len(history["loss"])} of {epochs}
+
+{about}
 
 | epoch | loss (train) | val loss (test) | seconds | images/s |
 | --- | --- | --- | --- | --- |
@@ -125,8 +130,8 @@ class TrainingProgress:
     """The artifacts of one training run, updated every epoch (inside a run): a
     progress bar and the per-epoch table with the loss curves (key train-<model>)."""
 
-    def __init__(self, model_version: str, epochs: int):
-        self.model_version, self.epochs = model_version, epochs
+    def __init__(self, model_version: str, epochs: int, about: str = ""):
+        self.model_version, self.epochs, self.about = model_version, epochs, about
         self.artifact_id = None
 
     def update(self, epoch: int, history: dict, images: int) -> None:
@@ -142,7 +147,7 @@ class TrainingProgress:
             update_progress_artifact(self.artifact_id, pct, description=desc)
         publish_markdown(
             artifact_key(f"train-{self.model_version}"),
-            epochs_markdown(self.model_version, history, self.epochs, images),
+            epochs_markdown(self.model_version, history, self.epochs, images, self.about),
             desc,
         )
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flows.evaluate import evaluate_flow, promote_flow
+from flows.pipeline import train_on_pool
 from flows.train import train_flow
 from tasks.data.fashion_mnist import find_source, ingest
 from tasks.data.loading import load_data
@@ -19,10 +20,11 @@ from tasks.model.export import (
     export_model,
     load_inference_model,
     load_stored_model,
+    resolve_precision,
 )
 from tasks.model.features import augment_view
 from tasks.model.train_settings import TrainSettings
-from tasks.model.training import train
+from tasks.model.training import resolved, train, version_for
 from tasks.model.weights import WeightsError
 from tasks.runtime import keras_precision
 from tasks.store.lake import Lake
@@ -68,6 +70,7 @@ def test_train_evaluate_promote(versions, store_uri):
     first = train_flow(dv, lv, store=store_uri, settings=TrainSettings(**TINY))
     mv = first["model_version"]
     assert first["features"]["hit"] is False and first["skipped"] is False
+    assert first["settings"]["precision"] == resolve_precision("auto"), "auto resolved"
     for name in ("model.keras", "config.json", "lineage.json", "history.json",
                  "summary.txt", "plots/loss.png"):  # fmt: skip
         assert store.exists(f"models/{mv}/{name}"), name
@@ -270,6 +273,70 @@ def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
     assert all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
 
 
+@pytest.mark.own_process
+def test_one_version_one_precision(local_versions):
+    """A model version names one precision: float32 and mixed_bfloat16 (both forced)
+    are two versions; the same precision again is found, not retrained; ``auto`` is the
+    version of the precision it resolves to on this machine, and config.json shows it."""
+    lake, dv, lv = local_versions
+    tiny = TINY | {"train_limit": 30}
+    f32 = train(lake, dv, lv, TrainSettings(**tiny | {"precision": "float32"}))
+    bf16 = train(lake, dv, lv, TrainSettings(**tiny | {"precision": "mixed_bfloat16"}))
+    assert f32["skipped"] is False and bf16["skipped"] is False
+    assert f32["model_version"] != bf16["model_version"]
+    for result, precision in ((f32, "float32"), (bf16, "mixed_bfloat16")):
+        model = lake.model(result["model_version"])
+        assert model.lineage()["precision"] == precision
+        assert model.config()["settings"]["precision"] == precision
+        assert result["settings"]["precision"] == precision
+
+    again = train(lake, dv, lv, TrainSettings(**tiny | {"precision": "float32"}))
+    assert again["skipped"] is True and again["model_version"] == f32["model_version"]
+
+    here = resolve_precision("auto")
+    auto = train(lake, dv, lv, TrainSettings(**tiny))
+    assert auto["skipped"] is True, "auto finds the model of the precision it resolves to"
+    assert auto["model_version"] == {"float32": f32, "mixed_bfloat16": bf16}[here]["model_version"]
+    assert auto["settings"]["precision"] == here
+    assert sorted(lake.model_versions()) == sorted([f32["model_version"], bf16["model_version"]])
+
+    # A parent resolves auto for the pool that trains, not for its own CPU: float32 on a
+    # cpu pool, whatever this CPU is; the model exists, so no run is started.
+    on_pool = train_on_pool("cpu", dv, lv, lake.store.uri, TrainSettings(**tiny))
+    assert on_pool["skipped"] is True and on_pool["model_version"] == f32["model_version"]
+    assert on_pool["settings"]["precision"] == "float32"
+
+
+def test_resolved_settings_name_the_version():
+    """Run-time choices are resolved before hashing: the default freeze is the number it
+    stands for; auto is this machine's precision, or the one a caller resolves it to."""
+    dv, lv = "fm-x", "px-y"
+    here = resolve_precision("auto")
+    auto = TrainSettings(**TINY)
+    assert resolved(auto).precision == here and resolved(resolved(auto)) == resolved(auto)
+    assert version_for(dv, lv, auto) == version_for(
+        dv, lv, TrainSettings(**TINY | {"precision": here})
+    )
+    others = {"float32", "mixed_bfloat16", "mixed_float16"} - {here}
+    for other in others:
+        pinned = TrainSettings(**TINY | {"precision": other})
+        assert version_for(dv, lv, pinned) != version_for(dv, lv, auto)
+        assert resolved(auto, auto_precision=other).precision == other
+        assert resolved(pinned, auto_precision=here).precision == other, "pinned is kept"
+
+    none = TrainSettings(weights="none", input_size=32)
+    assert resolved(none).freeze == 0
+    assert version_for(dv, lv, none) == version_for(dv, lv, none.model_copy(update={"freeze": 0}))
+    imagenet = TrainSettings(input_size=32)
+    assert resolved(imagenet).freeze == 15
+    assert version_for(dv, lv, imagenet) == version_for(
+        dv, lv, imagenet.model_copy(update={"freeze": 15})
+    )
+    assert version_for(dv, lv, imagenet) != version_for(
+        dv, lv, imagenet.model_copy(update={"freeze": 14})
+    )
+
+
 def test_export_fails_naming_a_layer_without_trained_weights():
     from tasks.model.graphs import build_graphs
 
@@ -299,6 +366,11 @@ def test_mixed_float16_trains_with_loss_scaling(local_versions):
     assert np.isfinite(seen["loss"])
     assert lake.model(result["model_version"]).lineage()["precision"] == "mixed_float16"
     assert keras.mixed_precision.global_policy().name == "float32"
+    # The parent of a gpu pool resolves auto to what the GPU workers train: this model.
+    auto = TrainSettings(**TINY | {"train_limit": 30})
+    on_pool = train_on_pool("gpu", dv, lv, lake.store.uri, auto)
+    assert on_pool["skipped"] is True and on_pool["model_version"] == result["model_version"]
+    assert on_pool["settings"]["precision"] == "mixed_float16"
 
 
 @pytest.mark.own_process

@@ -33,8 +33,30 @@ from tasks.store.storage import sha256_file
 EpochHook = Callable[[int, dict, "Fit"], None]
 
 
+def resolved(settings: TrainSettings, auto_precision: str | None = None) -> TrainSettings:
+    """The settings with every value that is otherwise decided at run time made concrete:
+    ``precision`` (``auto``: ``auto_precision`` when given, else what this machine picks,
+    see ``resolve_precision``) and ``freeze`` (None: the default for the base weights).
+    The version is derived from these, and config.json and the train flow show them, so
+    one version names one model whichever machine trains it. Resolving twice changes
+    nothing; a precision other than ``auto`` is kept as it is."""
+    if settings.weights == "none" and settings.freeze is None:
+        get_logger().warning(
+            "weights=none: random VGG16 layers are not worth freezing, so all layers train "
+            "(set freeze=N to override)"
+        )
+    precision = settings.precision
+    if precision == "auto":
+        precision = auto_precision or resolve_precision("auto")
+    return TrainSettings(
+        **settings.model_dump() | {"precision": precision, "freeze": settings.frozen_layers()}
+    )
+
+
 def version_for(dataset_version: str, labels_version: str, settings: TrainSettings) -> str:
-    """The model version these inputs, settings, base weights and code make."""
+    """The model version these inputs, settings (resolved first: ``auto`` is decided on
+    this machine unless already resolved), base weights and code make."""
+    settings = resolved(settings)
     return model_version(
         {
             "dataset": dataset_version,
@@ -231,20 +253,18 @@ def train(
     settings: TrainSettings,
     on_epoch: EpochHook | None = None,
 ) -> dict:
-    """Train (or find) the model version for these inputs; returns its version and facts."""
+    """Train (or find) the model version for these inputs; returns its version, the
+    resolved settings it was made with, and facts."""
     log = get_logger()
+    settings = resolved(settings)
     mv = version_for(dataset_version, labels_version, settings)
     model = lake.model(mv)
     if model.complete:
         log.info("model %s already trained; nothing redone", mv)
-        return {"model_version": mv, "skipped": True, "lineage": model.lineage()}
-    if settings.weights == "none" and settings.freeze is None:
-        log.warning(
-            "weights=none: random VGG16 layers are not worth freezing, so all layers train "
-            "(set freeze=N to override)"
-        )
+        return {"model_version": mv, "skipped": True, "lineage": model.lineage(),
+                "settings": settings.model_dump()}  # fmt: skip
     started = time.time()
-    precision = resolve_precision(settings.precision)
+    precision = settings.precision
     limits = {"train": settings.train_limit, "test": settings.test_limit}
     data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
                      settings.preprocess, settings.input_size)  # fmt: skip
@@ -257,7 +277,8 @@ def train(
         writer = CheckpointWriter(model.checkpoints())
         try:
             fit_seconds = fit_epochs(fit, settings, start_epoch, history, writer,
-                                     TrainingProgress(mv, settings.epochs), on_epoch)  # fmt: skip
+                                     TrainingProgress(mv, settings.epochs, about(settings)),
+                                     on_epoch)  # fmt: skip
         finally:
             writer.close()  # the last finished epoch is stored, even when training failed
     final = export_model(settings, [fit.frozen, fit.top], data.scaling)
@@ -277,7 +298,7 @@ def train(
     }
     write_model(model, final, settings, data, history, precision, facts)
     model.checkpoints().delete_all()
-    return facts | {"skipped": False}
+    return facts | {"skipped": False, "settings": settings.model_dump()}
 
 
 def write_model(
@@ -326,6 +347,11 @@ def write_model(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     )
+
+
+def about(settings: TrainSettings) -> str:
+    """The resolved run-time choices, for the training report."""
+    return f"Precision `{settings.precision}`, {settings.frozen_layers()} VGG16 layers frozen."
 
 
 def input_description(settings: TrainSettings) -> dict:
