@@ -40,11 +40,6 @@ def resolved(settings: TrainSettings, auto_precision: str | None = None) -> Trai
     The version is derived from these, and config.json and the train flow show them, so
     one version names one model whichever machine trains it. Resolving twice changes
     nothing; a precision other than ``auto`` is kept as it is."""
-    if settings.weights == "none" and settings.freeze is None:
-        get_logger().warning(
-            "weights=none: random VGG16 layers are not worth freezing, so all layers train "
-            "(set freeze=N to override)"
-        )
     precision = settings.precision
     if precision == "auto":
         precision = auto_precision or resolve_precision("auto")
@@ -256,6 +251,9 @@ def train(
     """Train (or find) the model version for these inputs; returns its version, the
     resolved settings it was made with, and facts."""
     log = get_logger()
+    if settings.weights == "none" and settings.freeze is None:
+        log.warning("weights=none: random VGG16 layers are not worth freezing, so all layers "
+                    "train (set freeze=N to override)")  # fmt: skip
     settings = resolved(settings)
     mv = version_for(dataset_version, labels_version, settings)
     model = lake.model(mv)
