@@ -23,6 +23,7 @@ from tests.own_process import OwnProcessRunner, in_child
 from tests.servers import copy_sqlite, free_port, migrated_prefect_db, running_prefect_server
 
 PREFECT_URL = "VGGPRICE_TEST_PREFECT_API"  # the session's Prefect server, once started
+REPO = Path(__file__).resolve().parents[1]
 _scratch: Path | None = None  # this process's scratch directory, made by pytest_configure
 
 
@@ -234,15 +235,11 @@ def tiny_lake():
 
 
 def train_in_child(lake_dir: Path, dv: str, lv: str, settings: dict) -> str:
-    """`train` on a local lake in a fresh Python process (the memory TensorFlow keeps
-    from the fit goes with it); the model version."""
-    code = ("import json, sys; from tasks.store.lake import Lake; from tasks.store.storage import LocalStore; "
-            "from tasks.model.train_settings import TrainSettings; from tasks.model.training import train; "
-            "d, dv, lv, s = sys.argv[1:]; "
-            "print(train(Lake(LocalStore(d)), dv, lv, TrainSettings(**json.loads(s)))"
-            "['model_version'])")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(lake_dir), dv, lv, json.dumps(settings)],
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)  # fmt: skip
+    """`train` on a local lake in a fresh Python process (tests/programs/train.py: the
+    memory TensorFlow keeps from the fit goes with it); the model version."""
+    args = [str(lake_dir), dv, lv, json.dumps(settings)]
+    out = subprocess.run([sys.executable, "-m", "tests.programs.train", *args], cwd=REPO,
+                         capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout.split()[-1]
 

@@ -98,26 +98,9 @@ def test_lost_answers_on_plan_and_claim_writes(s3_endpoint, s3_lake):
     assert_exactly_once(lake, "lost", mv, keys)
 
 
-SCORER = """
-import os, sys, time
-from pathlib import Path
-from tasks.model.export import get_model
-from tasks.store.lake import Lake
-from tasks.scoring.runner import ScoreOptions, score_drop
-from tasks.store.storage import open_store
-store, drop, go, ttl = sys.argv[1:5]
-lake = Lake(open_store(store))
-get_model(lake.model(lake.registry().champion()["model_version"]))  # loaded before the start
-Path(go + f".ready-{os.getpid()}").touch()
-while not Path(go).exists():
-    time.sleep(0.01)
-score_drop(lake, drop, options=ScoreOptions(shard_size=10, claim_seconds=float(ttl)))
-"""
-
-
 def start_scorers(store: str, drop: str, go: Path, n: int, ttl: float) -> list[subprocess.Popen]:
     procs = [
-        subprocess.Popen([sys.executable, "-c", SCORER, store, drop, str(go), str(ttl)],
+        subprocess.Popen([sys.executable, "-m", "tests.programs.scorer", store, drop, str(go), str(ttl)],
                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(n)
     ]  # fmt: skip
