@@ -15,12 +15,16 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pytest
 
 from tests.own_process import OwnProcessRunner, in_child
 from tests.servers import copy_sqlite, free_port, migrated_prefect_db, running_prefect_server
+
+if TYPE_CHECKING:
+    from tasks.store.lake import Lake
 
 PREFECT_URL = "VGGPRICE_TEST_PREFECT_API"  # the session's Prefect server, once started
 REPO = Path(__file__).resolve().parents[1]
@@ -205,8 +209,18 @@ def idx_source(tmp_path) -> Path:
 TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
 
 
+class TinyLake(NamedTuple):
+    """A lake and the versions in it that tests use: what `tiny_lake` and the fixtures
+    built on it return (they unpack in this order)."""
+
+    lake: Lake
+    dataset_version: str
+    labels_version: str
+    model_version: str
+
+
 @pytest.fixture(scope="session")
-def tiny_lake():
+def tiny_lake() -> TinyLake:
     """A local lake with a dataset (shards of 30 rows), labels, and one TINY model,
     promoted: trained once for the whole session (children included). Tests copy it
     (`copy_lake`) before they write."""
@@ -231,7 +245,7 @@ def tiny_lake():
         promote(lake, mv)
         done.write_text(json.dumps([dv, lv, mv]))
     dv, lv, mv = json.loads(done.read_text())
-    return lake, dv, lv, mv
+    return TinyLake(lake, dataset_version=dv, labels_version=lv, model_version=mv)
 
 
 def train_in_child(lake_dir: Path, dv: str, lv: str, settings: dict) -> str:
