@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3 endpoint (moto's server over HTTP), a Prefect
-server for flow tests, and small generated IDX files."""
+server for flow tests, and small generated IDX files. Importing this module changes
+nothing: the environment is set when pytest configures itself (`pytest_configure`)."""
 
 from __future__ import annotations
 
@@ -14,32 +15,61 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pytest
 
+from tests.own_process import OwnProcessRunner, in_child
 from tests.servers import copy_sqlite, free_port, migrated_prefect_db, running_prefect_server
 
-# Keep test runs out of the user's Prefect database, caches and store, and quiet. The
-# scratch directory (Prefect's home, the model cache: about 2 GB by the end of a run, the
-# session's tiny lake) goes when this process ends.
-REPORTS = "VGGPRICE_TEST_REPORTS"  # set in an own-process child: where it writes its reports
+if TYPE_CHECKING:
+    from tasks.store.lake import Lake
+
 PREFECT_URL = "VGGPRICE_TEST_PREFECT_API"  # the session's Prefect server, once started
-SCRATCH = Path(tempfile.mkdtemp(prefix="vggprice-tests-"))
-atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
-if not os.environ.get(REPORTS):  # the main process: its own-process children share these
-    os.environ.update(
-        PREFECT_HOME=str(SCRATCH / "prefect"),
-        VGGPRICE_CACHE_DIR=str(SCRATCH / "cache"),
-        VGGPRICE_TEST_TINY_LAKE=str(SCRATCH / "tiny"),
-        VGGPRICE_TEST_PREFECT_DB=str(SCRATCH / "prefect-migrated.db"),  # servers.py
-    )
-    os.environ.pop(PREFECT_URL, None)
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Tests never use the user's store or data source by accident.
-for var in ("VGGPRICE_STORE", "VGGPRICE_DATA_SOURCE", "FASHION_MNIST_DIR", "AWS_ENDPOINT_URL"):
-    os.environ.pop(var, None)
+REPO = Path(__file__).resolve().parents[1]
+_scratch: Path | None = None  # this process's scratch directory, made by pytest_configure
+
+
+def scratch() -> Path:
+    """This pytest process's scratch directory (removed when the process ends)."""
+    assert _scratch is not None, "pytest_configure makes it"
+    return _scratch
+
+
+@pytest.hookimpl(tryfirst=True)  # before any other plugin's configure reads the environment
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep test runs out of the user's Prefect database, caches and store, and quiet.
+
+    The scratch directory (Prefect's home, the model cache: about 2 GB by the end of a run,
+    the session's tiny lake) goes when this process ends. The main process points the
+    environment into its own; its own-process children inherit that environment, and so
+    share its Prefect home, model cache, tiny lake and Prefect server."""
+    global _scratch  # noqa: PLW0603 - one per process, like the environment it names
+    _scratch = Path(tempfile.mkdtemp(prefix="vggprice-tests-"))
+    atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+    if not in_child():  # the main process: its own-process children share these
+        os.environ.update(
+            PREFECT_HOME=str(_scratch / "prefect"),
+            VGGPRICE_CACHE_DIR=str(_scratch / "cache"),
+            VGGPRICE_TEST_TINY_LAKE=str(_scratch / "tiny"),
+            VGGPRICE_TEST_PREFECT_DB=str(_scratch / "prefect-migrated.db"),  # servers.py
+        )
+        os.environ.pop(PREFECT_URL, None)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Tests never use the user's store or data source by accident.
+    for var in ("VGGPRICE_STORE", "VGGPRICE_DATA_SOURCE", "FASHION_MNIST_DIR", "AWS_ENDPOINT_URL"):
+        os.environ.pop(var, None)
+    # Tests marked own_process run in fresh pytest processes (tests/own_process.py).
+    config.pluginmanager.register(OwnProcessRunner(config, prepare=_servers_for), "own-process")
+
+
+def _servers_for(batch: list[pytest.Item]) -> None:
+    """Before an own-process batch starts: the shared Prefect server, where a test of it
+    needs one, started here so that it outlives the child."""
+    if any("prefect_server" in i.fixturenames for i in batch):
+        shared_prefect_api()
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +132,7 @@ def shared_prefect_api() -> str:
     """The session's Prefect API (`prefect server start` on SQLite in the scratch
     directory), started on first use; own-process children inherit its URL."""
     if PREFECT_URL not in os.environ:
-        home = SCRATCH / "prefect-server"
+        home = scratch() / "prefect-server"
         os.environ[PREFECT_URL] = _servers.enter_context(running_prefect_server(home))
     return os.environ[PREFECT_URL]
 
@@ -179,8 +209,18 @@ def idx_source(tmp_path) -> Path:
 TINY = {"weights": "none", "freeze": 15, "input_size": 32, "epochs": 1, "views": 1}
 
 
+class TinyLake(NamedTuple):
+    """A lake and the versions in it that tests use: what `tiny_lake` and the fixtures
+    built on it return (they unpack in this order)."""
+
+    lake: Lake
+    dataset_version: str
+    labels_version: str
+    model_version: str
+
+
 @pytest.fixture(scope="session")
-def tiny_lake():
+def tiny_lake() -> TinyLake:
     """A local lake with a dataset (shards of 30 rows), labels, and one TINY model,
     promoted: trained once for the whole session (children included). Tests copy it
     (`copy_lake`) before they write."""
@@ -205,19 +245,15 @@ def tiny_lake():
         promote(lake, mv)
         done.write_text(json.dumps([dv, lv, mv]))
     dv, lv, mv = json.loads(done.read_text())
-    return lake, dv, lv, mv
+    return TinyLake(lake, dataset_version=dv, labels_version=lv, model_version=mv)
 
 
 def train_in_child(lake_dir: Path, dv: str, lv: str, settings: dict) -> str:
-    """`train` on a local lake in a fresh Python process (the memory TensorFlow keeps
-    from the fit goes with it); the model version."""
-    code = ("import json, sys; from tasks.store.lake import Lake; from tasks.store.storage import LocalStore; "
-            "from tasks.model.train_settings import TrainSettings; from tasks.model.training import train; "
-            "d, dv, lv, s = sys.argv[1:]; "
-            "print(train(Lake(LocalStore(d)), dv, lv, TrainSettings(**json.loads(s)))"
-            "['model_version'])")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(lake_dir), dv, lv, json.dumps(settings)],
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)  # fmt: skip
+    """`train` on a local lake in a fresh Python process (tests/programs/train.py: the
+    memory TensorFlow keeps from the fit goes with it); the model version."""
+    args = [str(lake_dir), dv, lv, json.dumps(settings)]
+    out = subprocess.run([sys.executable, "-m", "tests.programs.train", *args], cwd=REPO,
+                         capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout.split()[-1]
 
@@ -231,80 +267,6 @@ def copy_lake(source, target_uri: str):
     for info in source.store.list():
         target.store.put_bytes(info.key, source.store.get_bytes(info.key))
     return target
-
-
-# --- tests that train in a process of their own ----------------------------------
-# TensorFlow keeps native memory from every model.fit of a process (about 100-400 MB a
-# training, clear_session does not give it back: tensorflow/tensorflow#61791). Tests marked
-# `own_process` run, a few at a time, in a fresh pytest process whose reports come back to
-# this one as pytest-xdist carries them, so the suite's memory does not grow with each fit.
-
-BATCH = 4  # marked tests per fresh process: ~5 s of start-up against ~0.25 GB a training
-_config: pytest.Config | None = None
-_from_child: dict[str, list[pytest.TestReport]] = {}  # reports not yet shown, by test
-_sent: set[str] = set()  # tests already run in a child
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    global _config  # noqa: PLW0603 - the hook below gets no config of its own
-    _config = config
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if os.environ.get(REPORTS) and _config is not None:
-        data = _config.hook.pytest_report_to_serializable(config=_config, report=report)
-        with open(os.environ[REPORTS], "a") as f:
-            f.write(json.dumps(data) + "\n")
-
-
-def _run_in_child(item: pytest.Item) -> None:
-    """Run this test and the next marked ones of its file (BATCH in all) in one fresh
-    pytest process; keep each test's reports for its turn."""
-    config = item.config
-    batch = [
-        i
-        for i in item.session.items
-        if i.get_closest_marker("own_process") and i.path == item.path and i.nodeid not in _sent
-    ][:BATCH]
-    lines: list[str] = []
-    try:  # whatever goes wrong here fails these tests, not the whole session
-        if any("prefect_server" in i.fixturenames for i in batch):
-            shared_prefect_api()  # started here, so that it outlives the child
-        with tempfile.TemporaryDirectory(prefix="vggprice-own-process-") as base:
-            out = Path(base) / "reports.jsonl"
-            cmd = [sys.executable, "-m", "pytest", *(i.nodeid for i in batch), "-q", "-p",
-                   "no:cacheprovider", "--basetemp", str(Path(base) / "tmp"), "-o", "addopts="]  # fmt: skip
-            child = subprocess.run(cmd, cwd=config.rootpath, env=os.environ | {REPORTS: str(out)},
-                                   capture_output=True, text=True)  # fmt: skip
-            ended = (f"the tests' own process ended with status {child.returncode} before this "
-                     f"test did:\n{child.stdout[-4000:]}{child.stderr[-4000:]}")  # fmt: skip
-            lines = out.read_text(errors="replace").splitlines() if out.exists() else []
-    except Exception as err:  # noqa: BLE001 - a full disk, a server that did not start, ...
-        ended = f"the tests' own process could not run: {err.__class__.__name__}: {err}"
-    for line in lines:
-        try:  # a line cut short (the child killed mid-write, a full disk) is dropped
-            data = json.loads(line)
-        except ValueError:
-            continue
-        report = config.hook.pytest_report_from_serializable(config=config, data=data)
-        _from_child.setdefault(report.nodeid, []).append(report)
-    for i in batch:
-        _sent.add(i.nodeid)
-        reports = _from_child.setdefault(i.nodeid, [])
-        if not any(r.when == "teardown" for r in reports):  # the child died before it ended
-            reports.append(pytest.TestReport(i.nodeid, i.location, {}, "failed", ended, "call"))
-
-
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if item.get_closest_marker("own_process") is None or os.environ.get(REPORTS):
-        return None
-    if item.nodeid not in _sent:
-        _run_in_child(item)
-    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for report in _from_child.pop(item.nodeid):
-        item.ihook.pytest_runtest_logreport(report=report)
-    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-    return True
 
 
 # --- a real Prefect server --------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -54,12 +55,17 @@ def make_catalog(directory: Path, n: int = 60) -> tuple[Path, str]:
     return directory, csv_text(good + bad)
 
 
+class CatalogFiles(NamedTuple):
+    source: str  # the images directory
+    prices: str  # the prices CSV
+
+
 @pytest.fixture
-def catalog_files(tmp_path) -> tuple[str, str]:
+def catalog_files(tmp_path) -> CatalogFiles:
     directory, text = make_catalog(tmp_path / "photos")
     prices = tmp_path / "prices.csv"
     prices.write_text(text)
-    return str(directory), str(prices)
+    return CatalogFiles(source=str(directory), prices=str(prices))
 
 
 def test_bad_rows_fail_in_one_line_and_write_nothing(catalog_files, tmp_path, capsys):
@@ -222,7 +228,7 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
 @pytest.mark.usefixtures("prefect_server")
 def test_cli_catalog_run_and_lines(catalog_files, tiny_lake, tmp_path, capsys):
     store = str(tmp_path / "lake")
-    lake = copy_lake(tiny_lake[0], store)
+    lake = copy_lake(tiny_lake.lake, store)
     source, prices = catalog_files
     assert main(["run", "--source", source, "--prices", prices, "--name", "bags", "--quick",
                  "--set", "freeze=15", "--set", "views=1", "--set", "epochs=1",
@@ -245,9 +251,9 @@ def test_cli_catalog_run_and_lines(catalog_files, tiny_lake, tmp_path, capsys):
 
 
 def test_demo_store_without_lines_keeps_working(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
     assert lake.lines() == ["demo"]
-    assert resolve_model(lake, None) == tiny_lake[3]
+    assert resolve_model(lake, None) == tiny_lake.model_version
     empty = Lake(LocalStore(tmp_path / "empty"))
     with pytest.raises(NotInLake, match="no champion"):
         resolve_model(empty, None)

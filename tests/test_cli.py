@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_lake, prefect_home
+from tests.conftest import TinyLake, copy_lake, prefect_home
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,12 +56,13 @@ def test_unknown_bucket(s3_endpoint, tmp_path):
 
 
 @pytest.fixture
-def lake(tiny_lake, tmp_path):
-    return copy_lake(tiny_lake[0], str(tmp_path / "lake")), tiny_lake
+def lake(tiny_lake, tmp_path) -> TinyLake:
+    """The session's versions, with a copy of its lake as `lake`."""
+    return tiny_lake._replace(lake=copy_lake(tiny_lake.lake, str(tmp_path / "lake")))
 
 
 def test_unknown_versions_list_the_known_ones(lake, tmp_path):
-    copy, (_, dv, lv, mv) = lake
+    copy, dv, lv, mv = lake
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     before = copy.store.keys()
     cases = [
@@ -82,7 +83,7 @@ def test_unknown_versions_list_the_known_ones(lake, tmp_path):
 
 
 def test_tracebacks_only_when_asked(lake, tmp_path):
-    copy, _ = lake
+    copy = lake.lake
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     code, err, _ = vggprice("evaluate", "m-nope", "--store", copy.uri, "--debug", env=env)
     assert code != 0 and any(ln.startswith("Traceback") for ln in err)

@@ -24,6 +24,7 @@ import yaml
 from tasks.deploy.pools import POOLS, REPO, apply_pools, deploy_all
 
 INFRA = REPO / "infra"
+CHECKOUT = Path(__file__).resolve().parents[1]  # these tests' checkout: tests.programs is here
 # prefect.yaml's deployments, and those on the gpu-role pool (the rest are cpu-role).
 _SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 DEPLOYMENTS = {d["name"] for d in _SPEC}
@@ -236,14 +237,10 @@ def test_pull_step_enters_the_checkout_where_the_run_runs(rendered, tmp_path):
     for deployment in rendered["deployments"].values():
         assert deployment.pull_steps == [{"tasks.deploy.pools.enter_checkout": {}}]
         assert str(REPO) not in deployment.model_dump_json(), "deployer's path stored"
-    code = (
-        "import asyncio, json, os\n"
-        "from prefect.deployments.steps.core import run_steps\n"
-        f"out = asyncio.run(run_steps({rendered['deployments']['train'].pull_steps!r}))\n"
-        "print(json.dumps([out, os.getcwd()]))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    steps = json.dumps(rendered["deployments"]["train"].pull_steps)
+    program = Path(__file__).with_name("programs") / "pull_steps.py"
+    done = subprocess.run([sys.executable, str(program), steps], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     outputs, cwd = json.loads(done.stdout.strip().splitlines()[-1])
     assert cwd == str(REPO) and outputs["directory"] == str(REPO)
@@ -573,10 +570,12 @@ def test_dockerfiles_take_a_base_image_and_carry_the_code_at_one_path():
 # --- automations on a real server -------------------------------------------------------------
 
 
-def _emit(api: str, code: str) -> None:
+def _emit(api: str, event: str, resource_ids: list[str], payload: dict | None = None) -> None:
+    """One event for each resource id, from a process of its own (tests/programs/emit.py)."""
     env = os.environ | {"PREFECT_API_URL": api}
-    out = subprocess.run([sys.executable, "-c", code + "\nEventsWorker.drain_all()\n"],
-                         env=env, capture_output=True, timeout=120)  # fmt: skip
+    cmd = [sys.executable, "-m", "tests.programs.emit", event, json.dumps(payload or {}),
+           *resource_ids]  # fmt: skip
+    out = subprocess.run(cmd, cwd=CHECKOUT, env=env, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
 
@@ -622,14 +621,8 @@ def test_automations_notify_on_a_rejected_challenger(prefect_api):
             assert apply_automations(str(block_id)) == names, "re-applying replaces, by name"
             # From a process of its own: this one's events client may already be bound
             # to another test server.
-            _emit(
-                prefect_api,
-                "from prefect.events import emit_event\n"
-                "from prefect.events.worker import EventsWorker\n"
-                "emit_event(event='vggprice.challenger.rejected',\n"
-                "           resource={'prefect.resource.id': 'vggprice.model.m-test'},\n"
-                "           payload={'reason': 'RMSE 9.0 does not beat 8.0'})",
-            )
+            _emit(prefect_api, "vggprice.challenger.rejected", ["vggprice.model.m-test"],
+                  {"reason": "RMSE 9.0 does not beat 8.0"})  # fmt: skip
             deadline = time.time() + 90
             while not received and time.time() < deadline:
                 time.sleep(1)
@@ -664,18 +657,12 @@ def test_automations_crash_zombie_and_stuck_runs(prefect_api):
         for run_ in (zombie, alive):
             c.set_flow_run_state(run_.id, Running(), force=True)
         c.set_flow_run_state(stuck.id, Pending(), force=True)
-        beat = (
-            "from prefect.events import emit_event\n"
-            "from prefect.events.worker import EventsWorker\n"
-            "for rid in {ids!r}:\n"
-            "    emit_event(event='prefect.flow-run.heartbeat',\n"
-            "               resource={{'prefect.resource.id': 'prefect.flow-run.' + rid}})"
-        )
-        _emit(prefect_api, beat.format(ids=[str(zombie.id), str(alive.id)]))
+        beat = "prefect.flow-run.heartbeat"
+        _emit(prefect_api, beat, [f"prefect.flow-run.{r.id}" for r in (zombie, alive)])
         deadline = time.time() + 150
         states = {}
         while time.time() < deadline:
-            _emit(prefect_api, beat.format(ids=[str(alive.id)]))  # keeps beating
+            _emit(prefect_api, beat, [f"prefect.flow-run.{alive.id}"])  # keeps beating
             states = {
                 r.name: c.read_flow_run(r.id).state.type.value for r in (zombie, alive, stuck)
             }

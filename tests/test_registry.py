@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -163,33 +162,6 @@ def test_gate_and_decisions(store_uri):
 
 # --- two processes promoting at once --------------------------------------------------
 
-RACER = textwrap.dedent(
-    """
-    import json, logging, os, sys, time
-    from pathlib import Path
-
-    log = logging.getLogger("vggprice")
-    log.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("RACER %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
-
-    from tasks.store.lake import Lake
-    from tasks.governance.registry import promote
-    from tasks.store.storage import open_store
-
-    lake = Lake(open_store(os.environ["RACE_STORE"]))
-    lake.registry().champion()  # connections warm before the start
-    Path(os.environ["RACE_READY"]).touch()
-    go = Path(os.environ["RACE_GO"])
-    while not go.exists():
-        time.sleep(0.0002)
-    for mv in json.loads(os.environ["RACE_MODELS"]):
-        promote(lake, mv, force=True)
-    """
-)
-
 
 @pytest.mark.parametrize("n_procs,per_proc", [(2, 6), (3, 10)], ids=["2x6", "3x10"])
 def test_processes_promote_at_once(store_uri, tmp_path, n_procs, per_proc):
@@ -203,17 +175,12 @@ def test_processes_promote_at_once(store_uri, tmp_path, n_procs, per_proc):
     procs, ready = [], []
     for p in range(n_procs):
         ready.append(tmp_path / f"ready-{p}")
-        env = os.environ | {
-            "RACE_STORE": store_uri,
-            "RACE_READY": str(ready[-1]),
-            "RACE_GO": str(go),
-            "RACE_MODELS": json.dumps(mvs[p::n_procs]),  # interleaved, so RMSEs mix
-        }
+        models = json.dumps(mvs[p::n_procs])  # interleaved, so RMSEs mix
+        args = [store_uri, str(ready[-1]), str(go), models]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", RACER],
+                [sys.executable, "-m", "tests.programs.racer", *args],
                 cwd=ROOT,
-                env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -21,7 +21,7 @@ from tasks.scoring.ledger import ScoreOptions, plan_work, take_claim
 from tasks.scoring.runner import locate_drop, score_drop
 from tasks.store.lake import Lake
 from tasks.store.storage import S3Store
-from tests.conftest import copy_lake, prefect_home
+from tests.conftest import TinyLake, copy_lake, prefect_home
 from tests.faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +58,12 @@ def assert_exactly_once(lake: Lake, drop_id: str, mv: str, keys: list[str]) -> d
 
 
 @pytest.fixture
-def s3_lake(tiny_lake, s3_uri):
-    source, _, _, mv = tiny_lake
-    lake = copy_lake(source, s3_uri)
-    cached_model_file(lake.model(mv))  # the model file is not what these tests are about
-    return lake, mv
+def s3_lake(tiny_lake, s3_uri) -> TinyLake:
+    """The session's tiny lake copied into a fresh bucket (`lake`), its model cached."""
+    copy = tiny_lake._replace(lake=copy_lake(tiny_lake.lake, s3_uri))
+    # the model file is not what these tests are about
+    cached_model_file(copy.lake.model(copy.model_version))
+    return copy
 
 
 def through(proxy: FaultProxy, lake: Lake) -> Lake:
@@ -75,7 +76,7 @@ def is_put(fragment: str):
 
 
 def test_a_drop_through_a_flaky_s3_is_priced_exactly_once(s3_endpoint, s3_lake):
-    lake, mv = s3_lake
+    lake, mv = s3_lake.lake, s3_lake.model_version
     keys = put_images(lake, "flaky", 60)
     with FaultProxy(s3_endpoint, rate=0.2, faults=("503", "500", "reset", "lost"), seed=3) as px:
         manifest = score_drop(through(px, lake), "flaky", options=ScoreOptions(shard_size=5))
@@ -88,7 +89,7 @@ def test_a_drop_through_a_flaky_s3_is_priced_exactly_once(s3_endpoint, s3_lake):
 def test_lost_answers_on_plan_and_claim_writes(s3_endpoint, s3_lake):
     """The plan's and the claims' conditional creates are applied but their answers
     lost: the retries meet 412, read the objects back, and know them for their own."""
-    lake, mv = s3_lake
+    lake, mv = s3_lake.lake, s3_lake.model_version
     keys = put_images(lake, "lost", 12)
     with FaultProxy(s3_endpoint) as px:
         px.fail_next("lost", match=is_put("/_plans/"))
@@ -99,26 +100,9 @@ def test_lost_answers_on_plan_and_claim_writes(s3_endpoint, s3_lake):
     assert_exactly_once(lake, "lost", mv, keys)
 
 
-SCORER = """
-import os, sys, time
-from pathlib import Path
-from tasks.model.export import get_model
-from tasks.store.lake import Lake
-from tasks.scoring.runner import ScoreOptions, score_drop
-from tasks.store.storage import open_store
-store, drop, go, ttl = sys.argv[1:5]
-lake = Lake(open_store(store))
-get_model(lake.model(lake.registry().champion()["model_version"]))  # loaded before the start
-Path(go + f".ready-{os.getpid()}").touch()
-while not Path(go).exists():
-    time.sleep(0.01)
-score_drop(lake, drop, options=ScoreOptions(shard_size=10, claim_seconds=float(ttl)))
-"""
-
-
 def start_scorers(store: str, drop: str, go: Path, n: int, ttl: float) -> list[subprocess.Popen]:
     procs = [
-        subprocess.Popen([sys.executable, "-c", SCORER, store, drop, str(go), str(ttl)],
+        subprocess.Popen([sys.executable, "-m", "tests.programs.scorer", store, drop, str(go), str(ttl)],
                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(n)
     ]  # fmt: skip
@@ -131,8 +115,8 @@ def start_scorers(store: str, drop: str, go: Path, n: int, ttl: float) -> list[s
 
 
 def test_three_scorer_processes_on_one_drop(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
-    mv = tiny_lake[3]
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
     keys = put_images(lake, "many", 400)
     procs = start_scorers(lake.uri, "many", tmp_path / "go", 3, 30)
     for p in procs:
@@ -143,8 +127,8 @@ def test_three_scorer_processes_on_one_drop(tiny_lake, tmp_path):
 
 
 def test_kill_9_mid_drop_costs_one_claim_lifetime(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
-    mv = tiny_lake[3]
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
     keys = put_images(lake, "killed", 400)
     (proc,) = start_scorers(lake.uri, "killed", tmp_path / "go", 1, 4)
     run = lake.score_run("killed", mv)
@@ -169,8 +153,8 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_dask_local_cluster_spreads_the_scorers(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
-    mv = tiny_lake[3]
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
     keys = put_images(lake, "dask", 400)
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")}
     out = cli("score", "dask", "--store", lake.uri, "--workers", "2", "--shard-size", "10",
@@ -183,8 +167,8 @@ def test_dask_local_cluster_spreads_the_scorers(tiny_lake, tmp_path):
 
 
 def test_no_wait_when_live_scorers_hold_everything(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
-    mv = tiny_lake[3]
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
     put_images(lake, "held", 20)
     run, source = lake.score_run("held", mv), locate_drop(lake, "held")
     for shard in plan_work(run, source.listing()[0], 10)[1]["shards"]:
@@ -200,7 +184,7 @@ def test_no_wait_when_live_scorers_hold_everything(tiny_lake, tmp_path):
 def test_keys_real_buckets_hold(s3_lake):
     """Folder markers, a bare drops/ marker, a key with an empty segment, a JPEG cut
     inside its header, a zero-byte Parquet file: rows or skips, never a crash."""
-    lake, mv = s3_lake
+    lake, mv = s3_lake.lake, s3_lake.model_version
     client, bucket, prefix = lake.store.client, lake.store.bucket, lake.store.prefix
     buf = io.BytesIO()
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(buf, format="JPEG")
@@ -228,7 +212,7 @@ def test_keys_real_buckets_hold(s3_lake):
 
 
 def test_two_uris_with_one_basename_do_not_collide(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
     for side in ("a", "b"):
         (tmp_path / side / "photos").mkdir(parents=True)
         for i in range(2 if side == "a" else 3):
@@ -240,8 +224,8 @@ def test_two_uris_with_one_basename_do_not_collide(tiny_lake, tmp_path):
 
 
 def test_an_overwritten_file_is_priced_again_once(tiny_lake, tmp_path):
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
-    mv = tiny_lake[3]
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
     keys = put_images(lake, "over", 6)
     first = score_drop(lake, "over", options=ScoreOptions(shard_size=4))
     assert score_drop(lake, "over")["skipped"] is True, "unchanged: nothing to do"
@@ -259,7 +243,7 @@ def test_an_overwritten_file_is_priced_again_once(tiny_lake, tmp_path):
 def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_lake, tmp_path, capsys):
     from flows.cli import main
 
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
     put_images(lake, "real", 2)
     before = lake.store.keys()
     for args, expected in (
@@ -276,7 +260,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_lake, tmp_path, capsy
 def test_dask_cluster_by_address(tiny_lake, tmp_path):
     from distributed import LocalCluster
 
-    lake = copy_lake(tiny_lake[0], str(tmp_path / "lake"))
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
     keys = put_images(lake, "remote", 200)
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
@@ -284,5 +268,5 @@ def test_dask_cluster_by_address(tiny_lake, tmp_path):
                   cluster.scheduler_address, "--shard-size", "10", "--json", env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["counts"]["priced"] == 200
-    manifest = assert_exactly_once(lake, "remote", tiny_lake[3], keys)
+    manifest = assert_exactly_once(lake, "remote", tiny_lake.model_version, keys)
     assert len(manifest["scorer_counts"]) == 2, "one scorer per Dask worker"

@@ -28,7 +28,7 @@ from tasks.scoring.runner import locate_drop, score_drop
 from tasks.scoring.shard import score_shard
 from tasks.settings import load_settings
 from tasks.store.lake import Lake
-from tests.conftest import copy_lake
+from tests.conftest import TinyLake, copy_lake
 
 LIMIT = 1_000_000
 
@@ -100,11 +100,10 @@ def parquet_drop() -> bytes:
 
 
 @pytest.fixture
-def scored_store(store_uri, tiny_lake):
-    """A store of its own with the session's tiny model as champion."""
-    source, dv, lv, mv = tiny_lake
-    lake = copy_lake(source, store_uri)
-    return lake, mv, dv, lv
+def scored_store(store_uri, tiny_lake) -> TinyLake:
+    """A store of its own with the session's tiny model as champion: the session's
+    versions, with the copy as `lake`."""
+    return tiny_lake._replace(lake=copy_lake(tiny_lake.lake, store_uri))
 
 
 def read_parts(lake: Lake, drop_id: str, mv: str, columns=None):
@@ -126,7 +125,7 @@ def outputs(lake, drop_id: str, mv: str) -> tuple[list[str], dict[str, str]]:
 
 @pytest.mark.usefixtures("prefect_server")
 def test_score_drop_formats_bad_files_and_reruns(scored_store):
-    lake, mv, *_ = scored_store
+    lake, mv = scored_store.lake, scored_store.model_version
     store = lake.store
     good, bad = good_files(), bad_files()
     put_drop(
@@ -164,7 +163,7 @@ def test_score_drop_formats_bad_files_and_reruns(scored_store):
 def test_crashed_scorer_costs_one_claim_lifetime(scored_store):
     """A scorer that died holding a claim: a run that may not wait says who holds it;
     one that waits takes the shard over when the claim expires, and redoes nothing."""
-    lake, mv, *_ = scored_store
+    lake, mv = scored_store.lake, scored_store.model_version
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(12)}
     put_drop(lake, "d2", files)
     options = ScoreOptions(shard_size=4, claim_seconds=3)
@@ -190,7 +189,7 @@ def test_crashed_scorer_costs_one_claim_lifetime(scored_store):
 def test_concurrent_runs_make_no_duplicates(tiny_lake, tmp_path):
     # Local store only: moto's server checks a conditional write and then writes,
     # without a lock, so racing creates on it are not atomic as they are on S3.
-    lake, mv = copy_lake(tiny_lake[0], str(tmp_path / "lake")), tiny_lake[3]
+    lake, mv = copy_lake(tiny_lake.lake, str(tmp_path / "lake")), tiny_lake.model_version
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(16)}
     put_drop(lake, "d3", files)
     barrier, results = threading.Barrier(3), []
@@ -211,7 +210,7 @@ def test_concurrent_runs_make_no_duplicates(tiny_lake, tmp_path):
 
 
 def test_parquet_drop_of_the_datasets_own_shards(scored_store):
-    lake, mv, dv, _ = scored_store
+    lake, dv = scored_store.lake, scored_store.dataset_version
     dataset = lake.dataset(dv)
     shard = dataset.manifest()["splits"]["test"]["shards"][0]["name"]
     put_drop(lake, "d4", {"test.parquet": dataset.get_bytes(shard)})
@@ -226,7 +225,7 @@ def test_parquet_drop_of_the_datasets_own_shards(scored_store):
 
 
 def test_missing_or_empty_drop_and_bad_model_write_nothing(scored_store, tmp_path):
-    lake, mv, *_ = scored_store
+    lake, mv = scored_store.lake, scored_store.model_version
     before = lake.store.keys()
     with pytest.raises(DropError, match="no such drop 'nothing-here'"):
         score_drop(lake, "nothing-here")
@@ -245,7 +244,7 @@ def test_missing_or_empty_drop_and_bad_model_write_nothing(scored_store, tmp_pat
 
 @pytest.mark.usefixtures("prefect_server")
 def test_score_new_drops(scored_store):
-    lake, mv, *_ = scored_store
+    lake = scored_store.lake
     put_drop(lake, "new-1", {"a.png": _save(Image.fromarray(garment()), "PNG")})
     put_drop(lake, "new-2", {"b.png": _save(Image.fromarray(garment()), "PNG")})
     result = score_new_drops_flow(store=lake.uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -43,11 +44,17 @@ def artifacts_by_key() -> dict[str, str]:
     return {a.key: a.data for a in found if a.key and a.type == "markdown"}
 
 
-def make_versions(store_uri, idx_source):
+class Versions(NamedTuple):
+    lake: Lake
+    dataset_version: str
+    labels_version: str
+
+
+def make_versions(store_uri, idx_source) -> Versions:
     lake = Lake(open_store(store_uri))
     dv = ingest(lake, find_source(idx_source))["version"]
     lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
-    return lake, dv, lv
+    return Versions(lake, dataset_version=dv, labels_version=lv)
 
 
 @pytest.fixture
