@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from tasks.model.export import get_model
-from tasks.scoring.runner import ScoreOptions, score_drop
+from tasks.scoring.ledger import ScoreOptions
+from tasks.scoring.runner import score_drop
 from tasks.store.lake import Lake
 from tasks.store.storage import open_store
 
