@@ -48,7 +48,7 @@ def test_reports_on_s3_carry_store_uris_and_no_credentials(tiny_lake, s3_uri):
     published = [reports[f"eval-{mv}"], reports["drop-lockdown"]]
     bucket = s3_uri.split("/")[2]
     for markdown in published:
-        links = re.findall(r"\[stored copy\]\(([^)]*)\)", markdown)
+        links = re.findall(r"Stored copy: `([^`]*)`", markdown)
         assert links and all(link.startswith(f"s3://{bucket}/") for link in links), links
         for word in CREDENTIALS:
             assert word not in markdown, word
