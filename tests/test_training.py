@@ -79,7 +79,7 @@ def test_train_evaluate_promote(versions, store_uri):
     assert first["features"]["hit"] is False and first["skipped"] is False
     assert first["settings"]["precision"] == resolve_precision("auto"), "auto resolved"
     lineage = store.get_json(f"models/{mv}/lineage.json")
-    assert lineage["attempt"] == first["attempt"] and first["won"] is True
+    assert lineage["attempt"] and first["winner"] is None, "this run's attempt published"
     for name in ("model.keras", "config.json", "history.json", "summary.txt", "plots/loss.png"):
         assert store.exists(f"models/{mv}/attempts/{lineage['attempt']}/{name}"), name
     assert (lineage["dataset_version"], lineage["labels_version"]) == (dv, lv)
