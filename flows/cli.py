@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from pydantic import ValidationError
@@ -450,7 +452,34 @@ def _error(message: str) -> None:
     print(f"vggprice: error: {lines[0]}", file=sys.stderr)
 
 
+def _stop_temporary_servers(signum: int, _frame) -> None:
+    """SIGTERM or SIGINT: stop the temporary Prefect servers this process started (a
+    process exit on a signal runs no atexit hook, so the server would keep running,
+    orphaned), then exit with 128 + the signal's number. In a flow run Prefect's own
+    handler runs first (the run is marked crashed) and then hands the signal on here."""
+    module = sys.modules.get("prefect.server.api.server")
+    servers = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", {})
+    for server in list(servers.values()):
+        server.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; while it runs, SIGTERM and SIGINT stop its temporary Prefect server
+    (the handlers before are put back when it returns, for callers in-process)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if main_thread else ()  # main thread only
+    before = {sig: signal.signal(sig, _stop_temporary_servers) for sig in signals}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_environment()
     from tasks.settings import load_settings
 

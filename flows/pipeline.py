@@ -65,10 +65,9 @@ def train_on_pool(
     (``pool_precision``), and the run gets the resolved settings."""
     settings = resolved(settings, auto_precision=pool_precision(pool))
     model = Lake(open_store(store)).model(version_for(dataset_version, labels_version, settings))
-    result = {"model_version": model.version, "model_uri": model.uri(model.FILE),
-              "settings": settings.model_dump()}  # fmt: skip
+    result = {"model_version": model.version, "settings": settings.model_dump()}
     if model.complete:
-        return result | {"skipped": True, "pool": pool}
+        return result | {"model_uri": model.file_uri(), "skipped": True, "pool": pool}
     run = run_deployment(
         train_deployment_on(pool),
         parameters={
@@ -88,7 +87,8 @@ def train_on_pool(
         raise RuntimeError(
             f"train run {run.name!r} completed but wrote no {model.uri(model.MARKER)}"
         )
-    return result | {"skipped": False, "pool": pool, "flow_run_id": str(run.id)}
+    return result | {"model_uri": model.file_uri(), "skipped": False, "pool": pool,
+                     "flow_run_id": str(run.id)}  # fmt: skip
 
 
 def train_evaluate_promote(

@@ -25,9 +25,10 @@ def train_flow(
     model = Lake(open_store(uri)).model(result["model_version"])
     return {
         "model_version": model.version,
-        "model_uri": model.uri(model.FILE),
+        "model_uri": model.file_uri(),
         "skipped": result["skipped"],
         "settings": result["settings"],
         "features": result.get("features"),
         "images_per_second": result.get("images_per_second"),
+        "winner": result.get("winner"),  # another attempt published this version first
     }

@@ -4,7 +4,8 @@ The plot and markdown builders are plain functions; the ``publish_*`` helpers
 create Prefect artifacts when called inside a run and do nothing outside one.
 Plots go into the markdown inline (``data:image/png;base64``), so the Prefect UI
 shows them on a local store and on S3 alike, with no second server; each also
-links to its stored copy.
+names its stored copy by its store URI, never a presigned link (artifacts are kept in
+Prefect's database, and so would any credential in them).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ def inline_png(png: bytes, alt: str) -> str:
 
 
 def plots_markdown(plots: dict[str, tuple[bytes, str]]) -> str:
-    """title -> (PNG, link to the stored copy): each plot shown, then its link."""
+    """title -> (PNG, the stored copy's URI): each plot shown, then where it is stored."""
     return "\n\n".join(
-        f"### {title}\n\n{inline_png(png, title)}\n\n[stored copy]({link})"
-        for title, (png, link) in plots.items()
+        f"### {title}\n\n{inline_png(png, title)}\n\nStored copy: `{uri}`"
+        for title, (png, uri) in plots.items()
     )
 
 

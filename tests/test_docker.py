@@ -74,6 +74,23 @@ def png(shade: int) -> bytes:
     return buf.getvalue()
 
 
+def api_status(url: str, auth: str | None) -> int:
+    """The HTTP status of a POST to the Prefect API, with basic auth ``auth`` or none."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def readable_idx(tmp_path: Path) -> Path:
     """Generated IDX files the containers' user (uid 10001) may read through a mount."""
     idx = write_idx_source(tmp_path / "idx")
@@ -180,7 +197,7 @@ def test_compose_stack_runs_a_retrain(images, tmp_path):
     server on Debian's PostgreSQL, and the cpu worker running a retrain (train on the cpu
     pool: no GPU here) that reaches the store by the stack's own settings."""
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     compose = shutil.which("docker-compose")
     if compose is None:
@@ -191,8 +208,9 @@ def test_compose_stack_runs_a_retrain(images, tmp_path):
     project = f"vggprice-test-{uuid.uuid4().hex[:8]}"
     ports = {"PREFECT_PORT": str(free_port()), "STORE_PORT": str(free_port())}
     password = uuid.uuid4().hex
+    auth = f"vggprice:{uuid.uuid4().hex}"  # the API's auth string, as docs/deploy.md makes it
     env = os.environ | ports | {"POSTGRES_PASSWORD": uuid.uuid4().hex,
-                                "MINIO_ROOT_PASSWORD": password}  # fmt: skip
+                                "MINIO_ROOT_PASSWORD": password, "PREFECT_AUTH_STRING": auth}  # fmt: skip
     cmd = [compose, "-p", project, "-f", str(COMPOSE / "docker-compose.yml"),
            "-f", str(COMPOSE / "moto-store.yml"), "-f", str(override)]  # fmt: skip
 
@@ -206,7 +224,15 @@ def test_compose_stack_runs_a_retrain(images, tmp_path):
         assert up.returncode == 0, up.stderr[-4000:]
         api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
         wait_healthy(api)
-        with temporary_settings({PREFECT_API_URL: api}):
+        # The API refuses a call without the auth string, and answers one with it.
+        assert api_status(f"{api}/flow_runs/filter", None) == 401
+        assert api_status(f"{api}/flow_runs/filter", "vggprice:wrong") == 401
+        assert api_status(f"{api}/flow_runs/filter", auth) == 200
+        with (
+            pytest.MonkeyPatch.context() as mp,
+            temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}),
+        ):
+            mp.setenv("PREFECT_API_AUTH_STRING", auth)  # for `prefect deploy` in deploy_all
             apply_pools()
             deploy_all(REPO, api_url=api, cpu_pool="cpu", gpu_pool="cpu")
             retrain = run_deployment(

@@ -33,7 +33,7 @@ GOLDEN_CATALOG = {"vggprice-catalog-v1": "9cf1decde19c4c87"}
 # is an object name. Only the catalog (and storage, which moves bytes) may hold them.
 ZONES = ("datasets/", "labels/", "features/", "models/", "checkpoints/", "registry/",
          "drops/", "scores/", "plots/", "part-", "_plans", "_claims", "_shards", "_rejected",
-         "eval/", "finish-")  # fmt: skip
+         "eval/", "finish-", "attempts/")  # fmt: skip
 OBJECT_NAME = re.compile(r"^[\w.-]+\.(json|parquet|npz|npy|keras|txt|png)$")
 OWNERS = {"tasks/store/lake.py", "tasks/store/storage.py"}
 NOT_THE_LAKE = {"tasks/deploy/pools.py"}  # names files of infra/ in the repository

@@ -277,15 +277,16 @@ def test_model_cache_is_keyed_by_store_and_content(tiny_lake, tmp_path):
     a = copy_lake(source, str(tmp_path / "a"))
     b = copy_lake(source, str(tmp_path / "b"))
     model_b = b.model(mv)
-    body = bytearray(model_b.get_bytes(model_b.FILE))
+    files_b = model_b.files()  # the published attempt's files
+    body = bytearray(files_b.get_bytes(model_b.FILE))
     body[-200:] = bytes(200)  # other bytes under the same version (here: a broken zip)
-    model_b.put_bytes(model_b.FILE, bytes(body))
+    files_b.put_bytes(model_b.FILE, bytes(body))
     path_a = cached_model_file(a.model(mv))
     assert load_settings().cache_dir in path_a.parents
-    assert path_a.read_bytes() == source.model(mv).get_bytes(model_b.FILE)
+    assert path_a.read_bytes() == source.model(mv).files().get_bytes(model_b.FILE)
     with pytest.raises(RuntimeError, match="does not match lineage.json"):
         cached_model_file(model_b)
-    assert path_a.read_bytes() == a.model(mv).get_bytes(model_b.FILE), "a's copy untouched"
+    assert path_a.read_bytes() == a.model(mv).files().get_bytes(model_b.FILE), "a's untouched"
 
 
 def test_bomb_is_refused_before_decoding():

@@ -78,10 +78,10 @@ def test_train_evaluate_promote(versions, store_uri):
     mv = first["model_version"]
     assert first["features"]["hit"] is False and first["skipped"] is False
     assert first["settings"]["precision"] == resolve_precision("auto"), "auto resolved"
-    for name in ("model.keras", "config.json", "lineage.json", "history.json",
-                 "summary.txt", "plots/loss.png"):  # fmt: skip
-        assert store.exists(f"models/{mv}/{name}"), name
     lineage = store.get_json(f"models/{mv}/lineage.json")
+    assert lineage["attempt"] and first["winner"] is None, "this run's attempt published"
+    for name in ("model.keras", "config.json", "history.json", "summary.txt", "plots/loss.png"):
+        assert store.exists(f"models/{mv}/attempts/{lineage['attempt']}/{name}"), name
     assert (lineage["dataset_version"], lineage["labels_version"]) == (dv, lv)
     assert lineage["feature_cache_key"] == first["features"]["key"]
     manifest = store.get_json(f"features/{first['features']['key']}/manifest.json")
@@ -145,7 +145,7 @@ def test_resume_after_crash(versions):
     seen = []
     result = train(lake, dv, lv, settings, on_epoch=lambda e, h, f: seen.append(e))
     assert result["resumed_from_epoch"] == 1 and seen == [2]
-    history = store.get_json(f"models/{result['model_version']}/history.json")
+    history = lake.model(result["model_version"]).history()
     assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
     assert store.keys("checkpoints/") == [], "checkpoints are removed once the model is stored"
 

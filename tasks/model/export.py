@@ -95,18 +95,20 @@ def load_inference_model(path: Path, config: dict, precision: str = "auto"):
 def cached_model_file(model: Model) -> Path:
     """model.keras on this machine, under the cache directory, keyed by the store and
     the file's content hash (recorded in lineage.json): one store's model is never
-    taken for another's, and a file whose bytes differ is fetched again."""
-    sha = model.lineage().get("model_sha256")
+    taken for another's, and a file whose bytes differ is fetched again. The file is the
+    one lineage.json publishes (its attempt's)."""
+    lineage = model.lineage()
+    files = model.files(lineage)
+    sha = lineage.get("model_sha256")
     if sha is None:  # written before hashes were recorded: key by the listed ETag
-        (info,) = [o for o in model.store.list(model.key(model.FILE))]
-        sha = digest(info.etag, 64)
+        sha = digest(files.file_info().etag, 64)
     where = f"{digest(model.store.uri)}/{model.version}-{sha[:16]}"
     local = load_settings().cache_dir / "models" / where / model.FILE
     if not local.is_file():
-        model.download(local)
-        if "model_sha256" in model.lineage() and sha256_file(local) != sha:
+        files.download(local)
+        if "model_sha256" in lineage and sha256_file(local) != sha:
             local.unlink()
-            raise ExportError(f"{model.uri(model.FILE)}: content does not match lineage.json")
+            raise ExportError(f"{files.file_uri()}: content does not match lineage.json")
     return local
 
 

@@ -26,7 +26,7 @@ from tasks.model.train_settings import TrainSettings
 from tasks.model.weights import build_vgg, weights_identity
 from tasks.reports import TrainingProgress, loss_plot
 from tasks.runtime import TASK_RETRIES, get_logger, keras_precision, seeded
-from tasks.store.lake import Lake, Model, code_fingerprint, model_version
+from tasks.store.lake import Lake, Model, attempt_id, code_fingerprint, model_version
 from tasks.store.storage import sha256_file
 
 # Called after every epoch with (epoch, history, fit): progress, tests, crash drills.
@@ -283,6 +283,7 @@ def train(
     epochs_run = settings.epochs - start_epoch
     facts = {
         "model_version": mv,
+        "attempt": attempt_id(),
         "precision": precision,
         "train_images": len(data.train.y),
         "epochs_run": epochs_run,
@@ -294,28 +295,40 @@ def train(
         "seconds": round(time.time() - started, 2),
         "features": fit.features,
     }
-    write_model(model, final, settings, data, history, precision, facts)
+    published = write_model(model, final, settings, data, history, precision, facts)
     model.checkpoints().delete_all()
-    return facts | {"skipped": False, "settings": settings.model_dump()}
+    won = published.get("attempt") == facts["attempt"]
+    result = facts | {"skipped": False, "settings": settings.model_dump(), "won": won}
+    return result if won else result | {"winner": winner_of(published)}
+
+
+def winner_of(lineage: dict) -> dict:
+    """The attempt whose files a model's lineage.json published, as a result reports it."""
+    keys = ("attempt", "model_sha256", "created_at", "hardware")
+    return {k: lineage.get(k) for k in keys}
 
 
 def write_model(
     model: Model, net, settings: TrainSettings, data: Data, history: dict, precision: str,
     facts: dict,
-) -> None:  # fmt: skip
-    """Everything under models/<v>/, lineage.json last: it marks the version complete."""
+) -> dict:  # fmt: skip
+    """The model's files under this attempt's own prefix (models/<v>/attempts/<id>/),
+    then lineage.json created only if the version has none: the first complete attempt
+    wins, and a model with a marker is never rewritten. Returns the marker that stands;
+    a losing attempt says so in one line and removes its own files (nothing names them)."""
     import keras
     import tensorflow as tf
 
+    files = model.attempt(facts["attempt"])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / model.FILE
         net.save(path)
         model_sha256 = sha256_file(path)
-        model.write_file(path)
+        files.write_file(path)
     lines: list[str] = []
     net.summary(print_fn=lambda line, *a, **k: lines.append(line), line_length=100)
-    model.write_summary("\n".join(lines) + "\n")
-    model.write_config(
+    files.write_summary("\n".join(lines) + "\n")
+    files.write_config(
         {
             "model_version": model.version,
             "settings": settings.model_dump(),
@@ -326,9 +339,10 @@ def write_model(
             "train_stats": train_stats(data.train.images, data.train.price),
         },
     )
-    model.write_history(history)
-    model.write_plot("loss", loss_plot(history))
-    model.write_lineage(
+    files.write_history(history)
+    files.write_plot("loss", loss_plot(history))
+    published = model.publish(
+        files,
         {
             "model_version": model.version,
             "model_sha256": model_sha256,
@@ -343,8 +357,17 @@ def write_model(
             "precision": precision,
             "training": facts,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        },
     )
+    if published.get("attempt") != files.attempt:
+        get_logger().warning(
+            "model %s: attempt %s lost, attempt %s (%s) was published first; it stands and "
+            "this attempt's files are removed",
+            model.version, files.attempt, published.get("attempt") or "(before attempts)",
+            published.get("created_at"),
+        )  # fmt: skip
+        files.delete_all()
+    return published
 
 
 def about(settings: TrainSettings) -> str:

@@ -12,7 +12,9 @@ datasets/catalog/<name>/<dataset>/{train/part-*.parquet, test/part-*.parquet, re
 labels/<dataset>/<labels>/{prices.parquet, scaling.json}
 features/<key>/{train-view-N.npy, test.npy, manifest.json}
 checkpoints/<model>/{state.json, epoch-N.npz}
-models/<model>/{model.keras, config.json, history.json, summary.txt, plots/, lineage.json}
+models/<model>/attempts/<attempt>/{model.keras, config.json, history.json, summary.txt, plots/}
+models/<model>/lineage.json        (created once, naming the attempt that won; models stored
+                                    before attempts hold their files under models/<model>/)
 models/<model>/[eval/<labels>/]{metrics.json, plots/}
 registry/champion.json, registry/decisions/<time>-<model>.json          (the demo line)
 registry/lines/<name>/{champion.json, decisions/<time>-<model>.json}  (a catalog's line)
@@ -40,6 +42,8 @@ import importlib.util
 import io
 import json
 import re
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,9 +242,6 @@ class Entry:
     def uri(self, name: str = "") -> str:
         return self.store.uri_for(self.prefix + name) if name else self.store.uri_for(self.prefix)
 
-    def link(self, name: str) -> str:
-        return self.store.link_for(self.prefix + name)
-
     def get_json(self, name: str) -> Any:
         return self.store.get_json(self.prefix + name)
 
@@ -258,7 +259,7 @@ class Entry:
 
     # plots: plots/<name>.png under the entry
     def write_plot(self, name: str, png: bytes) -> str:
-        """Store a plot; returns a link a person can open (a presigned URL on S3)."""
+        """Store a plot; returns where it is (``plot_link``)."""
         self.put_bytes(f"plots/{name}.png", png)
         return self.plot_link(name)
 
@@ -266,7 +267,10 @@ class Entry:
         return self.get_bytes(f"plots/{name}.png")
 
     def plot_link(self, name: str) -> str:
-        return self.link(f"plots/{name}.png")
+        """The stored plot's URI (``s3://bucket/key`` or a path), never a presigned URL:
+        reports keep it for good (Prefect artifacts), and a credential in it would be
+        kept with it."""
+        return self.uri(f"plots/{name}.png")
 
     def names(self, sub: str = "") -> list[str]:
         """Keys under ``prefix + sub``, relative to the prefix, in order."""
@@ -413,19 +417,35 @@ class Evaluation(Entry):
         self.put_json(self.MARKER, metrics)
 
 
+def attempt_id() -> str:
+    """A new training attempt's id: when it started (UTC) and a random part."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+
+
 @dataclass(frozen=True)
-class Model(Entry):
+class ModelFiles(Entry):
+    """The files of one training attempt of a model version: models/<v>/attempts/<id>/
+    (models/<v>/ itself for models stored before attempts). An attempt writes only here;
+    nothing reads it until the model's lineage.json names it."""
+
     version: str = ""
-    MARKER = "lineage.json"
+    attempt: str | None = None  # None: a model stored before attempts
     FILE = "model.keras"
 
-    def lineage(self) -> dict:
-        return self.read_marker(
-            "(complete) model version", lambda: Lake(self.store).model_versions()[-10:]
-        )
+    def write_file(self, path) -> None:
+        self.store.put_file(self.key(self.FILE), path)
+
+    def download(self, path) -> None:
+        self.store.get_file(self.key(self.FILE), path)
+
+    def file_uri(self) -> str:
+        return self.uri(self.FILE)
+
+    def file_info(self) -> ObjectInfo:
+        (info,) = [o for o in self.store.list(self.key(self.FILE)) if o.key == self.key(self.FILE)]
+        return info
 
     def config(self) -> dict:
-        self.lineage()
         return self.get_json("config.json")
 
     def write_config(self, config: dict) -> None:
@@ -440,6 +460,70 @@ class Model(Entry):
     def write_summary(self, text: str) -> None:
         self.put_bytes("summary.txt", text.encode())
 
+
+@dataclass(frozen=True)
+class Model(Entry):
+    """models/<v>/: lineage.json, the completion marker, created once by a conditional
+    write that names the attempt whose files it publishes; the first complete attempt
+    wins and a model with a marker is never rewritten. Every read of the model's files
+    goes through the marker (``files``)."""
+
+    version: str = ""
+    MARKER = "lineage.json"
+    FILE = ModelFiles.FILE
+    ATTEMPTS = "attempts/"
+
+    def lineage(self) -> dict:
+        return self.read_marker(
+            "(complete) model version", lambda: Lake(self.store).model_versions()[-10:]
+        )
+
+    def attempt(self, attempt: str) -> ModelFiles:
+        """One training attempt's files (where that attempt writes)."""
+        return ModelFiles(self.store, f"{self.prefix}{self.ATTEMPTS}{attempt}/", self.version,
+                          attempt)  # fmt: skip
+
+    def files(self, lineage: dict | None = None) -> ModelFiles:
+        """The published files: the attempt lineage.json names, or models/<v>/ itself
+        for a model stored before attempts. NotInLake while the model is not complete."""
+        lineage = lineage if lineage is not None else self.lineage()
+        if lineage.get("attempt"):
+            return self.attempt(lineage["attempt"])
+        return ModelFiles(self.store, self.prefix, self.version, None)
+
+    def publish(self, files: ModelFiles, lineage: dict) -> dict:
+        """Create lineage.json naming ``files``' attempt, unless the model has one: the
+        first complete attempt wins. Returns the marker that stands, the winner's (this
+        attempt's own when it won, also when only the response to its write was lost)."""
+        marker = lineage | {"attempt": files.attempt}
+        if self.store.put_if_absent(self.key(self.MARKER), json_bytes(marker)):
+            return marker
+        return self.lineage()
+
+    def write_lineage(self, lineage: dict) -> bool:
+        """Create lineage.json as given (a model whose files sit under models/<v>/);
+        False, writing nothing, when the model has one."""
+        return self.store.put_if_absent(self.key(self.MARKER), json_bytes(lineage))
+
+    def config(self) -> dict:
+        return self.files().config()
+
+    def history(self) -> dict:
+        return self.files().history()
+
+    def plot(self, name: str) -> bytes:
+        return self.files().plot(name)
+
+    def plot_link(self, name: str) -> str:
+        return self.files().plot_link(name)
+
+    def download(self, path) -> None:
+        self.files().download(path)
+
+    def file_uri(self) -> str:
+        """Where the published model.keras is (NotInLake while the model is not complete)."""
+        return self.files().file_uri()
+
     def checkpoints(self) -> Checkpoints:
         return Checkpoints(self.store, f"checkpoints/{self.version}/")
 
@@ -449,15 +533,6 @@ class Model(Entry):
         lv = labels_version or own
         sub = "" if lv == own else f"eval/{lv}/"
         return Evaluation(self.store, self.prefix + sub, self.version, lv)
-
-    def write_file(self, path) -> None:
-        self.store.put_file(self.key(self.FILE), path)
-
-    def download(self, path) -> None:
-        self.store.get_file(self.key(self.FILE), path)
-
-    def write_lineage(self, lineage: dict) -> None:
-        self.put_json(self.MARKER, lineage)
 
 
 @dataclass(frozen=True)
