@@ -83,7 +83,7 @@ class ImageSource:
         for o in self.store.list():
             if not is_image_key(o.key):
                 continue
-            found[o.key] = o.etag if s3 else hashlib.sha256(self.get(o.key)).hexdigest()
+            found[o.key] = o.etag if s3 else self.store.sha256(o.key)  # streamed
         return found
 
     @functools.cached_property

@@ -4,7 +4,10 @@ Fashion-MNIST images are light garments on a black background, 28x28, gray.
 Any other image is brought to look like that:
 
 1. decoded (PNG, JPEG, BMP, GIF first frame, TIFF first page, WebP), EXIF
-   orientation applied, size checked against a pixel limit before decoding;
+   orientation applied; its pixel count, longest side and aspect ratio checked from
+   the header before decoding; an image whose longest side is over ``WORK_SIDE`` is
+   shrunk to it as it is decoded (JPEG: at a reduced DCT scale), before any padding,
+   so memory follows the output, not the input's square;
 2. transparency composited onto black, 16-bit and other modes to 8-bit gray;
 3. inverted when its border is mostly light (a product photo on white), so
    the garment is light on dark as in the dataset;
@@ -36,6 +39,19 @@ MODES = (GRAY28, RGB)
 MAX_SIDE = 256  # catalog datasets store images with their longest side at most this
 FORMATS = {"PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP"}
 DEFAULT_MAX_PIXELS = 40_000_000  # refuse larger images instead of running out of memory
+MAX_LONG_SIDE = 30_000  # refuse images with a longer side (from the header)
+MAX_ASPECT = 50  # refuse images whose longest side is more than this many times the shortest
+WORK_SIDE = 2048  # larger images are shrunk to this longest side before padding
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageRejected(ValueError):
@@ -96,17 +112,54 @@ def _decoded(data: bytes, max_pixels: int, convert) -> np.ndarray:
         )
     if w == 0 or h == 0:
         raise ImageRejected(f"empty image ({w}x{h})")
+    if max(w, h) > MAX_LONG_SIDE:
+        raise ImageRejected(
+            f"too long: {w}x{h}, longest side {max(w, h)} > {MAX_LONG_SIDE} (MAX_LONG_SIDE)"
+        )
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageRejected(
+            f"too narrow: {w}x{h}, aspect ratio {max(w, h) / min(w, h):.1f} > {MAX_ASPECT} "
+            "(MAX_ASPECT)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.seek(0)  # first frame / page
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
+            if max(w, h) <= WORK_SIDE:
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+            else:
+                im = _shrunk(im)
             return convert(im)
     except Exception as err:  # any plugin error (OSError, SyntaxError, MemoryError, ...)
         raise ImageRejected(
             f"truncated or corrupt {im.format}: {type(err).__name__}: {err}"
         ) from None
+
+
+def _work_size(w: int, h: int) -> tuple[int, int]:
+    scale = WORK_SIDE / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _shrunk(im: Image.Image) -> Image.Image:
+    """A large image (longest side over ``WORK_SIDE``), decoded and shrunk to that
+    longest side (aspect kept), then turned upright: at most the decoded image and the
+    shrunk one are in memory at once, never a square of the longest side. Modes whose
+    resampling would be nearest-neighbour (palette, bilevel) or whose transparency is a
+    colour key are brought to L or RGBA first, as the conversions after do anyway."""
+    orientation = im.getexif().get(0x0112)
+    im.draft(None, _work_size(*im.size))  # JPEG: decode at 1/2 .. 1/8 scale, still >= target
+    im.load()
+    if im.mode == "1":
+        im = im.convert("L")
+    elif im.mode in ("P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if max(im.size) > WORK_SIDE:
+        im = im.resize(_work_size(*im.size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if orientation in _ORIENT:
+        im = im.transpose(_ORIENT[orientation])
+    return im
 
 
 def to_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -40,6 +40,8 @@ class ScoreOptions:
     batch_size: int = 256
     claim_seconds: float = 90.0  # a claim without a heartbeat for this long is taken over
     wait: bool = True  # wait for shards that live scorers hold; else stop and say so
+    max_bytes: int = 50 * 1024 * 1024  # larger objects are rejected from their size, unread
+    max_rows_per_object: int = 10_000  # a Parquet object with more rows is rejected whole
 
 
 class DropBusy(RuntimeError):

@@ -20,7 +20,7 @@ from tasks.model.export import get_model, predict_prices, preprocess_of
 from tasks.runtime import get_logger
 from tasks.scoring.ledger import Heartbeat, ScoreOptions, pending, scorer_name, take_claim
 from tasks.store.lake import DropSource, Lake, ScoreRun
-from tasks.store.storage import ObjectNotFound
+from tasks.store.storage import NotRegularFile, ObjectNotFound, TooLarge
 
 _ROW = [("key", pa.string()), ("object", pa.string())]
 
@@ -34,10 +34,15 @@ PRICED_SCHEMA = pa.schema([*_ROW, ("price", pa.float64()), *_STAMP])
 REJECTED_SCHEMA = pa.schema([*_ROW, ("reason", pa.string()), *_STAMP])
 
 
-def decode_object(key: str, body: bytes, max_pixels: int, decode: Callable | None = None):
+def decode_object(
+    key: str, body: bytes, max_pixels: int, decode: Callable | None = None, *,
+    max_rows: int | None = None, max_bytes: int | None = None,
+):  # fmt: skip
     """Yield (row key, pixels or None, reason) for one drop object; ``decode(bytes,
     max_pixels)`` prepares one image (default: the demo's gray 28x28). Whatever a
-    decoder raises, one bad image is one row, never a crash."""
+    decoder raises, one bad image is one row, never a crash. A Parquet object with more
+    than ``max_rows`` rows, or more than ``max_bytes`` once uncompressed, is rejected
+    whole from its footer, before any image is read."""
     decode = decode or (lambda data, limit: prepare(data, max_pixels=limit))
 
     def one(row: str, data: bytes):
@@ -52,7 +57,16 @@ def decode_object(key: str, body: bytes, max_pixels: int, decode: Callable | Non
         yield one(key, body)
         return
     try:
-        table = pq.read_table(io.BytesIO(body), columns=["image_id", "image"])
+        parquet = pq.ParquetFile(io.BytesIO(body))
+        rows, meta = parquet.metadata.num_rows, parquet.metadata
+        unpacked = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if max_rows is not None and rows > max_rows:
+            yield key, None, f"too many rows: {rows} > {max_rows} (max_rows_per_object)"
+            return
+        if max_bytes is not None and unpacked > max_bytes:
+            yield key, None, f"too large: {unpacked} bytes uncompressed > {max_bytes} (max_bytes)"
+            return
+        table = parquet.read(columns=["image_id", "image"])
     except Exception as err:  # any unreadable file is a rejection, never a crash
         yield key, None, f"unreadable Parquet: {type(err).__name__}: {err}"
         return
@@ -69,12 +83,20 @@ def _rows(schema: pa.Schema, rows: list[tuple], values, mv: str, now: datetime) 
     return pa.table(columns, schema=schema)
 
 
-def read_object(source: DropSource, key: str) -> tuple[bytes | None, str | None]:
-    """(body, None), or (None, why it cannot be read) for a gone or unusable key."""
+def read_object(
+    source: DropSource, key: str, max_bytes: int | None = None
+) -> tuple[bytes | None, str | None]:
+    """(body, None), or (None, why it cannot be read) for a gone or unusable key, a local
+    entry that is not a file (never opened: a named pipe would block) or an object over
+    ``max_bytes`` (from its size, before any byte is read)."""
     try:
-        return source.get_bytes(key), None
+        return source.get_bytes(key, max_bytes), None
     except ObjectNotFound:
         return None, "gone: deleted after it was listed"
+    except TooLarge as err:
+        return None, f"too large: {err.size} bytes > {err.limit} (max_bytes)"
+    except NotRegularFile as err:
+        return None, f"not a regular file: {err.what}"
     except ValueError as err:  # keys with empty segments and the like
         return None, f"unusable key: {err}"
 
@@ -94,11 +116,12 @@ def score_shard(
 
     rows, pixels, rejected = [], [], []
     for key, _etag in entries:
-        body, why = read_object(source, key)
+        body, why = read_object(source, key, options.max_bytes)
         if body is None:
             rejected.append(((key, key), why))
             continue
-        for row, px, reason in decode_object(key, body, options.max_pixels, decode):
+        limits = {"max_rows": options.max_rows_per_object, "max_bytes": options.max_bytes}
+        for row, px, reason in decode_object(key, body, options.max_pixels, decode, **limits):
             if px is None:
                 rejected.append(((row, key), reason))
             else:

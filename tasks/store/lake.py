@@ -577,18 +577,22 @@ class DropSource:
     def listing(self) -> tuple[list[ObjectInfo], int]:
         """(the drop's objects, keys relative to the drop; how many were skipped): folder
         markers (keys ending in '/', as consoles write them) and hidden names are not
-        images to price."""
+        images to price. Local entries that are not files (named pipes, devices, sockets,
+        links to nothing) are listed with what they are (``ObjectInfo.irregular``), so
+        they are planned like any object and rejected with that reason when read."""
         n, objects, skipped = len(self.prefix), [], 0
-        for o in self.store.list(self.prefix):
+        for o in self.store.list(self.prefix, irregular=True):
             key = o.key[n:]
             if not is_image_key(key):
                 skipped += 1
             else:
-                objects.append(ObjectInfo(key, o.size, o.etag))
+                objects.append(ObjectInfo(key, o.size, o.etag, o.irregular))
         return objects, skipped
 
-    def get_bytes(self, key: str) -> bytes:
-        return self.store.get_bytes(self.prefix + key)
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; TooLarge (from its size, before reading) over ``max_bytes``,
+        NotRegularFile for a local entry that is not a file (never opened)."""
+        return self.store.get_bytes(self.prefix + key, max_bytes)
 
 
 @dataclass(frozen=True)

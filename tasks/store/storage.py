@@ -7,6 +7,14 @@ business (``tasks/store/lake.py``); this module only moves bytes under keys.
 Writes are atomic. Locally a temp file in the same directory is renamed over
 the target; on S3 an object only appears after a single PUT or a completed
 multipart upload. A reader never sees half an object.
+
+A local directory may hold what is not an object: named pipes, devices, sockets,
+symbolic links to nothing or to folders. Listings leave them out (a drop's listing
+names them, ``irregular=True``, so they are rejected with a reason), reads refuse them
+before opening anything that could block, and entries that vanish while a folder is
+listed are left out instead of failing the listing. Local ETags are size, mtime,
+inode and ctime, so a same-size rewrite that keeps the mtime (``cp -p``, ``rsync -a``)
+is a new version. S3 requests have connect and read timeouts.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -65,11 +74,54 @@ class PreconditionFailed(Exception):
     """A conditional write lost: the object already exists, or changed since it was read."""
 
 
+class NotRegularFile(ValueError):
+    """A local key names a named pipe, device, socket or a symbolic link to nothing:
+    never opened for reading. ``what`` says which."""
+
+    def __init__(self, where: str, what: str):
+        super().__init__(f"{where}: {what}, not a regular file — remove it or replace it")
+        self.what = what
+
+
+class TooLarge(ValueError):
+    """The object is larger than the reader's limit; nothing of it was read."""
+
+    def __init__(self, where: str, size: int, limit: int):
+        super().__init__(f"{where}: {size} bytes, over the limit of {limit}")
+        self.size, self.limit = size, limit
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
     etag: str
+    irregular: str = ""  # local only: why this entry is not a file to read ("" for objects)
+
+
+def _irregular(st: os.stat_result, linked: bool) -> str:
+    """What a non-regular directory entry is, in words."""
+    mode = st.st_mode
+    if stat.S_ISFIFO(mode):
+        what = "a named pipe (FIFO)"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        what = "a device"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    elif stat.S_ISLNK(mode):
+        return "a symbolic link to nothing"
+    elif stat.S_ISDIR(mode):
+        return "a symbolic link to a folder (not followed)"
+    else:
+        what = f"a special file (mode {stat.filemode(mode)})"
+    return f"{what} behind a symbolic link" if linked else what
+
+
+def local_etag(st: os.stat_result) -> str:
+    """A local file's version: size, mtime, inode and ctime. Every write of the store
+    makes a new inode (a temp file renamed into place); a rewrite in place that keeps
+    size and mtime (``cp -p``, ``rsync -a``) still changes the ctime."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}-{st.st_ctime_ns:x}"
 
 
 # --- the interface ------------------------------------------------------------
@@ -99,7 +151,13 @@ class Store(ABC):
         put their own id in the object and read it back."""
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, TooLarge before reading anything when
+        the object is larger."""
+
+    def sha256(self, key: str) -> str:
+        """The SHA-256 of an object's bytes."""
+        return hashlib.sha256(self.get_bytes(key)).hexdigest()
 
     @abstractmethod
     def put_file(self, key: str, path: str | os.PathLike) -> None: ...
@@ -111,8 +169,11 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under ``prefix``, in key order, however many pages."""
+    def list(self, prefix: str = "", irregular: bool = False) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, in key order, however many pages. Locally,
+        ``irregular`` also yields entries that are not files to read (named pipes,
+        devices, sockets, links to nothing or to folders), with ``ObjectInfo.irregular``
+        saying what they are; objects that vanish while listing are left out."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -213,8 +274,8 @@ class LocalStore(Store):
         with open(path.parent / f"{TMP_PREFIX}lock-{path.name}", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                current = hashlib.sha256(path.read_bytes()).hexdigest()
-            except FileNotFoundError:
+                current = self.sha256(key)
+            except ObjectNotFound:
                 current = None
             if current != token:
                 return False
@@ -225,50 +286,123 @@ class LocalStore(Store):
         target = self._path(key)
         os.replace(self._write_tmp(target, None, src=Path(path)), target)
 
-    def get_bytes(self, key: str) -> bytes:
+    def _open(self, key: str, max_bytes: int | None = None):
+        """A binary file object of a regular file (a symbolic link to one is followed).
+        Checked from a stat first, so a named pipe, device or socket is never opened,
+        and checked again on the open descriptor (non-blocking), so one swapped in
+        between cannot block either; TooLarge, from the size, before any read."""
+        where = str(self.root / validate_key(key))
+        if os.path.islink(where) and not os.path.exists(where):
+            raise NotRegularFile(where, "a symbolic link to nothing")
+        path = self._path(key)  # (a link that leads out of the store is refused here)
         try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{where}: no such object") from None
+        except NotADirectoryError:
+            raise ObjectNotFound(f"{where}: no such object") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise ObjectNotFound(f"{where}: no such object (a folder)")
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(where, _irregular(st, os.path.islink(where)))
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise TooLarge(where, st.st_size, max_bytes)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{where}: no such object") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotRegularFile(where, _irregular(st, False))
+        if max_bytes is not None and st.st_size > max_bytes:
+            os.close(fd)
+            raise TooLarge(where, st.st_size, max_bytes)
+        return os.fdopen(fd, "rb")
+
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        with self._open(key, max_bytes) as f:
+            if max_bytes is None:
+                return f.read()
+            body = f.read(max_bytes + 1)  # it may have grown since the stat
+        if len(body) > max_bytes:
+            raise TooLarge(self.uri_for(key), len(body), max_bytes)
+        return body
+
+    def sha256(self, key: str) -> str:
+        h = hashlib.sha256()
+        with self._open(key) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         dest = Path(path)
-        src = self._path(key)
-        if not src.is_file():
-            raise ObjectNotFound(f"{self.uri_for(key)}: no such object")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkstemp(dir=dest.parent, prefix=TMP_PREFIX)[1])
-        try:
-            with open(src, "rb") as s, open(tmp, "wb") as f:
-                while chunk := s.read(1 << 20):
-                    f.write(chunk)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._open(key) as s:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkstemp(dir=dest.parent, prefix=TMP_PREFIX)[1])
+            try:
+                with open(tmp, "wb") as f:
+                    while chunk := s.read(1 << 20):
+                        f.write(chunk)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", irregular: bool = False) -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
-        # Walk only the deepest directory the prefix names.
+        # Walk only the deepest directory the prefix names, and below it only the
+        # folders the prefix can reach. Symbolic links to folders are not followed.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        start = self.root / base if base else self.root
-        if not start.is_dir():
-            return
-        found = []
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            for name in filenames:
-                if name.startswith(TMP_PREFIX):
+        found: dict[str, ObjectInfo] = {}
+        folders = [base]
+        while folders:
+            rel = folders.pop()
+            try:
+                with os.scandir(self.root / rel if rel else self.root) as it:
+                    entries = [*it]
+            except OSError:  # gone, not a folder, or unreadable: nothing listed there
+                continue
+            for entry in entries:
+                if entry.name.startswith(TMP_PREFIX):
                     continue
-                key = name if rel == "." else f"{rel}/{name}"
-                if key.startswith(prefix):
-                    found.append(key)
+                key = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                            folders.append(key)
+                        continue
+                    if not key.startswith(prefix):
+                        continue
+                    info = self._info(key, entry)
+                except FileNotFoundError:  # deleted while listing: not there any more
+                    continue
+                if info is not None and (irregular or not info.irregular):
+                    found[key] = info
         for key in sorted(found):
-            st = (self.root / key).stat()
-            yield ObjectInfo(key, st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+            yield found[key]
+
+    @staticmethod
+    def _info(key: str, entry: os.DirEntry) -> ObjectInfo | None:
+        """One directory entry: a regular file (or a link to one) as an object, anything
+        else with what it is. FileNotFoundError when it vanished."""
+        linked = entry.is_symlink()
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except FileNotFoundError:
+            if not linked:
+                raise
+            st = entry.stat(follow_symlinks=False)  # a link to nothing (raises if gone)
+            return ObjectInfo(
+                key, 0, f"link-{st.st_ino:x}-{st.st_ctime_ns:x}", _irregular(st, True)
+            )
+        if stat.S_ISREG(st.st_mode):
+            return ObjectInfo(key, st.st_size, local_etag(st))
+        kind = _irregular(st, linked)
+        return ObjectInfo(key, 0, f"special-{st.st_ino:x}-{st.st_ctime_ns:x}", kind)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -292,6 +426,8 @@ class S3Store(Store):
         region: str = "us-east-1",
         multipart_threshold: int = 64 * 1024 * 1024,
         max_attempts: int = 8,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -304,7 +440,14 @@ class S3Store(Store):
             "s3",
             endpoint_url=endpoint_url,
             region_name=region,
-            config=Config(retries={"mode": "standard", "total_max_attempts": max_attempts}),
+            # Timeouts per connection attempt and per socket read (a stalled endpoint
+            # fails the try and is retried, it never hangs a scorer); a large body that
+            # keeps flowing is not cut.
+            config=Config(
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+            ),
         )
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -414,15 +557,20 @@ class S3Store(Store):
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as err:
             if self._missing(err):
                 raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
             raise
+        size = resp.get("ContentLength", 0)
+        if max_bytes is not None and size > max_bytes:
+            resp["Body"].close()  # the answer's size, from its headers: the body is not read
+            raise TooLarge(self.uri_for(key), size, max_bytes)
+        return resp["Body"].read()
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         from botocore.exceptions import ClientError
@@ -451,8 +599,8 @@ class S3Store(Store):
                 return False
             raise
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix)
+    def list(self, prefix: str = "", irregular: bool = False) -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)  # (a bucket holds objects only: nothing is irregular)
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self.prefix + prefix
         )
