@@ -213,6 +213,8 @@ def _cmd_score(args: argparse.Namespace) -> dict:
         model=args.model,
         shard_size=args.shard_size,
         max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
+        max_rows_per_object=args.max_rows_per_object,
         scorers=scorers,
         claim_seconds=args.claim_seconds,
         wait=not args.no_wait,
@@ -381,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"objects per shard (default {SCORE.shard_size})")  # fmt: skip
     p.add_argument("--max-pixels", type=int, default=SCORE.max_pixels,
                    help=f"refuse larger images (bombs; default {SCORE.max_pixels:,})")  # fmt: skip
+    p.add_argument("--max-bytes", type=int, default=SCORE.max_bytes,
+                   help=f"refuse larger files unread (default {SCORE.max_bytes:,})")  # fmt: skip
+    p.add_argument("--max-rows-per-object", type=int, default=SCORE.max_rows_per_object,
+                   help="refuse a Parquet file with more images, whole "
+                        f"(default {SCORE.max_rows_per_object:,})")  # fmt: skip
     p.add_argument("--workers", type=int, help="N local scorer processes (a Dask LocalCluster)")
     p.add_argument("--dask-address", help="an existing Dask cluster, e.g. tcp://scheduler:8786")
     p.add_argument(

@@ -160,6 +160,8 @@ def score_flow(
     model: str | None = None,
     shard_size: int = SCORE.shard_size,
     max_pixels: int = SCORE.max_pixels,
+    max_bytes: int = SCORE.max_bytes,
+    max_rows_per_object: int = SCORE.max_rows_per_object,
     precision: str = SCORE.precision,
     scorers: int = 2,
     score_pool: str | None = None,
@@ -171,7 +173,8 @@ def score_flow(
     """Price every image of a drop exactly once with the champion of a model line (the
     store's only line when not named) or a pinned model."""
     lake = Lake(open_store(load_settings(store=store).store))
-    options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, precision=precision,
+    options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, max_bytes=max_bytes,
+                           max_rows_per_object=max_rows_per_object, precision=precision,
                            claim_seconds=claim_seconds, wait=wait)  # fmt: skip
     runner = scorers_on_pool(score_pool, partitions) if score_pool else scorers_as_tasks(scorers)
     manifest = score_drop(lake, drop, model, options, run_scorers=runner, line=line)
