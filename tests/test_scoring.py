@@ -162,7 +162,8 @@ def test_score_drop_formats_bad_files_and_reruns(scored_store):
 
 def test_crashed_scorer_costs_one_claim_lifetime(scored_store):
     """A scorer that died holding a claim: a run that may not wait says who holds it;
-    one that waits takes the shard over when the claim expires, and redoes nothing."""
+    one that waits takes the shard over once it has seen the claim unchanged for a
+    lifetime, and redoes nothing."""
     lake, mv = scored_store.lake, scored_store.model_version
     files = {f"img-{i:02d}.png": _save(Image.fromarray(garment()), "PNG") for i in range(12)}
     put_drop(lake, "d2", files)
@@ -174,7 +175,8 @@ def test_crashed_scorer_costs_one_claim_lifetime(scored_store):
     assert take_claim(run, second[0], "dead-host:1", options.claim_seconds)
     # ... and that scorer dies here: one shard done, one claimed, no manifest.
     etag = {o.key: o.etag for o in lake.store.list(run.prefix + "part-")}
-    no_wait = ScoreOptions(shard_size=4, claim_seconds=3, wait=False)
+    # (a lifetime of its own longer than this run: it must not wait the dead claim out)
+    no_wait = ScoreOptions(shard_size=4, claim_seconds=60, wait=False)
     with pytest.raises(DropBusy, match=r"1 shards priced here, 1 shards held .*\(dead-host:1\)"):
         score_drop(lake, "d2", options=no_wait)  # it prices the free shard, then stops
     assert run.manifest() is None

@@ -1,19 +1,33 @@
 """Finishing a drop, once per plan generation: when every shard has its part, one scorer
-(holding the finishing claim) moves rows that a later plan re-priced (an object
-overwritten in place) into ``superseded.parquet``, so the parts keep exactly one current
-row per key; then writes ``rejected.parquet`` and, last, ``_manifest.json`` with the
-counts, the drift check and which scorer priced each shard.
+(holding the finishing claim, kept alive by a heartbeat like a shard's) re-reads the
+plans (a later plan means a later generation to finish: ``PlansChanged``), moves rows
+that a later plan re-priced (an object overwritten in place) into
+``superseded.parquet``, so the parts keep exactly one current row per key; then writes
+``rejected.parquet`` and, last, ``_manifest.json`` with the counts, the drift check and
+which scorer priced each shard, by compare-and-swap: a manifest that already covers the
+same or a later plan wins, so ``last_plan`` never goes down (``publish``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.scoring.ledger import current_shards, release_claim, scorer_name, take_claim
+from tasks.runtime import get_logger
+from tasks.scoring.ledger import (
+    WATCH,
+    ClaimWatch,
+    Heartbeat,
+    Lease,
+    ShardGivenUp,
+    current_shards,
+    scorer_name,
+    take_claim,
+)
 from tasks.scoring.shard import _ROW, _STAMP, REJECTED_SCHEMA
 from tasks.store.lake import Lake, ScoreRun
 from tasks.store.storage import ObjectInfo
@@ -24,6 +38,11 @@ SUPERSEDED_SCHEMA = pa.schema(
 
 
 DRIFT_FRACTION = 0.2  # flag a drop when more than this share looks unlike training
+MAX_MANIFEST_RACES = 50
+
+
+class PlansChanged(RuntimeError):
+    """A plan newer than the ones this finisher was given exists: list and plan again."""
 
 
 def _superseded(run: ScoreRun, plans: dict[int, dict]) -> dict[str, set[str]]:
@@ -38,16 +57,23 @@ def _superseded(run: ScoreRun, plans: dict[int, dict]) -> dict[str, set[str]]:
     return stale
 
 
-def _move_superseded(run: ScoreRun, plans: dict[int, dict]) -> int:
+def _move_superseded(
+    run: ScoreRun, plans: dict[int, dict], attempts: dict[str, Any], lease: Lease
+) -> int:
     """Rows of re-priced objects out of their older shard, into superseded.parquet:
     afterwards the parts hold exactly one current row per key. The superseded rows are
     stored before any part is rewritten, and stored once per (key, shard): a finisher
     that crashed half-way and is run again loses and duplicates nothing."""
     moved, rewrites = [], []
     for shard, keys in sorted(_superseded(run, plans).items()):
+        attempt = attempts[shard]
         for table, write, value in (
             (run.part(shard), run.write_part, "price"),
-            (run.shard_rejections(shard), run.write_shard_rejections, "reason"),
+            (
+                run.shard_rejections(shard, attempt),
+                lambda s, t, a=attempt: run.write_shard_rejections(s, a, t),
+                "reason",
+            ),
         ):
             stale = np.isin(np.asarray(table["object"].to_pylist(), dtype=object), list(keys))
             if not stale.any():
@@ -68,43 +94,81 @@ def _move_superseded(run: ScoreRun, plans: dict[int, dict]) -> int:
     for pair in zip(rows["key"].to_pylist(), rows["shard"].to_pylist(), strict=True):
         keep.append(pair not in seen)
         seen.add(pair)
+    lease.check()
     run.write_superseded(rows.filter(pa.array(keep)))
     for write, shard, table in rewrites:
+        lease.check()
         write(shard, table)
     return sum(t.num_rows for t in moved)
 
 
 def finish(
-    run: ScoreRun, plans: dict[int, dict], listing: list[ObjectInfo], skipped: int, timings: dict
-) -> dict | None:
+    run: ScoreRun, plans: dict[int, dict], listing: list[ObjectInfo], skipped: int,
+    timings: dict, seconds: float = 90.0, watch: ClaimWatch | None = None,
+) -> dict | None:  # fmt: skip
     """The drop's outputs, once per plan generation: None while another scorer holds the
-    finishing claim."""
+    finishing claim (or this one lost it). Raises PlansChanged when a later plan than
+    ``plans`` holds exists. ``seconds``: the finishing claim's lifetime."""
     last = max(plans)
-    manifest = run.manifest()
-    if manifest is not None and manifest.get("last_plan") == last:
-        return manifest | {"skipped": True}
-    name = run.finish_name(last)
-    claim_id = take_claim(run, name, scorer_name(), 600)
-    if claim_id is None:
-        return None
-    try:
-        moved = _move_superseded(run, plans)
-        done = sorted(run.done_shards())
-        rejected = pa.concat_tables(
-            [REJECTED_SCHEMA.empty_table()] + [run.shard_rejections(s) for s in done]
-        )
-        run.write_rejected(rejected)
-        manifest = summarise(run, plans, done, rejected, listing, skipped, moved)
-        manifest |= {"timings": timings, "completed_at": datetime.now(UTC).isoformat()}
-        run.write_manifest(manifest)
-        return manifest | {"skipped": False}
-    finally:
-        release_claim(run, name, claim_id)
+    found = run.manifest()
+    if found is not None and found.get("last_plan", 0) >= last:
+        return found | {"skipped": True}
+    watch = watch or WATCH
+    name, owner = run.finish_name(last), scorer_name()
+    with Heartbeat(run, seconds, watch.clock) as heartbeat:
+        since = watch.clock()
+        claim_id = take_claim(run, name, owner, seconds, watch)
+        if claim_id is None:
+            return None
+        lease = heartbeat.hold(name, claim_id, since)
+        try:
+            if max(run.plans()) > last:
+                raise PlansChanged(f"{run.uri(run.MARKER)}: plans after {last} exist")
+            done = sorted(run.done_shards())
+            attempts = {s: run.attempt(s) for s in done}
+            moved = _move_superseded(run, plans, attempts, lease)
+            rejected = pa.concat_tables(
+                [REJECTED_SCHEMA.empty_table()]
+                + [run.shard_rejections(s, attempts[s]) for s in done]
+            )
+            lease.check()
+            run.write_rejected(rejected)
+            manifest = summarise(run, plans, done, rejected, listing, skipped, moved, attempts)
+            manifest |= {"timings": timings, "completed_at": datetime.now(UTC).isoformat()}
+            lease.check()
+            return publish(run, manifest, claim_id)
+        except ShardGivenUp as why:
+            get_logger().warning("%s: stopped finishing %s: %s", owner, run.uri(run.MARKER), why)
+            return None
+        finally:
+            heartbeat.release(name)
 
 
-def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved) -> dict:
-    """The manifest's body: counts, reasons, price quantiles, drift, who scored what."""
-    facts = run.shard_facts()
+def publish(run: ScoreRun, manifest: dict, writer: str) -> dict:
+    """Write the manifest by compare-and-swap, unless one that covers the same or a
+    later plan is there (it wins: ``last_plan`` never goes down). The manifest written
+    or found, with ``skipped`` (True: another finisher's). ``writer`` names ours, so a
+    write whose answer was lost is recognised."""
+    manifest = manifest | {"finisher": writer}
+    for _ in range(MAX_MANIFEST_RACES):
+        found = run.manifest_versioned()
+        if found is not None and found[0].get("last_plan", 0) >= manifest["last_plan"]:
+            theirs = found[0]
+            if theirs.get("finisher") != writer:
+                get_logger().info("%s: kept the manifest of plan %s (ours covers plan %s)",
+                                  run.uri(run.MARKER), theirs.get("last_plan"), manifest["last_plan"])  # fmt: skip
+            return theirs | {"skipped": theirs.get("finisher") != writer}
+        if run.replace_manifest(manifest, found[1] if found is not None else None):
+            return manifest | {"skipped": False}
+    raise RuntimeError(
+        f"{run.uri(run.MARKER)}: other finishers kept writing the manifest; run again"
+    )
+
+
+def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved, attempts) -> dict:
+    """The manifest's body: counts, reasons, price quantiles, drift, who scored what
+    (the facts of each shard's winning attempt)."""
+    facts = run.shard_facts(attempts)
     priced = run.read_tables([run.part_name(s) for s in done], ["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)
     stats = Lake(run.store).model(run.model_version).config().get("train_stats", {})

@@ -8,9 +8,13 @@ scorer at a time.
   the same objects; the plan names its writer, so a create whose response was lost is
   recognised.
 - **Claims.** A scorer claims a shard with a conditional create and keeps the claim alive
-  with heartbeats (every third of ``claim_seconds``). A claim whose heartbeat stopped (a
-  crashed scorer) is taken over by compare-and-swap once it expires. A claim is released
-  only while it is still ours.
+  with heartbeats (every third of ``claim_seconds``); each renewal changes the claim
+  object, so its version token changes. No wall clock decides who owns a claim: another
+  scorer takes a claim over (compare-and-swap on its token) only once it has watched the
+  same token for a whole claim lifetime on its own monotonic clock (``ClaimWatch``); and
+  a holder that has had no successful renewal for a claim lifetime, on its own monotonic
+  clock, stops working on the shard (``Lease``). A claim is released only while it is
+  still ours.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -31,6 +36,8 @@ from tasks.store.storage import ObjectInfo
 
 MAX_PLAN_RACES = 50
 
+Clock = Callable[[], float]  # seconds on a clock that only moves forward (time.monotonic)
+
 
 @dataclass(frozen=True)
 class ScoreOptions:
@@ -38,10 +45,14 @@ class ScoreOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"
     batch_size: int = 256
-    claim_seconds: float = 90.0  # a claim without a heartbeat for this long is taken over
+    claim_seconds: float = 90.0  # a claim unchanged for this long is taken over
     wait: bool = True  # wait for shards that live scorers hold; else stop and say so
     max_bytes: int = 50 * 1024 * 1024  # larger objects are rejected from their size, unread
     max_rows_per_object: int = 10_000  # a Parquet object with more rows is rejected whole
+    # A shard not finished within base + per object (or per image, when a Parquet file
+    # holds more images than the shard has objects) is given up and released.
+    shard_base_seconds: float = 600.0
+    shard_seconds_per_object: float = 2.0
 
 
 class DropBusy(RuntimeError):
@@ -104,10 +115,51 @@ def pending(run: ScoreRun, plans: dict[int, dict]) -> dict[str, list]:
     }
 
 
-def take_claim(run: ScoreRun, name: str, owner: str, seconds: float) -> str | None:
-    """Claim ``name`` for ``owner``: the claim's id, or None while a live claim holds it."""
+class ClaimWatch:
+    """What this process has seen of other scorers' claims: claim -> (version token,
+    when this process first saw that token, on ``clock``). A claim may be taken over
+    only once one token has been seen for a whole claim lifetime: the holder's heartbeat
+    would have changed it. Only differences of this process's own clock count, so the
+    clocks of other hosts (and how far they are off) decide nothing."""
+
+    def __init__(self, clock: Clock = time.monotonic):
+        self.clock = clock
+        self.seen: dict[str, tuple[str, float]] = {}
+        self.lock = threading.Lock()
+
+    def unchanged_for(self, where: str, token: str) -> float:
+        """Seconds this process has seen ``token`` as the claim's version (0: new)."""
+        now = self.clock()
+        with self.lock:
+            seen = self.seen.get(where)
+            if seen is None or seen[0] != token:
+                self.seen[where] = (token, now)
+                return 0.0
+            return now - seen[1]
+
+    def forget(self, where: str) -> None:
+        with self.lock:
+            self.seen.pop(where, None)
+
+
+WATCH = ClaimWatch()  # this process's watch on the real monotonic clock
+
+
+def _where(run: ScoreRun, name: str) -> str:
+    return f"{run.store.uri} {run.prefix} {name}"
+
+
+def take_claim(
+    run: ScoreRun, name: str, owner: str, seconds: float, watch: ClaimWatch | None = None
+) -> str | None:
+    """Claim ``name`` for ``owner``: the claim's id, or None while another claim holds
+    it that this process has not seen unchanged for ``seconds`` (nor for the lifetime
+    the holder wrote into it, when that is longer)."""
+    watch = watch or WATCH
     claim_id = uuid.uuid4().hex
-    body = {"owner": owner, "claim": claim_id, "expires": time.time() + seconds}
+    # "expires" is for people reading the claim; no decision reads it.
+    body = {"owner": owner, "claim": claim_id, "seconds": seconds, "beat": 0,
+            "expires": time.time() + seconds}  # fmt: skip
     if run.create_claim(name, body):
         return claim_id
     found = run.read_claim(name)
@@ -116,22 +168,25 @@ def take_claim(run: ScoreRun, name: str, owner: str, seconds: float) -> str | No
     held, token = found
     if held["claim"] == claim_id:
         return claim_id  # our create was applied; only its answer was lost
-    if held["expires"] > time.time():
+    quiet = watch.unchanged_for(_where(run, name), token)
+    if quiet < max(seconds, float(held.get("seconds", 0))):
         return None
     if run.replace_claim(name, body, token):
-        get_logger().warning("%s: took over %s from %s (claim expired)", owner, name, held["owner"])
+        watch.forget(_where(run, name))
+        get_logger().warning("%s: took over %s from %s (its claim unchanged for %.1f s here)",
+                             owner, name, held["owner"], quiet)  # fmt: skip
         return claim_id
     found = run.read_claim(name)
     return claim_id if found and found[0]["claim"] == claim_id else None
 
 
 def renew_claim(run: ScoreRun, name: str, claim_id: str, seconds: float) -> bool:
-    """Push the claim's expiry on, if it is still ours."""
+    """Write the claim again (a new version token), if it is still ours."""
     found = run.read_claim(name)
     if found is None or found[0]["claim"] != claim_id:
         return False
     held, token = found
-    renewed = held | {"expires": time.time() + seconds}
+    renewed = held | {"beat": held.get("beat", 0) + 1, "expires": time.time() + seconds}
     if run.replace_claim(name, renewed, token):
         return True
     found = run.read_claim(name)  # a lost answer, or a takeover
@@ -145,12 +200,45 @@ def release_claim(run: ScoreRun, name: str, claim_id: str) -> None:
         run.drop_claim(name)
 
 
-class Heartbeat:
-    """Renews this scorer's claims every third of their lifetime, in a thread."""
+class ShardGivenUp(RuntimeError):
+    """This scorer stopped working on a shard (its claim lost or lapsed, or the shard
+    ran past its bound); the message says why."""
 
-    def __init__(self, run: ScoreRun, seconds: float):
-        self.run, self.seconds = run, seconds
-        self.held: dict[str, str] = {}
+
+@dataclass
+class Lease:
+    """One held claim as its holder sees it: ``renewed`` is when (on ``clock``) the
+    last successful renewal began; ``lost`` says why it is no longer ours."""
+
+    name: str
+    claim_id: str
+    seconds: float
+    clock: Clock
+    renewed: float
+    lost: str | None = None
+
+    def problem(self) -> str | None:
+        """Why this scorer must not write for the claim any more, or None."""
+        if self.lost:
+            return self.lost
+        quiet = self.clock() - self.renewed
+        if quiet >= self.seconds:
+            return f"no successful renewal of the claim on {self.name} for {quiet:.1f} s " \
+                   f"(its lifetime is {self.seconds:g} s)"  # fmt: skip
+        return None
+
+    def check(self) -> None:
+        if why := self.problem():
+            raise ShardGivenUp(why)
+
+
+class Heartbeat:
+    """Renews this scorer's claims every third of their lifetime, in a thread, timing
+    their leases on ``clock``."""
+
+    def __init__(self, run: ScoreRun, seconds: float, clock: Clock = time.monotonic):
+        self.run, self.seconds, self.clock = run, seconds, clock
+        self.held: dict[str, Lease] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="claim-heartbeat", daemon=True)
@@ -163,23 +251,33 @@ class Heartbeat:
         self.stop.set()
         self.thread.join()
 
-    def hold(self, name: str, claim_id: str) -> None:
+    def hold(self, name: str, claim_id: str, since: float | None = None) -> Lease:
+        """Keep the claim alive; ``since``: when (on the clock) taking it began."""
+        lease = Lease(name, claim_id, self.seconds, self.clock,
+                      self.clock() if since is None else since)  # fmt: skip
         with self.lock:
-            self.held[name] = claim_id
+            self.held[name] = lease
+        return lease
 
     def release(self, name: str) -> None:
         with self.lock:
-            claim_id = self.held.pop(name, None)
-        if claim_id is not None:
-            release_claim(self.run, name, claim_id)
+            lease = self.held.pop(name, None)
+        if lease is not None:
+            release_claim(self.run, name, lease.claim_id)
 
     def _beat(self) -> None:
         while not self.stop.wait(self.seconds / 3):
             with self.lock:
-                held = dict(self.held)
-            for name, claim_id in held.items():
+                held = list(self.held.values())
+            for lease in held:
+                if lease.lost:
+                    continue
+                began = self.clock()
                 try:
-                    if not renew_claim(self.run, name, claim_id, self.seconds):
-                        get_logger().warning("lost the claim on %s (another scorer took it)", name)
+                    if renew_claim(self.run, lease.name, lease.claim_id, self.seconds):
+                        lease.renewed = began
+                    else:
+                        lease.lost = f"lost the claim on {lease.name} (another scorer took it)"
+                        get_logger().warning("%s", lease.lost)
                 except Exception as err:  # a missed beat is retried at the next one
-                    get_logger().warning("heartbeat for %s failed: %s", name, err)
+                    get_logger().warning("heartbeat for %s failed: %s", lease.name, err)

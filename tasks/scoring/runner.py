@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tasks.governance.registry import resolve_model
 from tasks.runtime import get_logger, progress
-from tasks.scoring.finish import finish
+from tasks.scoring.finish import PlansChanged, finish
 from tasks.scoring.ledger import DropBusy, DropError, ScoreOptions, pending, plan_work
 from tasks.scoring.shard import work
 from tasks.store.lake import DropSource, Lake, ScoreRun
@@ -153,7 +153,8 @@ def _score_until_finished(
     skipped: int, options: ScoreOptions, run_scorers: ScorerRunner, t0: float,
 ) -> dict:  # fmt: skip
     """Run scorers until every shard has its part, then finish (or wait for the scorers
-    that hold what is left, or stop and say so when told not to wait)."""
+    that hold what is left, or stop and say so when told not to wait). When another
+    scorer planned more meanwhile, list and plan again and go on with every plan."""
     scored, todo = 0, pending(run, plans)
     while True:
         if todo:
@@ -161,7 +162,15 @@ def _score_until_finished(
             todo = pending(run, plans)
         if not todo:
             timings = {"seconds": round(time.time() - t0, 3), "shards_scored_here": scored}
-            manifest = finish(run, plans, listing, skipped, timings)
+            try:
+                manifest = finish(run, plans, listing, skipped, timings, options.claim_seconds)
+            except PlansChanged:
+                get_logger().info("drop %s: planned further by another scorer; listing again",
+                                  source.drop_id)  # fmt: skip
+                listing, skipped = source.listing()
+                plans = plan_work(run, listing, options.shard_size)
+                todo = pending(run, plans)
+                continue
             if manifest is not None:
                 return manifest
         held = {c["owner"] for n, c in run.claims().items() if n in todo or run.is_finish_name(n)}

@@ -1,13 +1,18 @@
 """One shard's work: read each object, decode it by the model's own preprocessing, price
-the images in batches, and write the shard's rejections, facts and, last, its
-``part-<shard>.parquet`` (the shard's completion marker). ``work`` is the loop every
-scorer runs, wherever it runs: claim a shard, score it, release it, until none is left.
+the images in batches, and write the attempt's rejections and facts and, last, the
+shard's ``part-<shard>.parquet`` (its completion marker) by a conditional create: a late
+attempt loses, says so, and its rows are not counted. ``work`` is the loop every scorer
+runs, wherever it runs: claim a shard, score it, release it, until none is left; it
+gives a shard up (and releases it) when the claim is lost or lapsed, or when the shard
+runs past its bound (``ScoreOptions.shard_base_seconds`` and
+``shard_seconds_per_object``), checked between objects and before writing.
 """
 
 from __future__ import annotations
 
 import io
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -18,7 +23,17 @@ import pyarrow.parquet as pq
 from tasks.data.images import ImageRejected, pixel_shape, prepare
 from tasks.model.export import get_model, predict_prices, preprocess_of
 from tasks.runtime import get_logger
-from tasks.scoring.ledger import Heartbeat, ScoreOptions, pending, scorer_name, take_claim
+from tasks.scoring.ledger import (
+    WATCH,
+    ClaimWatch,
+    Heartbeat,
+    Lease,
+    ScoreOptions,
+    ShardGivenUp,
+    pending,
+    scorer_name,
+    take_claim,
+)
 from tasks.store.lake import DropSource, Lake, ScoreRun
 from tasks.store.storage import NotRegularFile, ObjectNotFound, TooLarge
 
@@ -103,19 +118,36 @@ def read_object(
 
 def score_shard(
     run: ScoreRun, source: DropSource, shard: str, entries: list, options: ScoreOptions,
-    scorer: str,
-) -> dict:  # fmt: skip
-    """Price one shard; writes rejections and facts, then the part (the done marker)."""
+    scorer: str, lease: Lease | None = None,
+) -> dict | None:  # fmt: skip
+    """Price one shard; writes this attempt's rejections and facts, then the part (the
+    done marker) by a conditional create. The facts, or None when another attempt's
+    part was there first. Raises ShardGivenUp when the lease is lost or lapsed, or the
+    shard runs past its bound (checked between objects and before writing)."""
     t0 = time.time()
+    attempt = lease.claim_id if lease is not None else uuid.uuid4().hex
     mv = run.model_version
     model, config, lock = get_model(Lake(run.store).model(mv), options.precision)
     mode, size = preprocess_of(config)  # exactly the preprocessing the model trained with
+    clock = lease.clock if lease is not None else time.monotonic
+    started = clock()  # the bound counts from a loaded model
+
+    def check(images: int) -> None:
+        if lease is not None:
+            lease.check()
+        bound = options.shard_base_seconds + options.shard_seconds_per_object * max(
+            len(entries), images
+        )
+        if (spent := clock() - started) > bound:
+            raise ShardGivenUp(f"shard {shard} ran past its bound: {spent:.1f} s > {bound:g} s "
+                               f"for {len(entries)} objects, {images} images so far")  # fmt: skip
 
     def decode(data: bytes, limit: int) -> np.ndarray:
         return prepare(data, mode, size, limit)
 
     rows, pixels, rejected = [], [], []
     for key, _etag in entries:
+        check(len(rows) + len(rejected))
         body, why = read_object(source, key, options.max_bytes)
         if body is None:
             rejected.append(((key, key), why))
@@ -127,6 +159,7 @@ def score_shard(
             else:
                 rows.append((row, key))
                 pixels.append(px)
+    check(len(rows) + len(rejected))
     images = np.stack(pixels) if pixels else np.zeros((0, *pixel_shape(mode, size)), np.uint8)
     prices = predict_prices(model, images, options.batch_size, lock)
     now = datetime.now(UTC)
@@ -136,6 +169,7 @@ def score_shard(
     facts = {
         "shard": shard,
         "scorer": scorer,
+        "attempt": attempt,
         "started": t0,
         "listed": len(entries),
         "priced": len(rows),
@@ -144,40 +178,56 @@ def score_shard(
         "pixel_mean_sum": float(means.sum()),
         "seconds": round(time.time() - t0, 3),
     }
-    run.write_shard(
+    check(len(rows) + len(rejected))
+    won = run.write_shard(
         shard,
+        attempt,
         _rows(PRICED_SCHEMA, rows, prices, mv, now),
         _rows(REJECTED_SCHEMA, [r for r, _ in rejected], [why for _, why in rejected], mv, now),
         facts,
     )
+    if not won:
+        get_logger().warning("%s: refused the late part of shard %s: another attempt wrote it "
+                             "first; these %d rows are not counted", scorer, shard,
+                             len(rows) + len(rejected))  # fmt: skip
+        return None
     return facts
 
 
 def work(
     run: ScoreRun, source: DropSource, options: ScoreOptions, start: int = 0,
-    on_shard: Callable[[dict], None] | None = None,
+    on_shard: Callable[[dict], None] | None = None, watch: ClaimWatch | None = None,
 ) -> list[dict]:  # fmt: skip
     """One scorer: claim and score planned shards until none is left unclaimed; returns
-    the facts of the shards it scored. ``start`` spreads scorers over the list."""
+    the facts of the shards it scored. ``start`` spreads scorers over the list;
+    ``watch`` holds what this process saw of other claims and its clock (the seam for
+    tests; default: the process's, on time.monotonic)."""
     scorer, log = scorer_name(), get_logger()
+    watch = watch or WATCH
     todo = list(pending(run, run.plans()).items())
     todo = todo[start % len(todo) :] + todo[: start % len(todo)] if todo else []
     scored = []
-    with Heartbeat(run, options.claim_seconds) as heartbeat:
+    with Heartbeat(run, options.claim_seconds, watch.clock) as heartbeat:
         for shard, entries in todo:
-            claim_id = take_claim(run, shard, scorer, options.claim_seconds)
+            since = watch.clock()
+            claim_id = take_claim(run, shard, scorer, options.claim_seconds, watch)
             if claim_id is None:
                 continue
-            heartbeat.hold(shard, claim_id)
+            lease = heartbeat.hold(shard, claim_id, since)
             try:
                 if run.exists(run.part_name(shard)):
                     continue  # finished by another scorer since the list was read
-                facts = score_shard(run, source, shard, entries, options, scorer)
+                facts = score_shard(run, source, shard, entries, options, scorer, lease)
+                if facts is None:
+                    continue
                 log.info("%s: shard %s priced %d, rejected %d (%.1f s)", scorer, shard,
                          facts["priced"], facts["rejected"], facts["seconds"])  # fmt: skip
                 scored.append(facts)
                 if on_shard is not None:
                     on_shard(facts)
+            except ShardGivenUp as why:
+                log.warning("%s: gave up shard %s and released it for another scorer: %s",
+                            scorer, shard, why)  # fmt: skip
             finally:
                 heartbeat.release(shard)
     return scored

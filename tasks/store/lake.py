@@ -298,6 +298,15 @@ class Dataset(Entry):
     def write_manifest(self, manifest: dict) -> None:
         self.put_json(self.MARKER, manifest)
 
+    def manifest_versioned(self) -> tuple[dict, str] | None:
+        """(manifest, version token), or None while there is none."""
+        return self.versioned(self.MARKER)
+
+    def replace_manifest(self, manifest: dict, token: str | None) -> bool:
+        """Write the manifest only if it is still the version ``token`` names (None:
+        only if there is none); True if this call wrote it."""
+        return self.store.put_if_match(self.key(self.MARKER), json_bytes(manifest), token)
+
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         """All shards of one split as one table (in image_id order)."""
         shards = self.manifest()["splits"][split]["shards"]
@@ -601,10 +610,13 @@ class ScoreRun(Entry):
 
     ``_plans/<n>.json`` (numbered, each created once by a conditional write) split
     the listed objects into shards; a scorer claims a shard with ``_claims/<shard>``
-    (conditional create, renewed by heartbeats, taken over by compare-and-swap once
-    expired), writes ``_rejected/part-<shard>``, ``_shards/<shard>`` and last
-    ``part-<shard>.parquet``, the shard's completion marker. Finishing writes
-    ``superseded.parquet``, ``rejected.parquet`` and ``_manifest.json`` last.
+    (conditional create, rewritten by heartbeats, taken over by compare-and-swap once
+    unchanged for a claim lifetime), writes its attempt's ``_rejected/<shard>/<attempt>``
+    and ``_shards/<shard>/<attempt>`` and last creates ``part-<shard>.parquet``, the
+    shard's completion marker, conditionally: the first part wins, and names (in its
+    Parquet metadata) the attempt whose side files are the shard's. Finishing writes
+    ``superseded.parquet``, ``rejected.parquet`` and, by compare-and-swap,
+    ``_manifest.json`` last.
     """
 
     drop_id: str = ""
@@ -618,6 +630,15 @@ class ScoreRun(Entry):
 
     def write_manifest(self, manifest: dict) -> None:
         self.put_json(self.MARKER, manifest)
+
+    def manifest_versioned(self) -> tuple[dict, str] | None:
+        """(manifest, version token), or None while there is none."""
+        return self.versioned(self.MARKER)
+
+    def replace_manifest(self, manifest: dict, token: str | None) -> bool:
+        """Write the manifest only if it is still the version ``token`` names (None:
+        only if there is none); True if this call wrote it."""
+        return self.store.put_if_match(self.key(self.MARKER), json_bytes(manifest), token)
 
     # plans
     def plans(self) -> dict[int, dict]:
@@ -665,7 +686,9 @@ class ScoreRun(Entry):
             n[len("_claims/") : -len(".json")]: self.get_json(n) for n in self.names("_claims/")
         }
 
-    # a shard: its rejections and facts, then its part (the shard's completion marker)
+    # a shard: its attempt's rejections and facts, then its part (the completion marker)
+    ATTEMPT = b"vggprice.attempt"  # the part's Parquet metadata: the attempt that wrote it
+
     def done_shards(self) -> set[str]:
         return {m.group(1) for n in self.names("part-") if (m := self.PART.match(n))}
 
@@ -676,22 +699,56 @@ class ScoreRun(Entry):
     def part_name(shard: str) -> str:
         return f"part-{shard}.parquet"
 
-    def write_shard(self, shard: str, prices: pa.Table, rejected: pa.Table, facts: dict) -> None:
-        self.put_bytes(f"_rejected/part-{shard}.parquet", parquet_bytes(rejected))
-        self.put_json(f"_shards/{shard}.json", facts)
-        self.write_part(shard, prices)
+    @staticmethod
+    def _rejections_name(shard: str, attempt: str | None) -> str:
+        # (None: a part written before parts named their attempt)
+        return f"_rejected/part-{shard}.parquet" if attempt is None else \
+            f"_rejected/{shard}/{attempt}.parquet"  # fmt: skip
+
+    @staticmethod
+    def _facts_name(shard: str, attempt: str | None) -> str:
+        return f"_shards/{shard}.json" if attempt is None else f"_shards/{shard}/{attempt}.json"
+
+    def write_shard(
+        self, shard: str, attempt: str, prices: pa.Table, rejected: pa.Table, facts: dict
+    ) -> bool:
+        """The attempt's rejections and facts under its own names, then the part by a
+        conditional create that names the attempt. True if this attempt's part is the
+        shard's (also when our create was applied and only its answer lost); False if
+        another attempt's part was there first: then this attempt's side files go."""
+        rejections = self._rejections_name(shard, attempt)
+        facts_name = self._facts_name(shard, attempt)
+        self.put_bytes(rejections, parquet_bytes(rejected))
+        self.put_json(facts_name, facts)
+        meta = (prices.schema.metadata or {}) | {self.ATTEMPT: attempt.encode()}
+        body = parquet_bytes(prices.replace_schema_metadata(meta))
+        if self.store.put_if_absent(self.key(self.part_name(shard)), body):
+            return True
+        if self.attempt(shard) == attempt:
+            return True
+        for name in (rejections, facts_name):
+            self.store.delete(self.key(name))
+        return False
+
+    def attempt(self, shard: str) -> str | None:
+        """The attempt whose part is the shard's (None: a part from before attempts)."""
+        body = self.get_bytes(self.part_name(shard))
+        value = (pq.read_schema(pa.BufferReader(body)).metadata or {}).get(self.ATTEMPT)
+        return value.decode() if value else None
 
     def write_part(self, shard: str, prices: pa.Table) -> None:
+        """Rewrite a finished shard's part (the finisher: without superseded rows); the
+        table keeps the metadata that names its attempt."""
         self.put_bytes(f"part-{shard}.parquet", parquet_bytes(prices))
 
     def part(self, shard: str) -> pa.Table:
         return read_parquet(self.get_bytes(f"part-{shard}.parquet"))
 
-    def shard_rejections(self, shard: str) -> pa.Table:
-        return read_parquet(self.get_bytes(f"_rejected/part-{shard}.parquet"))
+    def shard_rejections(self, shard: str, attempt: str | None) -> pa.Table:
+        return read_parquet(self.get_bytes(self._rejections_name(shard, attempt)))
 
-    def write_shard_rejections(self, shard: str, table: pa.Table) -> None:
-        self.put_bytes(f"_rejected/part-{shard}.parquet", parquet_bytes(table))
+    def write_shard_rejections(self, shard: str, attempt: str | None, table: pa.Table) -> None:
+        self.put_bytes(self._rejections_name(shard, attempt), parquet_bytes(table))
 
     def read_tables(self, names: list[str], columns: list[str] | None = None) -> pa.Table | None:
         tables = [read_parquet(self.get_bytes(n), columns) for n in names]
@@ -700,10 +757,18 @@ class ScoreRun(Entry):
     def prices(self, columns: list[str] | None = None) -> pa.Table | None:
         return self.read_tables(self.part_names(), columns)
 
-    def shard_facts(self) -> dict[str, dict]:
-        return {
-            n[len("_shards/") : -len(".json")]: self.get_json(n) for n in self.names("_shards/")
-        }
+    def shard_facts(self, attempts: dict[str, str | None] | None = None) -> dict[str, dict]:
+        """shard -> the facts of the attempt whose part won (``attempts``: shard ->
+        attempt, as ``attempt`` reads them; default: every finished shard)."""
+        if attempts is None:
+            attempts = {s: self.attempt(s) for s in sorted(self.done_shards())}
+        found = {}
+        for shard, attempt in attempts.items():
+            try:
+                found[shard] = self.get_json(self._facts_name(shard, attempt))
+            except ObjectNotFound:
+                continue
+        return found
 
     def write_rejected(self, table: pa.Table) -> None:
         self.put_bytes("rejected.parquet", parquet_bytes(table))
