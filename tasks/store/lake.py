@@ -298,15 +298,6 @@ class Dataset(Entry):
     def write_manifest(self, manifest: dict) -> None:
         self.put_json(self.MARKER, manifest)
 
-    def manifest_versioned(self) -> tuple[dict, str] | None:
-        """(manifest, version token), or None while there is none."""
-        return self.versioned(self.MARKER)
-
-    def replace_manifest(self, manifest: dict, token: str | None) -> bool:
-        """Write the manifest only if it is still the version ``token`` names (None:
-        only if there is none); True if this call wrote it."""
-        return self.store.put_if_match(self.key(self.MARKER), json_bytes(manifest), token)
-
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         """All shards of one split as one table (in image_id order)."""
         shards = self.manifest()["splits"][split]["shards"]

@@ -525,15 +525,19 @@ class S3Store(Store):
                 return False
             raise
 
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
+    def _get_object(self, key: str) -> dict:
+        """The GetObject answer (body not read yet); ObjectNotFound for a missing key."""
         from botocore.exceptions import ClientError
 
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as err:
             if self._missing(err):
                 raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
             raise
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        resp = self._get_object(key)
         return resp["Body"].read(), resp["ETag"]
 
     def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
@@ -558,14 +562,7 @@ class S3Store(Store):
         self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
-        from botocore.exceptions import ClientError
-
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as err:
-            if self._missing(err):
-                raise ObjectNotFound(f"{self.uri_for(key)}: no such object") from None
-            raise
+        resp = self._get_object(key)
         size = resp.get("ContentLength", 0)
         if max_bytes is not None and size > max_bytes:
             resp["Body"].close()  # the answer's size, from its headers: the body is not read

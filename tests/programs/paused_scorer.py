@@ -8,20 +8,16 @@ python -m tests.programs.paused_scorer STORE_URI DROP_ID STOP_FILE CLAIM_SECONDS
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from tests.programs import log_to_stderr
+
 
 def main(store_uri: str, drop: str, stop: str, ttl: str) -> None:
-    log = logging.getLogger("vggprice")
-    log.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("SCORER %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
+    log_to_stderr("SCORER")
 
     from tasks.scoring.ledger import ScoreOptions
     from tasks.scoring.runner import in_threads, score_drop

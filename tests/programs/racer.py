@@ -11,19 +11,15 @@ model versions of MODELS_JSON (a JSON list) in order.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
+from tests.programs import log_to_stderr
+
 
 def main(store: str, ready: str, go: str, models: str) -> None:
-    log = logging.getLogger("vggprice")
-    log.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("RACER %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
+    log_to_stderr("RACER")
 
     from tasks.governance.registry import promote
     from tasks.store.lake import Lake
