@@ -24,6 +24,7 @@ from tasks.data import images
 from tasks.scoring.ledger import ScoreOptions
 from tasks.scoring.runner import drops_needing_scores, locate_drop, score_drop
 from tasks.scoring.shard import decode_object
+from tasks.store.lake import Lake
 from tasks.store.storage import LocalStore, NotRegularFile, TooLarge, open_store
 from tests.conftest import copy_lake
 
@@ -330,6 +331,33 @@ def test_listing_while_files_vanish(tmp_path):
         stop.set()
         thread.join()
     assert errors == []
+
+
+def test_claims_read_while_other_scorers_take_and_release_them(tmp_path):
+    run = Lake(LocalStore(tmp_path)).score_run("d", "m-x")
+    for i in range(3):
+        assert run.create_claim(f"stable-{i}", {"owner": "a", "claim": str(i)})
+    stop, released = threading.Event(), [0]
+
+    def other_scorer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            name = f"00000001-{n % 5:05d}"
+            if run.create_claim(name, {"owner": "b", "claim": str(n)}):
+                run.drop_claim(name)
+                released[0] += 1
+
+    thread = threading.Thread(target=other_scorer, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2000):
+            held = run.claims()  # never ObjectNotFound for a claim released meanwhile
+            assert {f"stable-{i}" for i in range(3)} <= set(held)
+    finally:
+        stop.set()
+        thread.join()
+    assert released[0] > 100, "the other scorer churned claims while they were read"
 
 
 def test_drop_ids_and_listing_with_dangling_links(local_lake):

@@ -673,9 +673,15 @@ class ScoreRun(Entry):
         self.store.delete(self.key(self._claim(name)))
 
     def claims(self) -> dict[str, dict]:
-        return {
-            n[len("_claims/") : -len(".json")]: self.get_json(n) for n in self.names("_claims/")
-        }
+        """The claims held now; one released between the listing and its read is left
+        out (other scorers take and release claims all the time)."""
+        held = {}
+        for n in self.names("_claims/"):
+            try:
+                held[n[len("_claims/") : -len(".json")]] = self.get_json(n)
+            except ObjectNotFound:
+                continue
+        return held
 
     # a shard: its attempt's rejections and facts, then its part (the completion marker)
     ATTEMPT = b"vggprice.attempt"  # the part's Parquet metadata: the attempt that wrote it
