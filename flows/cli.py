@@ -13,18 +13,35 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+# Defaults for what this command starts (a value the user set wins): the embedded Prefect
+# server sends no telemetry unless the user turned it on, and its first start migrates a
+# fresh SQLite database, which on a busy 2-core machine takes longer than Prefect's
+# default 20 s wait for it.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
 
 def _quiet_environment() -> None:
-    """Defaults for the libraries this command starts, set before any of them loads (a
-    value the user set wins). TensorFlow's C++ start-up chatter (CPU flags; on machines
-    without an NVIDIA device, its failed CUDA probe) is noise on a laptop; the embedded
-    Prefect server sends no telemetry unless the user turned it on; its first start
-    migrates a fresh SQLite database, which on a busy 2-core machine takes longer than
-    Prefect's default 20 s wait for it."""
+    """Set before TensorFlow loads: its C++ start-up chatter (CPU flags; on machines
+    without an NVIDIA device, its failed CUDA probe) is noise on a laptop. And Prefect's
+    defaults, for the processes this command starts (its temporary server, Dask
+    workers)."""
     gpu = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu else "3")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def _prefect_defaults():
+    """The same Prefect defaults for this process, which may have read its settings
+    before this command set them (a caller that imported Prefect first)."""
+    import prefect.settings
+
+    return prefect.settings.temporary_settings(
+        updates={getattr(prefect.settings, n): os.environ[n] for n in PREFECT_DEFAULTS}
+    )
 
 
 def _rule(args: argparse.Namespace):
@@ -498,7 +515,8 @@ def _main(argv: list[str] | None) -> int:
         _quiet_tracebacks()
     func: Callable[[argparse.Namespace], dict] = args.func
     try:
-        result = func(args)
+        with _prefect_defaults():
+            result = func(args)
     except Exception as err:
         if debug:
             raise
