@@ -1,4 +1,6 @@
-"""The ``vggprice`` command: the common jobs, each a Prefect flow run."""
+"""The vggprice command: the common jobs, each a Prefect flow run."""
+
+# (The docstring above is what --help shows: plain text, no markup.)
 
 from __future__ import annotations
 
@@ -62,14 +64,15 @@ def _rule(args: argparse.Namespace):
     return PriceRule(**fields)
 
 
-def _lake(args: argparse.Namespace):
-    """The store of ``--store`` (or VGGPRICE_STORE), checked: fails fast with one line."""
+def _lake(args: argparse.Namespace, existing: bool = False):
+    """The store of ``--store`` (or VGGPRICE_STORE), checked: fails fast with one line
+    (``existing``: a command that only reads also when a local store is not there)."""
     from tasks.settings import load_settings
     from tasks.store.lake import Lake
     from tasks.store.storage import open_store
 
     store = open_store(load_settings(store=args.store).store)
-    store.check()
+    store.check(existing=existing)
     return Lake(store)
 
 
@@ -203,7 +206,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
     from tasks.scoring.runner import list_drop, locate_drop
 
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
-    lake = _lake(args)
+    lake = _lake(args, existing=True)
     resolve_model(lake, args.model, args.line)
     list_drop(lake, locate_drop(lake, args.drop))
     flow, scorers = score_flow, 2
@@ -243,7 +246,7 @@ def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
     from tasks.governance.registry import resolve_model
 
-    resolve_model(_lake(args), None, args.line)  # a champion, or one line saying why not
+    resolve_model(_lake(args, existing=True), None, args.line)  # a champion, or why not
     return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line)
 
 
@@ -289,11 +292,50 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
 def _cmd_champion(args: argparse.Namespace) -> dict:
     from tasks.governance.registry import resolve_champion
 
-    return resolve_champion(_lake(args), args.line)
+    return resolve_champion(_lake(args, existing=True), args.line)
+
+
+def _cmd_prices(args: argparse.Namespace) -> dict:
+    from tasks.scoring.prices import current_prices, summary, write_prices
+
+    if args.out:  # a bad --out is named before the store is read
+        from tasks.scoring.prices import check_out
+
+        check_out(args.out)
+    prices = current_prices(_lake(args, existing=True), args.drop, args.model_version, args.line)
+    result = summary(prices)
+    if args.out:
+        result = {k: v for k, v in result.items() if not k.startswith("first_")}
+        result["written"] = write_prices(prices, args.out)
+    return result
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1 else f"{value:,.2f}"
+
+
+def _table(rows: list[dict], indent: str) -> str:
+    """Rows (dicts) as an aligned text table, floats rounded, numbers to the right."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_number(v) if isinstance(v, float) else "" if v is None else str(v)
+              for v in (r.get(c) for c in columns)] for r in rows]  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r.get(c), int | float) for r in rows if r.get(c) is not None)
+               for c in columns]  # fmt: skip
+
+    def line(values: list[str]) -> str:
+        out = [v.rjust(w) if num else v.ljust(w)
+               for v, w, num in zip(values, widths, numeric, strict=True)]  # fmt: skip
+        return (indent + "  ".join(out)).rstrip()
+
+    return "\n".join([line(columns), *(line(row) for row in cells)])
 
 
 def _human(result: dict, indent: str = "") -> str:
-    """A result a person reads: nested keys indented, numbers rounded, empties left out."""
+    """A result a person reads: nested keys indented, numbers rounded, lists of rows as
+    tables, empties left out; a result with a ``message`` is that one line."""
+    if not indent and isinstance(result.get("message"), str):
+        return result["message"]
     lines = []
     for key, value in result.items():
         if value is None or value == [] or value == {}:
@@ -302,9 +344,10 @@ def _human(result: dict, indent: str = "") -> str:
             lines.append(f"{indent}{key}:")
             lines.append(_human(value, indent + "  "))
         elif isinstance(value, float):
-            lines.append(
-                f"{indent}{key}: {value:.4g}" if abs(value) < 1 else f"{indent}{key}: {value:,.2f}"
-            )
+            lines.append(f"{indent}{key}: {_number(value)}")
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            lines.append(f"{indent}{key}:")
+            lines.append(_table(value, indent + "  "))
         elif isinstance(value, list):
             lines.append(f"{indent}{key}: {', '.join(str(v) for v in value)}")
         else:
@@ -423,6 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"objects per shard (default {SCORE.shard_size})")  # fmt: skip
     p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_score_new)
+
+    p = sub.add_parser("prices", parents=[common],
+                       help="a drop's current prices (one row per image) and its rejections")  # fmt: skip
+    p.add_argument("drop", help="a drop id under drops/, or the s3:// URI or directory it was "
+                   "scored from")  # fmt: skip
+    p.add_argument("--line", help=LINE_HELP)
+    p.add_argument("--model-version", help="the model that priced it (default: the champion)")
+    p.add_argument("--out", help="write the prices to this .csv or .parquet file, and the "
+                   "rejected files with their reasons beside it (NAME-rejected.csv)")  # fmt: skip
+    p.set_defaults(func=_cmd_prices)
 
     p = sub.add_parser("pools", parents=[common], help="work pools on PREFECT_API_URL")
     p.add_argument("action", choices=["apply"], help="create or update every pool from infra/")

@@ -182,7 +182,9 @@ def score_flow(
         get_logger().info("drop %s was already priced by %s", drop, manifest["model_version"])
     else:
         publish_drop(lake, manifest)
-    return _summary(manifest)
+    # Where the prices are: the parts (one row per image) and rejected.parquet.
+    where = lake.score_run(manifest["drop_id"], manifest["model_version"]).uri()
+    return _summary(manifest) | {"scores_uri": where}
 
 
 @flow(name="score-new-drops")
@@ -207,8 +209,24 @@ def score_new_drops_flow(
         )
         for d in drops
     }
-    return {
+    line_name = line_of(lake.model(model_version).lineage()["dataset_version"])
+    result = {
         "model_version": model_version,
-        "line": line_of(lake.model(model_version).lineage()["dataset_version"]),
+        "line": line_name,
         "scored": {d: r["counts"] for d, r in results.items()},
+        "scores_uri": {d: r["scores_uri"] for d, r in results.items()},
     }
+    if not drops:
+        result["message"] = nothing_to_price(lake, model_version, line_name)
+    return result
+
+
+def nothing_to_price(lake: Lake, model_version: str, line: str) -> str:
+    """One line for a scan that found nothing to price: which drops the model priced."""
+    priced = [d for d in lake.drop_ids() if lake.drop(d).listing()[0]]
+    if not priced:
+        return (f"nothing to price: {lake.uri} has no drops with images (put them under "
+                f"{lake.drop('<drop-id>').uri()})")  # fmt: skip
+    shown = ", ".join(priced[:10]) + (f" and {len(priced) - 10} more" if len(priced) > 10 else "")
+    return (f"nothing to price: every drop ({shown}) is already priced by {model_version} "
+            f"(line {line})")  # fmt: skip

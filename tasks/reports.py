@@ -27,10 +27,19 @@ def inline_png(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
+def stored_copy(uri: str) -> str:
+    """Where a plot is stored: a link only when a browser can open it (http or https);
+    a store URI (``s3://...``) or a local path is text, since a link to it would open
+    nothing from the UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"Stored copy: [{uri}]({uri})"
+    return f"Stored copy: `{uri}`"
+
+
 def plots_markdown(plots: dict[str, tuple[bytes, str]]) -> str:
     """title -> (PNG, the stored copy's URI): each plot shown, then where it is stored."""
     return "\n\n".join(
-        f"### {title}\n\n{inline_png(png, title)}\n\nStored copy: `{uri}`"
+        f"### {title}\n\n{inline_png(png, title)}\n\n{stored_copy(uri)}"
         for title, (png, uri) in plots.items()
     )
 
@@ -197,13 +206,18 @@ def price_histogram(prices: np.ndarray) -> bytes:
 def drop_markdown(m: dict, throughput: float | None, plots: dict | None = None) -> str:
     """The per-drop summary: counts, why images were rejected, prices, drift, who scored."""
     c, d, p = m["counts"], m["drift"], m["prices"]
-    reasons = "\n".join(f"| {r} | {n} |" for r, n in sorted(m["rejections"].items())) or "| - | 0 |"
+    reasons = "\n".join(f"| {r} | {n} |" for r, n in sorted(m["rejections"].items()))
+    rejections = f"| rejection reason | images |\n| --- | --- |\n{reasons}\n\n" if reasons else ""
     quant = " / ".join(f"{k} {v:.2f}" for k, v in p["quantiles"].items()) or "no prices"
     flag = {
         True: "**looks unlike the training data**",
         False: "looks like the training data",
         None: "unknown (the model recorded no training statistics)",
     }[d["flagged"]]
+    drift = (f"{flag} ({d['pixel_out_of_range_fraction']:.0%} of images have a mean brightness "
+             "outside the training 1st-99th percentiles, "
+             f"{d['price_out_of_range_fraction']:.0%} of prices outside the training price "
+             "range).")  # fmt: skip
     speed = f"{throughput:.0f} images/s" if throughput else "-"
     scorers = "\n".join(f"| {s} | {n} |" for s, n in sorted(m.get("scorer_counts", {}).items()))
     return f"""# Drop `{m["drop_id"]}` priced by `{m["model_version"]}`
@@ -214,13 +228,7 @@ def drop_markdown(m: dict, throughput: float | None, plots: dict | None = None) 
 
 Prices: {quant}
 
-| rejection reason | images |
-| --- | --- |
-{reasons}
-
-Drift: {flag} ({d["pixel_out_of_range_fraction"]:.0%} of images have a mean
-brightness outside the training 1st-99th percentiles, {d["price_out_of_range_fraction"]:.0%}
-of prices outside the training price range).
+{rejections}Drift: {drift}
 
 | scorer | shards |
 | --- | --- |

@@ -240,7 +240,8 @@ class Entry:
         return self.prefix + name
 
     def uri(self, name: str = "") -> str:
-        return self.store.uri_for(self.prefix + name) if name else self.store.uri_for(self.prefix)
+        """The URI of ``name`` in the entry, or of the entry's folder (no trailing slash)."""
+        return self.store.uri_for(self.prefix + name if name else self.prefix.rstrip("/"))
 
     def get_json(self, name: str) -> Any:
         return self.store.get_json(self.prefix + name)
@@ -588,6 +589,10 @@ class DropSource:
             else:
                 objects.append(ObjectInfo(key, o.size, o.etag, o.irregular))
         return objects, skipped
+
+    def uri(self) -> str:
+        """Where the drop's images are (its folder)."""
+        return self.store.uri_for(self.prefix.rstrip("/")) if self.prefix else self.store.uri
 
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes; TooLarge (from its size, before reading) over ``max_bytes``,

@@ -201,8 +201,9 @@ class Store(ABC):
             n += 1
         return n
 
-    def check(self) -> None:  # noqa: B027 - a local directory needs no check
-        """Fail fast, with one line saying what to do, when the store cannot be used."""
+    def check(self, existing: bool = False) -> None:  # noqa: B027 - see LocalStore
+        """Fail fast, with one line saying what to do, when the store cannot be used
+        (``existing``: for a command that only reads, also when it holds nothing yet)."""
         return None
 
     def __repr__(self) -> str:
@@ -222,6 +223,14 @@ class LocalStore(Store):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
+
+    def check(self, existing: bool = False) -> None:
+        """A directory is made on the first write; a command that only reads says when
+        it is not there (a mistyped --store), instead of finding nothing in it."""
+        if existing and not self.root.is_dir():
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise StoreUnavailable(f"{self.root}: the store directory {what} — check --store "
+                                   "or VGGPRICE_STORE (vggprice run creates a store)")  # fmt: skip
 
     def _path(self, key: str) -> Path:
         path = (self.root / validate_key(key)).resolve()
@@ -457,7 +466,7 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return self.prefix + validate_key(key)
 
-    def check(self) -> None:
+    def check(self, existing: bool = False) -> None:
         """One HEAD of the bucket, without retries and with short timeouts: missing
         credentials, an unreachable endpoint, a missing bucket or a refusal do not heal
         by waiting, so they fail at once with one line that says what to do."""

@@ -1,0 +1,149 @@
+"""A drop's current prices as one table: what ``vggprice prices`` writes.
+
+Every listed object of a drop is in exactly one current row, priced (the parts) or
+rejected (each shard's rejections). An object overwritten in place is planned again, and
+its row in the newer shard is the current one; the older row is superseded (the finisher
+moves it into ``superseded.parquet``; while a newer plan is still being priced it is
+still in its older part, and is left out here). So the tables hold one row per image,
+finished drop or not, and ``finished`` says whether the manifest covers every plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.governance.registry import resolve_model
+from tasks.scoring.runner import locate_drop
+from tasks.scoring.shard import PRICED_SCHEMA, REJECTED_SCHEMA
+from tasks.store.lake import Lake, NotInLake
+
+FORMATS = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Prices:
+    """The current rows of one drop priced by one model version."""
+
+    drop_id: str
+    model_version: str
+    uri: str  # the scores folder: parts, rejected.parquet, superseded.parquet, manifest
+    finished: bool  # the manifest covers every plan
+    prices: pa.Table  # key, object, price, model_version, scored_at: one row per image
+    rejected: pa.Table  # key, object, reason, model_version, scored_at
+    superseded: int  # older rows of re-priced objects, left out
+
+
+def current_prices(
+    lake: Lake, drop: str, model_version: str | None = None, line: str | None = None
+) -> Prices:
+    """The current prices and rejections of ``drop`` (an id under drops/, or the URI a
+    drop was scored from) by ``model_version`` (default: the line's champion).
+    NotInLake, naming what to run, when that model has priced nothing of the drop."""
+    mv = resolve_model(lake, model_version, line)
+    drop_id = locate_drop(lake, drop).drop_id
+    run = lake.score_run(drop_id, mv)
+    plans = run.plans()
+    done = sorted(run.done_shards())
+    if not done:
+        raise NotInLake(
+            f"{run.uri()}: drop {drop_id!r} has no prices by {mv} yet — run "
+            f"'vggprice score {drop}" + (f" --model {mv}'" if model_version else "'")
+        )
+    owner = _owners(plans, set(done))
+    priced, rejected, left_out = [], [], 0
+    for shard in done:
+        attempt = run.attempt(shard)
+        for table, into in ((run.part(shard), priced),
+                            (run.shard_rejections(shard, attempt), rejected)):  # fmt: skip
+            objects = np.asarray(table["object"].to_pylist(), dtype=object)
+            keep = np.array([owner.get(o) == shard for o in objects], dtype=bool)
+            left_out += int((~keep).sum())
+            into.append(table.filter(pa.array(keep, pa.bool_())))
+    earlier = run.superseded()
+    manifest = run.manifest()
+    return Prices(
+        drop_id=drop_id,
+        model_version=mv,
+        uri=run.uri(),
+        finished=manifest is not None and manifest.get("last_plan", 0) >= max(plans, default=0),
+        prices=_concat(PRICED_SCHEMA, priced),
+        rejected=_concat(REJECTED_SCHEMA, rejected),
+        superseded=left_out + (earlier.num_rows if earlier is not None else 0),
+    )
+
+
+def _owners(plans: dict[int, dict], done: set[str]) -> dict[str, str]:
+    """object -> the shard whose row is current: its latest planned shard that has a
+    part (an object planned again and not yet re-priced keeps its older row)."""
+    owner = {}
+    for n in sorted(plans):
+        for shard, entries in plans[n]["shards"].items():
+            if shard in done:
+                for key, _ in entries:
+                    owner[key] = shard
+    return owner
+
+
+def _concat(schema: pa.Schema, tables: list[pa.Table]) -> pa.Table:
+    tables = [t.select(schema.names).cast(schema).replace_schema_metadata(None) for t in tables]
+    return pa.concat_tables([schema.empty_table(), *tables]).combine_chunks()
+
+
+def rejected_path(out: Path) -> Path:
+    """Where the rejections go next to ``out``: ``prices.csv`` -> ``prices-rejected.csv``."""
+    return out.with_name(f"{out.stem}-rejected{out.suffix}")
+
+
+def check_out(out: str | Path) -> dict[str, Path]:
+    """Where the prices and the rejections go; ValueError naming the file and what to
+    do when they cannot go there."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"{out}: --out must end in .csv or .parquet")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: no directory {out.parent} — create it or pick another --out")
+    return {"prices": out, "rejected": rejected_path(out)}
+
+
+def write_prices(prices: Prices, out: str | Path) -> dict[str, str]:
+    """The prices to ``out`` (.csv or .parquet) and the rejections beside it, in the same
+    format (``check_out``)."""
+    paths = check_out(out)
+    for name, table in (("prices", prices.prices), ("rejected", prices.rejected)):
+        _write(table, paths[name])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    if path.suffix.lower() == ".csv":
+        import pyarrow.csv as csv
+
+        csv.write_csv(table, path)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+
+
+def summary(prices: Prices, rows: int = 5) -> dict:
+    """What the command prints: where the prices are, the counts, the first rows."""
+    p = prices.prices
+    head = p.select(["key", "price"]).slice(0, rows).to_pylist()
+    reasons = prices.rejected.select(["key", "reason"]).slice(0, rows).to_pylist()
+    return {
+        "drop_id": prices.drop_id,
+        "model_version": prices.model_version,
+        "scores_uri": prices.uri,
+        "finished": prices.finished,
+        "counts": {
+            "priced": p.num_rows,
+            "rejected": prices.rejected.num_rows,
+            "superseded": prices.superseded,
+        },  # fmt: skip
+        "first_prices": head,
+        "first_rejected": reasons,
+    }
