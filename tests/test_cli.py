@@ -95,6 +95,7 @@ def test_tracebacks_only_when_asked(lake, tmp_path):
 def test_empty_store_and_missing_source(tmp_path):
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     store = str(tmp_path / "lake")
+    Path(store).mkdir()  # there and empty (a missing one: tests/test_prices.py)
     no_prices = ("--prices", str(tmp_path / "none.csv"), "--name", "shop")
     cases = [
         (("ingest", "--source", str(tmp_path / "nowhere")), "nowhere: missing train-images"),
