@@ -25,11 +25,6 @@ from tests.test_scoring import _save, bad_files, garment, put_drop
 
 
 @pytest.fixture
-def scored_store(store_uri, tiny_lake) -> TinyLake:
-    return tiny_lake._replace(lake=copy_lake(tiny_lake.lake, store_uri))
-
-
-@pytest.fixture
 def local_store(tiny_lake, tmp_path) -> TinyLake:
     return tiny_lake._replace(lake=copy_lake(tiny_lake.lake, str(tmp_path / "lake")))
 
@@ -40,11 +35,11 @@ def _images(n: int) -> dict[str, bytes]:
             for i in range(n)}  # fmt: skip
 
 
-def test_current_prices_one_row_per_image_while_repriced_and_after(scored_store):
+def test_current_prices_one_row_per_image_while_repriced_and_after(local_store):
     """An image overwritten in place is priced again: before the drop is finished again
     its older row is still in its part and is left out; afterwards the finisher moved
     it to superseded.parquet. Either way one current row per image, the newer price."""
-    lake, mv = scored_store.lake, scored_store.model_version
+    lake, mv = local_store.lake, local_store.model_version
     good = _images(4)
     bad = {k: v for k, (v, _) in bad_files().items() if k in ("empty.png", "text.jpg")}
     put_drop(lake, "p1", good | bad)
