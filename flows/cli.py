@@ -121,6 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         settings=_train_settings(args),
         margin=args.margin,
+        force=args.force,
     )
 
 
@@ -139,7 +140,8 @@ def _run_catalog(args: argparse.Namespace) -> dict:
     settings = _train_settings(args, catalog=True)
     _lake(args)
     return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
-                        settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows)  # fmt: skip
+                        settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows,
+                        force=args.force)  # fmt: skip
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
@@ -373,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"promotion margin (default {MARGIN}: {MARGIN * 100:g}%%)")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="promote the model past the gate (recorded as forced)")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", parents=[common], help="train the price model")

@@ -160,7 +160,7 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
         source, prices = f"s3://{bucket}/photos/", f"s3://{bucket}/prices.csv"
 
     result = catalog_flow(source=source, prices=prices, name="shoes", store=store_uri,
-                          settings=TrainSettings(**TINY_RGB), skip_bad_rows=True)  # fmt: skip
+                          settings=TrainSettings(**TINY_RGB), skip_bad_rows=True, force=True)  # fmt: skip
     mv = result["train"]["model_version"]
     assert result["promote"]["promoted"] and result["line"] == "shoes"
     assert lake.lines() == ["demo", "shoes"]
@@ -232,7 +232,7 @@ def test_cli_catalog_run_and_lines(catalog_files, tiny_lake, tmp_path, capsys):
     source, prices = catalog_files
     assert main(["run", "--source", source, "--prices", prices, "--name", "bags", "--quick",
                  "--set", "freeze=15", "--set", "views=1", "--set", "epochs=1",
-                 "--skip-bad-rows", "--store", store]) == 0  # fmt: skip
+                 "--skip-bad-rows", "--force", "--store", store]) == 0  # fmt: skip
     champion = lake.registry("bags").champion()
     assert lake.model(champion["model_version"]).config()["settings"]["preprocess"] == "rgb"
     drop = lake.drop("d1")

@@ -55,7 +55,7 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
                 named = env | {"VGGPRICE_WORKER_NAME": name}
                 workers.append(subprocess.Popen(worker_command(pool, limit), env=named,
                                                 stdout=log, stderr=log))  # fmt: skip
-            params = {"store": s3_uri, "source": str(idx_source), "settings": TINY}
+            params = {"store": s3_uri, "source": str(idx_source), "settings": TINY, "force": True}
             first = run_deployment(
                 "retrain/retrain-nightly", parameters=params, timeout=600, poll_interval=2
             )
@@ -147,7 +147,7 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             catalog = run_deployment(
                 "catalog/retrain-catalog",
                 parameters={"store": s3_uri, "source": str(photos), "name": "shoes",
-                            "prices": str(tmp_path / "prices.csv"), "skip_bad_rows": True,
+                            "prices": str(tmp_path / "prices.csv"), "skip_bad_rows": True, "force": True,
                             "settings": TINY | {"preprocess": "rgb"}},
                 timeout=600,
                 poll_interval=2,

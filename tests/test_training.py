@@ -99,8 +99,8 @@ def test_train_evaluate_promote(versions, store_uri):
     assert evaluation.split("\n")[2].startswith(("**Learned", "**Beats")), "a verdict first"
     assert "| 1 | " in training and training.count("](data:image/png;base64,") == 1
 
-    decision = promote_flow(mv, store=store_uri)
-    assert decision["promoted"] and decision["reason"] == "no champion yet"
+    decision = promote_flow(mv, store=store_uri, force=True)  # tiny: not past the baseline
+    assert decision["promoted"] and decision["forced"]
     assert resolve_champion(lake, None)["model_version"] == mv
 
     # Same inputs, another top hyper-parameter: the feature cache is hit, not rebuilt.
@@ -413,6 +413,13 @@ def test_decide_margin():
     assert decide(9.0, 10.0, 0.01)[0] is True
     assert decide(9.95, 10.0, 0.01)[0] is False
     assert decide(10.5, 10.0, 0.0)[0] is False
+    # The mean-price baseline bars every candidate, the first champion too.
+    promoted, reason = decide(60.0, None, 0.01, baseline_rmse=62.8)
+    assert not promoted and "mean-price baseline's 62.800 by more than 5%" in reason
+    assert "needs < 59.660" in reason and "--force" in reason and "\n" not in reason
+    assert decide(59.0, None, 0.01, baseline_rmse=62.8) == (True, "no champion yet")
+    assert decide(59.0, 70.0, 0.01, baseline_rmse=62.8)[0] is True
+    assert decide(61.0, 70.0, 0.01, baseline_rmse=62.8)[0] is False, "better, still nonsense"
 
 
 def test_augment_views_are_deterministic():
