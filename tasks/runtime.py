@@ -5,9 +5,14 @@ scope and restored after it."""
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
+import os
 import random
+import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,3 +85,73 @@ def seeded(seed: int) -> Iterator[None]:
         tf.random.set_seed(tf_seed)
         for n, v in attrs.items():
             global_state.set_global_attribute(n, v)
+
+
+# What TensorFlow's native code prints while it loads on a machine without NVIDIA
+# devices: written to file descriptor 2 before any Python logging exists (so
+# TF_CPP_MIN_LOG_LEVEL does not reach the first two), and nothing a user can act on.
+NATIVE_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|Could not find cuda drivers"
+    r"|cpu_feature_guard\.cc|To enable the following instructions|oneDNN custom operations"
+)
+
+
+def has_gpu_device() -> bool:
+    """An NVIDIA (or WSL GPU) device node exists: TensorFlow's CUDA lines then matter."""
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(noise: re.Pattern = NATIVE_NOISE) -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file inside; after, every line written there
+    (by native code or Python) is passed on to stderr except those matching ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(True) if not noise.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _QuietFirstImport(importlib.abc.MetaPathFinder):
+    """The first import of one module runs with native stderr filtered; then it is gone."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            with native_stderr_filtered():
+                run(module)
+
+        spec.loader.exec_module = exec_module  # this loader instance only
+        return spec
+
+
+def quiet_tensorflow_start() -> None:
+    """On a machine without NVIDIA devices, TensorFlow's start-up lines (its CUDA probe,
+    CPU flags) are left out when it is first imported, however it is imported (Keras
+    imports it); any other line printed meanwhile is kept. A no-op once TensorFlow is
+    loaded, or where a GPU device exists."""
+    if "tensorflow" in sys.modules or has_gpu_device():
+        return
+    if not any(isinstance(f, _QuietFirstImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietFirstImport("tensorflow"))

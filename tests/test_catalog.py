@@ -20,7 +20,7 @@ from tasks.data.loading import load_data
 from tasks.governance.registry import LineError, resolve_model
 from tasks.model.export import cached_model_file, load_stored_model, predict_prices, preprocess_of
 from tasks.model.train_settings import TrainSettings
-from tasks.reports import GARMENTS
+from tasks.reports import GARMENTS, line_key, store_tag
 from tasks.store.lake import Lake, NotInLake
 from tasks.store.storage import LocalStore, open_store
 from tests.catalog_data import csv_text, encode, garments, tint, write_catalog
@@ -216,7 +216,8 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
     from tests.test_training import artifacts_by_key
 
     keys = set(artifacts_by_key())
-    assert {f"shoes-eval-{mv}", "shoes-champion", "shoes-drop-new"} <= keys, keys
+    named = {line_key(store_uri, "shoes", n) for n in (f"eval-{mv}", "champion", "drop-new")}
+    assert named <= keys and all(k.startswith(store_tag(store_uri) + "-shoes-") for k in named)
 
     # Unchanged inputs: every stage skips, the champion stays.
     again = catalog_flow(source=source, prices=prices, name="shoes", store=store_uri,

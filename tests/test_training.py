@@ -27,6 +27,7 @@ from tasks.model.features import augment_view
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import resolved, train, version_for
 from tasks.model.weights import WeightsError
+from tasks.reports import line_key
 from tasks.runtime import keras_precision
 from tasks.store.lake import Lake
 from tasks.store.storage import open_store
@@ -93,7 +94,8 @@ def test_train_evaluate_promote(versions, store_uri):
         assert store.exists(f"models/{mv}/{name}"), name
     assert metrics["baseline_rmse"] > 0 and metrics["baseline_price"] > 0
     reports = artifacts_by_key()
-    evaluation, training = reports[f"eval-{mv}"], reports[f"train-{mv}"]
+    evaluation = reports[line_key(store_uri, "demo", f"eval-{mv}")]
+    training = reports[line_key(store_uri, "demo", f"train-{mv}")]
     assert evaluation.count("](data:image/png;base64,") == 3, "plots inline, loss curve too"
     assert "always the mean train price" in evaluation and "| 0 T-shirt/top |" in evaluation
     assert evaluation.split("\n")[2].startswith(("**Learned", "**Beats")), "a verdict first"

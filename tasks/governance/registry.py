@@ -174,7 +174,7 @@ def promote(lake: Lake, model_version: str, margin: float = MARGIN, force: bool 
     get_logger().info(
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
-    key = line_key(line, "champion")
+    key = line_key(lake.uri, line, "champion")
     publish_markdown(key, decision_markdown(decision), f"champion/challenger decision ({line})")
     if not promoted and not same:
         emit("vggprice.challenger.rejected", f"vggprice.model.{model_version}", decision)

@@ -275,7 +275,7 @@ def train(
         writer = CheckpointWriter(model.checkpoints())
         try:
             fit_seconds = fit_epochs(fit, settings, start_epoch, history, writer,
-                                     TrainingProgress(mv, settings.epochs, about(settings)),
+                                     TrainingProgress(lake.uri, mv, settings.epochs, about(settings)),
                                      on_epoch)  # fmt: skip
         finally:
             writer.close()  # the last finished epoch is stored, even when training failed
