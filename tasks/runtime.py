@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,44 @@ def progress(total: int, desc: str, unit: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty())
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class ProgressLog:
+    """Progress of a long step as log lines, where no progress bar shows (off a terminal,
+    in a worker, in the Prefect UI): a first line ``first`` seconds in (the early
+    estimate), then one at least every ``every`` seconds while ``advance`` is called:
+    done of total, the rate, and the time left at that rate. VGGPRICE_PROGRESS_SECONDS
+    sets ``every`` (and caps ``first``) for every step."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float | None = None,
+                 first: float = 5.0, enabled: bool | None = None):  # fmt: skip
+        if every is None:
+            every = float(os.environ.get("VGGPRICE_PROGRESS_SECONDS", "30"))
+        first = min(first, every)
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.enabled = not sys.stderr.isatty() if enabled is None else enabled
+        self.done, self.lines = 0, 0
+        self.log = get_logger()  # the run's, also when advanced from another thread
+        self.started = time.monotonic()
+        self.next = self.started + first
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        now = time.monotonic()
+        if not self.enabled or now < self.next or self.done >= self.total or not self.done:
+            return
+        rate = self.done / (now - self.started)
+        self.log.info(
+            "%s: %d/%d %s, %.1f %s/s, about %s left", self.what, self.done, self.total,
+            self.unit, rate, self.unit, _duration((self.total - self.done) / rate),
+        )  # fmt: skip
+        self.lines += 1
+        self.next = now + self.every
 
 
 @contextlib.contextmanager

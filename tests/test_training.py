@@ -401,6 +401,30 @@ def test_training_leaves_no_global_state_behind(local_versions):
 
 
 @pytest.mark.own_process
+def test_off_a_terminal_training_says_what_it_does_and_how_far(local_versions, caplog,
+                                                                 monkeypatch):  # fmt: skip
+    """The first line names the precision and why; then progress lines within the steps
+    (here after every batch: VGGPRICE_PROGRESS_SECONDS=0), with a rate and time left."""
+    import logging
+    import re
+
+    from tasks.model.export import precision_reason, resolve_precision
+
+    monkeypatch.setenv("VGGPRICE_PROGRESS_SECONDS", "0")
+    caplog.set_level(logging.INFO)
+    lake, dv, lv = local_versions
+    train(lake, dv, lv, TrainSettings(**TINY))
+    (start,) = [m for m in caplog.messages if m.startswith("training m-")]
+    reason = precision_reason(resolve_precision("auto"))
+    assert start.endswith(f"precision {reason}") and ": this" in reason, start
+    line = r"[\d.]+ images/s, about \d+ s left"
+    steps = [m for m in caplog.messages if re.fullmatch(r"training: \d+/\d+ images, " + line, m)]
+    frozen = [m for m in caplog.messages
+              if re.fullmatch(r"frozen features: \d+/\d+ images, " + line, m)]  # fmt: skip
+    assert steps and frozen, caplog.messages
+
+
+@pytest.mark.own_process
 def test_online_mode_and_none_default_trains_all(local_versions, caplog):
     lake, dv, lv = local_versions
     settings = TrainSettings(weights="none", input_size=32, epochs=1, augment="online")
