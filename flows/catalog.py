@@ -28,15 +28,17 @@ def catalog_flow(
     margin: float = MARGIN,
     skip_bad_rows: bool = False,
     train_pool: str | None = None,
+    force: bool = False,
 ) -> dict:
     """Ingest a catalog (images + prices table), train its model, evaluate and promote it
-    in the line ``name``; each stage skips when its inputs are unchanged."""
+    in the line ``name``; each stage skips when its inputs are unchanged. ``force``
+    promotes the model past the gate (recorded as forced)."""
     store = load_settings(store=store).store
     settings = settings or catalog_settings()
     ingested = ingest_catalog_task(store, source, prices, name, skip_bad_rows)
     dataset_version, labels_version = ingested["dataset_version"], ingested["labels_version"]
     trained, evaluated, decision = train_evaluate_promote(store, dataset_version, labels_version, settings, margin,
-                                                          train_pool)  # fmt: skip
+                                                          train_pool, force)  # fmt: skip
     stages = (("ingest", ingested), ("train", trained), ("evaluate", evaluated))
     skipped = [n for n, result in stages if result.get("skipped")]
     if skipped:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,23 +28,53 @@ PREFECT_DEFAULTS = {
 
 def _quiet_environment() -> None:
     """Set before TensorFlow loads: its C++ start-up chatter (CPU flags; on machines
-    without an NVIDIA device, its failed CUDA probe) is noise on a laptop. And Prefect's
-    defaults, for the processes this command starts (its temporary server, Dask
-    workers)."""
-    gpu = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu else "3")
+    without an NVIDIA device, its failed CUDA probe) is noise on a laptop; the lines its
+    native code prints before logging exists are filtered out of this process's stderr
+    while it loads. And Prefect's defaults, for the processes this command starts (its
+    temporary server, Dask workers)."""
+    from tasks.runtime import has_gpu_device, quiet_tensorflow_start
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if has_gpu_device() else "3")
+    quiet_tensorflow_start()
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 
+@contextlib.contextmanager
 def _prefect_defaults():
     """The same Prefect defaults for this process, which may have read its settings
-    before this command set them (a caller that imported Prefect first)."""
+    before this command set them (a caller that imported Prefect first). And where no
+    PREFECT_API_URL is set: the server of a running `vggprice ui` on this PREFECT_HOME,
+    for this process and those it starts, instead of a temporary server each."""
     import prefect.settings
 
-    return prefect.settings.temporary_settings(
-        updates={getattr(prefect.settings, n): os.environ[n] for n in PREFECT_DEFAULTS}
-    )
+    from tasks.deploy.local_ui import running_ui
+
+    updates = {getattr(prefect.settings, n): os.environ[n] for n in PREFECT_DEFAULTS}
+    api = None if prefect.settings.PREFECT_API_URL.value() else running_ui()
+    if api:
+        updates[prefect.settings.PREFECT_API_URL] = api
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = api
+    try:
+        with prefect.settings.temporary_settings(updates=updates):
+            yield
+    finally:
+        if api:
+            if before is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = before
+
+
+class _ServerNote(logging.Filter):
+    """Prefect's note on its temporary server, in one line that says how to avoid it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server"):
+            record.msg = (record.msg.split("\n")[0] + " (for this command; `vggprice ui` keeps "
+                          "one running for every command)")  # fmt: skip
+        return True
 
 
 def _rule(args: argparse.Namespace):
@@ -124,6 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         settings=_train_settings(args),
         margin=args.margin,
+        force=args.force,
     )
 
 
@@ -142,7 +174,8 @@ def _run_catalog(args: argparse.Namespace) -> dict:
     settings = _train_settings(args, catalog=True)
     _lake(args)
     return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
-                        settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows)  # fmt: skip
+                        settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows,
+                        force=args.force)  # fmt: skip
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
@@ -289,6 +322,15 @@ def _cmd_worker(args: argparse.Namespace) -> dict:
     return {}  # not reached
 
 
+def _cmd_ui(args: argparse.Namespace) -> dict:
+    from tasks.deploy.local_ui import serve
+
+    code = serve(args.host, args.port)
+    if code:
+        raise RuntimeError(f"the Prefect server stopped with status {code}")
+    return {}
+
+
 def _cmd_champion(args: argparse.Namespace) -> dict:
     from tasks.governance.registry import resolve_champion
 
@@ -416,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"promotion margin (default {MARGIN}: {MARGIN * 100:g}%%)")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="promote the model past the gate (recorded as forced)")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", parents=[common], help="train the price model")
@@ -500,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="flow runs at a time (e.g. 1 per GPU)")
     p.set_defaults(func=_cmd_worker, json=False)
 
+    p = sub.add_parser("ui", help="the Prefect UI and server the commands use (until Ctrl-C)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="port (default 4200)")
+    p.set_defaults(func=_cmd_ui, json=False, debug=False)
+
     p = sub.add_parser("champion", parents=[common], help="print the model in service")
     p.add_argument("--line", help=LINE_HELP)
     p.set_defaults(func=_cmd_champion)
@@ -566,6 +615,9 @@ def _main(argv: list[str] | None) -> int:
         import prefect  # noqa: F401 - its log handlers exist once it is imported
 
         _quiet_tracebacks()
+    prefect_logger = logging.getLogger("prefect")
+    if not any(isinstance(f, _ServerNote) for f in prefect_logger.filters):
+        prefect_logger.addFilter(_ServerNote())
     func: Callable[[argparse.Namespace], dict] = args.func
     try:
         with _prefect_defaults():
@@ -574,7 +626,8 @@ def _main(argv: list[str] | None) -> int:
         if debug:
             raise
         return _report(err)
-    print(json.dumps(result, indent=2, default=str) if args.json else _human(result))
+    if result or args.json:
+        print(json.dumps(result, indent=2, default=str) if args.json else _human(result))
     return 0
 
 

@@ -98,15 +98,18 @@ def train_evaluate_promote(
     settings: TrainSettings,
     margin: float,
     train_pool: str | None,
+    force: bool = False,
 ) -> tuple[dict, dict, dict]:
-    """The stages after the data: train (here, or on ``train_pool``), evaluate, promote."""
+    """The stages after the data: train (here, or on ``train_pool``), evaluate, promote
+    (``force``: past the gate, recorded as forced)."""
     if train_pool:
         trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings)
     else:  # trains here: ``auto`` resolved on this machine, shown so in the run's parameters
         trained = train_flow(dataset_version=dataset_version, labels_version=labels_version,
                              store=store, settings=resolved(settings))  # fmt: skip
     evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
-    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin)
+    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin,
+                            force=force)  # fmt: skip
     return trained, evaluated, decision
 
 
@@ -119,8 +122,10 @@ def retrain_flow(
     settings: TrainSettings | None = None,
     margin: float = MARGIN,
     train_pool: str | None = None,
+    force: bool = False,
 ) -> dict:
-    """Run every stage in order; each stage skips when its inputs are unchanged."""
+    """Run every stage in order; each stage skips when its inputs are unchanged.
+    ``force`` promotes the model past the gate (recorded as forced)."""
     store = load_settings(store=store).store
     settings = settings or TrainSettings()
     ingested = ingest_flow(store=store, source=source)
@@ -128,7 +133,7 @@ def retrain_flow(
     labelled = label_flow(dataset_version=dataset_version, store=store, rule=rule, seed=seed)
     labels_version = labelled["labels_version"]
     trained, evaluated, decision = train_evaluate_promote(store, dataset_version, labels_version, settings, margin,
-                                                          train_pool)  # fmt: skip
+                                                          train_pool, force)  # fmt: skip
     skipped = [
         name
         for name, result in (

@@ -128,7 +128,7 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
     model_version = manifest["model_version"]
     lineage = lake.model(model_version).lineage()
     line = line_of(lineage["dataset_version"])
-    key = line_key(line, f"drop-{manifest['drop_id']}")
+    key = line_key(lake.uri, line, f"drop-{manifest['drop_id']}")
     run = lake.score_run(manifest["drop_id"], model_version)
     priced = run.prices(["price"])
     prices = priced["price"].to_numpy() if priced is not None else np.zeros(0)

@@ -42,7 +42,8 @@ def latest_artifacts(api: str) -> dict[str, str]:
         for a in client.read_artifacts():
             if a.type != "markdown" or not a.key:
                 continue
-            kind = a.key.split("-", 1)[0]
+            # keys: <store>-<hash>-<kind>-..., or <store>-<hash>-<line>-<kind>-...
+            kind = next((k for k in EXPECTED if f"-{k}-" in f"-{a.key}-"), None)
             if kind in EXPECTED and (kind not in found or a.created > found[kind][0]):
                 found[kind] = (a.created, str(a.id))
     return {kind: aid for kind, (_, aid) in found.items()}

@@ -11,6 +11,7 @@ Prefect's database, and so would any credential in them).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 
 import numpy as np
@@ -138,10 +139,12 @@ Loss: MSE on the min-max scaled price.
 
 class TrainingProgress:
     """The artifacts of one training run, updated every epoch (inside a run): a
-    progress bar and the per-epoch table with the loss curves (key train-<model>)."""
+    progress bar and the per-epoch table with the loss curves (key
+    ``<store tag>-train-<model>``)."""
 
-    def __init__(self, model_version: str, epochs: int, about: str = ""):
-        self.model_version, self.epochs, self.about = model_version, epochs, about
+    def __init__(self, store_uri: str, model_version: str, epochs: int, about: str = ""):
+        self.store_uri, self.model_version = store_uri, model_version
+        self.epochs, self.about = epochs, about
         self.artifact_id = None
 
     def update(self, epoch: int, history: dict, images: int) -> None:
@@ -156,7 +159,7 @@ class TrainingProgress:
         else:
             update_progress_artifact(self.artifact_id, pct, description=desc)
         publish_markdown(
-            artifact_key(f"train-{self.model_version}"),
+            line_key(self.store_uri, DEMO_LINE, f"train-{self.model_version}"),
             epochs_markdown(self.model_version, history, self.epochs, images, self.about),
             desc,
         )
@@ -189,9 +192,20 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower())[:100]
 
 
-def line_key(line: str, name: str) -> str:
-    """An artifact key in a model line: the demo's plain, a catalog's prefixed by its name."""
-    return artifact_key(name if line == DEMO_LINE else f"{line}-{name}")
+def store_tag(store_uri: str) -> str:
+    """A short name of a store for artifact keys: its folder's name and 6 hex digits of
+    its URI's SHA-256 (``lake-3fa2c1``), so two stores' reports never share a key on one
+    Prefect server."""
+    name = store_uri.rstrip("/").rsplit("/", 1)[-1] or "store"
+    digest = hashlib.sha256(store_uri.rstrip("/").encode()).hexdigest()[:6]
+    return f"{artifact_key(name)[:24]}-{digest}"
+
+
+def line_key(store_uri: str, line: str, name: str) -> str:
+    """An artifact key of a store's model line: ``<store tag>-<name>`` for the demo,
+    ``<store tag>-<line>-<name>`` for a catalog's line."""
+    named = name if line == DEMO_LINE else f"{line}-{name}"
+    return artifact_key(f"{store_tag(store_uri)}-{named}")
 
 
 def price_histogram(prices: np.ndarray) -> bytes:

@@ -20,7 +20,7 @@ from tasks.data.loading import load_data
 from tasks.governance.registry import LineError, resolve_model
 from tasks.model.export import cached_model_file, load_stored_model, predict_prices, preprocess_of
 from tasks.model.train_settings import TrainSettings
-from tasks.reports import GARMENTS
+from tasks.reports import GARMENTS, line_key, store_tag
 from tasks.store.lake import Lake, NotInLake
 from tasks.store.storage import LocalStore, open_store
 from tests.catalog_data import csv_text, encode, garments, tint, write_catalog
@@ -160,7 +160,7 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
         source, prices = f"s3://{bucket}/photos/", f"s3://{bucket}/prices.csv"
 
     result = catalog_flow(source=source, prices=prices, name="shoes", store=store_uri,
-                          settings=TrainSettings(**TINY_RGB), skip_bad_rows=True)  # fmt: skip
+                          settings=TrainSettings(**TINY_RGB), skip_bad_rows=True, force=True)  # fmt: skip
     mv = result["train"]["model_version"]
     assert result["promote"]["promoted"] and result["line"] == "shoes"
     assert lake.lines() == ["demo", "shoes"]
@@ -216,7 +216,8 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
     from tests.test_training import artifacts_by_key
 
     keys = set(artifacts_by_key())
-    assert {f"shoes-eval-{mv}", "shoes-champion", "shoes-drop-new"} <= keys, keys
+    named = {line_key(store_uri, "shoes", n) for n in (f"eval-{mv}", "champion", "drop-new")}
+    assert named <= keys and all(k.startswith(store_tag(store_uri) + "-shoes-") for k in named)
 
     # Unchanged inputs: every stage skips, the champion stays.
     again = catalog_flow(source=source, prices=prices, name="shoes", store=store_uri,
@@ -232,7 +233,7 @@ def test_cli_catalog_run_and_lines(catalog_files, tiny_lake, tmp_path, capsys):
     source, prices = catalog_files
     assert main(["run", "--source", source, "--prices", prices, "--name", "bags", "--quick",
                  "--set", "freeze=15", "--set", "views=1", "--set", "epochs=1",
-                 "--skip-bad-rows", "--store", store]) == 0  # fmt: skip
+                 "--skip-bad-rows", "--force", "--store", store]) == 0  # fmt: skip
     champion = lake.registry("bags").champion()
     assert lake.model(champion["model_version"]).config()["settings"]["preprocess"] == "rgb"
     drop = lake.drop("d1")

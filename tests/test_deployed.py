@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tasks.deploy.pools import POOLS, REPO, apply_pools, deploy_all, worker_command
+from tasks.reports import line_key
 from tasks.store.storage import open_store
 from tests.conftest import TINY
 from tests.servers import stop_process
@@ -55,7 +56,7 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
                 named = env | {"VGGPRICE_WORKER_NAME": name}
                 workers.append(subprocess.Popen(worker_command(pool, limit), env=named,
                                                 stdout=log, stderr=log))  # fmt: skip
-            params = {"store": s3_uri, "source": str(idx_source), "settings": TINY}
+            params = {"store": s3_uri, "source": str(idx_source), "settings": TINY, "force": True}
             first = run_deployment(
                 "retrain/retrain-nightly", parameters=params, timeout=600, poll_interval=2
             )
@@ -71,7 +72,8 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             store = open_store(s3_uri)
             champion = store.get_json("registry/champion.json")
             mv = champion["model_version"]
-            assert {"champion", f"eval-{mv}", f"train-{mv}"} <= keys
+            names = ("champion", f"eval-{mv}", f"train-{mv}")
+            assert {line_key(s3_uri, "demo", n) for n in names} <= keys
 
             second = run_deployment(
                 "retrain/retrain-nightly", parameters=params, timeout=600, poll_interval=2
@@ -147,7 +149,7 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             catalog = run_deployment(
                 "catalog/retrain-catalog",
                 parameters={"store": s3_uri, "source": str(photos), "name": "shoes",
-                            "prices": str(tmp_path / "prices.csv"), "skip_bad_rows": True,
+                            "prices": str(tmp_path / "prices.csv"), "skip_bad_rows": True, "force": True,
                             "settings": TINY | {"preprocess": "rgb"}},
                 timeout=600,
                 poll_interval=2,

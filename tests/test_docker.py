@@ -147,7 +147,7 @@ def test_docker_worker_runs_a_retrain_and_scores_a_drop(images, tmp_path):
                 try:
                     retrain = run_deployment(
                         "retrain/retrain-nightly",
-                        parameters={"source": "/data/idx", "settings": TINY},
+                        parameters={"source": "/data/idx", "settings": TINY, "force": True},
                         job_variables={"volumes": [f"{idx}:/data/idx:ro"]},
                         timeout=900, poll_interval=2,
                     )  # fmt: skip
@@ -237,7 +237,7 @@ def test_compose_stack_runs_a_retrain(images, tmp_path):
             deploy_all(REPO, api_url=api, cpu_pool="cpu", gpu_pool="cpu")
             retrain = run_deployment(
                 "retrain/retrain-nightly",
-                parameters={"source": "/data/idx", "settings": TINY},
+                parameters={"source": "/data/idx", "settings": TINY, "force": True},
                 timeout=900, poll_interval=2,
             )  # fmt: skip
         logs = compose_run("logs", "--no-color", "worker-cpu").stdout[-6000:]

@@ -60,7 +60,10 @@ def test_label_unknown_dataset_is_clear(store_uri):
 def test_cli_run_json_and_errors(tmp_path, idx_source, capsys):
     store = str(tmp_path / "lake")
     quick = ["--quick", "--set", "epochs=1", "--set", "freeze=15", "--set", "views=1"]
-    assert main(["run", "--store", store, "--source", str(idx_source), "--json", *quick]) == 0
+    assert (
+        main(["run", "--store", store, "--source", str(idx_source), "--json", "--force", *quick])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["label"]["dataset_version"] == result["ingest"]["dataset_version"]
     assert result["label"]["labels_version"].startswith("px-")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.reports import line_key
 from tests.conftest import REPO, copy_lake, prefect_home, write_idx_source
 
 CREDENTIALS = ("AWSAccessKeyId", "X-Amz-Credential", "Signature")
@@ -45,7 +46,8 @@ def test_reports_on_s3_carry_store_uris_and_no_credentials(tiny_lake, s3_uri):
     put_drop(lake, "lockdown", good_files())
     score_flow("lockdown", store=s3_uri, shard_size=5)
     reports = artifacts_markdown()
-    published = [reports[f"eval-{mv}"], reports["drop-lockdown"]]
+    published = [reports[line_key(s3_uri, "demo", f"eval-{mv}")],
+                 reports[line_key(s3_uri, "demo", "drop-lockdown")]]  # fmt: skip
     bucket = s3_uri.split("/")[2]
     for markdown in published:
         links = re.findall(r"Stored copy: `([^`]*)`", markdown)

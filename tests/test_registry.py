@@ -30,13 +30,14 @@ CHAMPION_PUT = "registry/champion.json"
 RACE_LOG = "another promotion changed the champion meanwhile"
 
 
-def add_model(lake: Lake, mv: str, rmse: float) -> None:
+def add_model(lake: Lake, mv: str, rmse: float, baseline_rmse: float = 100.0) -> None:
     """A complete model version with metrics on its own labels (marker written last)."""
     model = lake.model(mv)
     model.put_json(
         "metrics.json",
         {
             "rmse": rmse,
+            "baseline_rmse": baseline_rmse,
             "mae": 1.0,
             "mape": 1.0,
             "mse_scaled": 0.01,
@@ -158,6 +159,27 @@ def test_gate_and_decisions(store_uri):
     champion = lake.registry().champion()
     assert champion["metrics"]["rmse"] == 12.0 and champion["forced"] is True
     assert_models_untouched(lake, list(rmses))
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_gate_refuses_a_first_champion_no_better_than_the_mean(store_uri, capsys):
+    """A model no better than always predicting the mean train price never serves by
+    itself, not even as the first champion; --force puts it in service, recorded."""
+    from flows.cli import main
+
+    lake = Lake(open_store(store_uri))
+    add_model(lake, "m-nonsense", 126.2, baseline_rmse=85.0)
+    decision = promote(lake, "m-nonsense")
+    assert decision["promoted"] is False and lake.registry().champion() is None
+    assert "does not beat the mean-price baseline's 85.000" in decision["reason"]
+    assert lake.registry().decisions()[-1]["reason"] == decision["reason"], "recorded"
+    assert main(["promote", "m-nonsense", "--store", store_uri]) == 0
+    out = capsys.readouterr().out
+    assert "promoted: False" in out
+    (reason,) = [line for line in out.splitlines() if line.startswith("reason:")]
+    assert "mean-price baseline" in reason and "--force" in reason
+    forced = promote(lake, "m-nonsense", force=True)
+    assert forced["promoted"] and lake.registry().champion()["forced"] is True
 
 
 # --- two processes promoting at once --------------------------------------------------

@@ -27,6 +27,7 @@ from tasks.model.features import augment_view
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import resolved, train, version_for
 from tasks.model.weights import WeightsError
+from tasks.reports import line_key
 from tasks.runtime import keras_precision
 from tasks.store.lake import Lake
 from tasks.store.storage import open_store
@@ -93,14 +94,15 @@ def test_train_evaluate_promote(versions, store_uri):
         assert store.exists(f"models/{mv}/{name}"), name
     assert metrics["baseline_rmse"] > 0 and metrics["baseline_price"] > 0
     reports = artifacts_by_key()
-    evaluation, training = reports[f"eval-{mv}"], reports[f"train-{mv}"]
+    evaluation = reports[line_key(store_uri, "demo", f"eval-{mv}")]
+    training = reports[line_key(store_uri, "demo", f"train-{mv}")]
     assert evaluation.count("](data:image/png;base64,") == 3, "plots inline, loss curve too"
     assert "always the mean train price" in evaluation and "| 0 T-shirt/top |" in evaluation
     assert evaluation.split("\n")[2].startswith(("**Learned", "**Beats")), "a verdict first"
     assert "| 1 | " in training and training.count("](data:image/png;base64,") == 1
 
-    decision = promote_flow(mv, store=store_uri)
-    assert decision["promoted"] and decision["reason"] == "no champion yet"
+    decision = promote_flow(mv, store=store_uri, force=True)  # tiny: not past the baseline
+    assert decision["promoted"] and decision["forced"]
     assert resolve_champion(lake, None)["model_version"] == mv
 
     # Same inputs, another top hyper-parameter: the feature cache is hit, not rebuilt.
@@ -399,6 +401,30 @@ def test_training_leaves_no_global_state_behind(local_versions):
 
 
 @pytest.mark.own_process
+def test_off_a_terminal_training_says_what_it_does_and_how_far(local_versions, caplog,
+                                                                 monkeypatch):  # fmt: skip
+    """The first line names the precision and why; then progress lines within the steps
+    (here after every batch: VGGPRICE_PROGRESS_SECONDS=0), with a rate and time left."""
+    import logging
+    import re
+
+    from tasks.model.export import precision_reason, resolve_precision
+
+    monkeypatch.setenv("VGGPRICE_PROGRESS_SECONDS", "0")
+    caplog.set_level(logging.INFO)
+    lake, dv, lv = local_versions
+    train(lake, dv, lv, TrainSettings(**TINY))
+    (start,) = [m for m in caplog.messages if m.startswith("training m-")]
+    reason = precision_reason(resolve_precision("auto"))
+    assert start.endswith(f"precision {reason}") and ": this" in reason, start
+    line = r"[\d.]+ images/s, about \d+ s left"
+    steps = [m for m in caplog.messages if re.fullmatch(r"training: \d+/\d+ images, " + line, m)]
+    frozen = [m for m in caplog.messages
+              if re.fullmatch(r"frozen features: \d+/\d+ images, " + line, m)]  # fmt: skip
+    assert steps and frozen, caplog.messages
+
+
+@pytest.mark.own_process
 def test_online_mode_and_none_default_trains_all(local_versions, caplog):
     lake, dv, lv = local_versions
     settings = TrainSettings(weights="none", input_size=32, epochs=1, augment="online")
@@ -413,6 +439,13 @@ def test_decide_margin():
     assert decide(9.0, 10.0, 0.01)[0] is True
     assert decide(9.95, 10.0, 0.01)[0] is False
     assert decide(10.5, 10.0, 0.0)[0] is False
+    # The mean-price baseline bars every candidate, the first champion too.
+    promoted, reason = decide(60.0, None, 0.01, baseline_rmse=62.8)
+    assert not promoted and "mean-price baseline's 62.800 by more than 5%" in reason
+    assert "needs < 59.660" in reason and "--force" in reason and "\n" not in reason
+    assert decide(59.0, None, 0.01, baseline_rmse=62.8) == (True, "no champion yet")
+    assert decide(59.0, 70.0, 0.01, baseline_rmse=62.8)[0] is True
+    assert decide(61.0, 70.0, 0.01, baseline_rmse=62.8)[0] is False, "better, still nonsense"
 
 
 def test_augment_views_are_deterministic():

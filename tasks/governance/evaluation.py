@@ -13,7 +13,6 @@ from tasks.model.export import load_stored_model, predict_prices, preprocess_of
 from tasks.model.train_settings import TrainSettings
 from tasks.reports import (
     GARMENTS,
-    artifact_key,
     line_key,
     plots_markdown,
     pred_vs_true_plot,
@@ -153,14 +152,16 @@ class Publication:
     summary: str  # the log line
 
 
-def demo_publication(model_version: str, labels_version: str, m: dict, plots: dict, sigma: float):
+def demo_publication(
+    store_uri: str, model_version: str, labels_version: str, m: dict, plots: dict, sigma: float
+):
     extra = (f"\n| reference recipe | ~{RECIPE_RMSE:.0f} | | | {RECIPE_MSE_SCALED} |\n"
              f"| noise floor | {m['noise_floor_rmse']:.1f} | | | |")  # fmt: skip
     note = ("No model can beat the noise floor on average: prices are drawn around a class\n"
             f"mean with sigma {sigma:g}.\n\n")  # fmt: skip
     rows = [(f"{r['class']} {r['garment']}", r) for r in m["per_class"]]
     return Publication(
-        key=artifact_key(f"eval-{model_version}"),
+        key=line_key(store_uri, DEMO_LINE, f"eval-{model_version}"),
         markdown=report_markdown(
             f"`{model_version}`", labels_version, m, plots, ("class", rows), 1, extra, note
         ),  # fmt: skip
@@ -173,10 +174,12 @@ def demo_publication(model_version: str, labels_version: str, m: dict, plots: di
     )
 
 
-def catalog_publication(model_version: str, line: str, labels_version: str, m: dict, plots: dict):
+def catalog_publication(
+    store_uri: str, model_version: str, line: str, labels_version: str, m: dict, plots: dict
+):
     rows = [(r["group"], r) for r in m["per_group"]]
     return Publication(
-        key=line_key(line, f"eval-{model_version}"),
+        key=line_key(store_uri, line, f"eval-{model_version}"),
         markdown=report_markdown(
             f"`{model_version}` (catalog `{line}`)",
             labels_version,
@@ -241,9 +244,9 @@ def evaluate(lake: Lake, model_version: str, labels_version: str | None = None) 
         shown["training curves"] = (model.plot("loss"), model.plot_link("loss"))
     if line == DEMO_LINE:
         sigma = data.scaling["rule"]["sigma"]
-        publish(demo_publication(mv, evaluation.labels_version, metrics, shown, sigma))
+        publish(demo_publication(lake.uri, mv, evaluation.labels_version, metrics, shown, sigma))
     else:
-        publish(catalog_publication(mv, line, evaluation.labels_version, metrics, shown))
+        publish(catalog_publication(lake.uri, mv, line, evaluation.labels_version, metrics, shown))
     return metrics
 
 

@@ -13,6 +13,7 @@ from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.store.lake import Lake, NotInLake, line_of
 
 MARGIN = 0.01  # a challenger must beat the champion's RMSE by this fraction
+BASELINE_MARGIN = 0.05  # ... and always the mean-price baseline's RMSE by this fraction
 MAX_RACES = 20  # re-decide this often when other promotions keep winning
 RECENT = 32  # promotion ids the pointer remembers, newest first
 
@@ -47,9 +48,25 @@ def resolve_model(lake: Lake, model_version: str | None, line: str | None = None
     return resolve_champion(lake, line)["model_version"]
 
 
-def decide(challenger_rmse: float, champion_rmse: float | None, margin: float) -> tuple[bool, str]:
-    """Promote when there is no champion, or the challenger's RMSE is lower than the
-    champion's by more than ``margin`` (a fraction: 0.01 = 1 %) on the same labels."""
+def decide(
+    challenger_rmse: float,
+    champion_rmse: float | None,
+    margin: float,
+    baseline_rmse: float | None = None,
+) -> tuple[bool, str]:
+    """Promote when the challenger beats the mean-price baseline (always predicting the
+    mean train price) by more than ``BASELINE_MARGIN``, and there is no champion or the
+    challenger's RMSE is lower than the champion's by more than ``margin`` (a fraction:
+    0.01 = 1 %) on the same labels. A model that learned nothing never serves, not even
+    as the first champion."""
+    if baseline_rmse is not None:
+        floor = baseline_rmse * (1 - BASELINE_MARGIN)
+        if not challenger_rmse < floor:
+            return False, (
+                f"RMSE {challenger_rmse:.3f} does not beat the mean-price baseline's "
+                f"{baseline_rmse:.3f} by more than {BASELINE_MARGIN:.0%} (needs < {floor:.3f}): "
+                "train longer or on more images, or promote it anyway with --force"
+            )
     if champion_rmse is None:
         return True, "no champion yet"
     bar = champion_rmse * (1 - margin)
@@ -67,7 +84,8 @@ def decide(challenger_rmse: float, champion_rmse: float | None, margin: float) -
 def _summary(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
-    keys = ("rmse", "mae", "mape", "mse_scaled", "noise_floor_rmse", "n", "labels_version")
+    keys = ("rmse", "baseline_rmse", "mae", "mape", "mse_scaled", "noise_floor_rmse", "n",
+            "labels_version")  # fmt: skip
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -101,7 +119,10 @@ def promote(lake: Lake, model_version: str, margin: float = MARGIN, force: bool 
             promoted, reason = True, "forced by a person (--force)"
         else:
             promoted, reason = decide(
-                challenger["rmse"], champion_metrics["rmse"] if champion_metrics else None, margin
+                challenger["rmse"],
+                champion_metrics["rmse"] if champion_metrics else None,
+                margin,
+                challenger.get("baseline_rmse"),
             )
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if not promoted:
@@ -153,7 +174,7 @@ def promote(lake: Lake, model_version: str, margin: float = MARGIN, force: bool 
     get_logger().info(
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
-    key = line_key(line, "champion")
+    key = line_key(lake.uri, line, "champion")
     publish_markdown(key, decision_markdown(decision), f"champion/challenger decision ({line})")
     if not promoted and not same:
         emit("vggprice.challenger.rejected", f"vggprice.model.{model_version}", decision)

@@ -40,6 +40,27 @@ def resolve_precision(precision: str) -> str:
     return "float32"
 
 
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {w for line in text.splitlines() if line.startswith("flags") for w in line.split()}
+
+
+def precision_reason(precision: str) -> str:
+    """The precision, and why it is the one this machine picks (or that it was set)."""
+    if precision != resolve_precision("auto"):
+        return f"{precision} (as set; this machine would pick {resolve_precision('auto')})"
+    if precision == "mixed_float16":
+        return "mixed_float16: a GPU"
+    bf16 = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if precision == "mixed_bfloat16":
+        return f"mixed_bfloat16: this CPU has {' and '.join(f.upper() for f in bf16)}"
+    return ("float32: this CPU has no AVX512-BF16 or AMX (bfloat16 would be emulated, "
+            "slower)")  # fmt: skip
+
+
 def hardware() -> dict:
     import platform
 

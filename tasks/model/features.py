@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tasks.data.images import GRAY28, model_input
-from tasks.runtime import get_logger, progress
+from tasks.runtime import ProgressLog, get_logger, progress
 from tasks.store.lake import FeatureCache, feature_key
 
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
@@ -88,10 +88,20 @@ def _stacked(n: int, arrays) -> np.ndarray:
     return out
 
 
-def extract(frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Frozen-layer outputs for prepared uint8 images, as float16."""
-    out = frozen.predict(model_input(images), batch_size=batch_size, verbose=0)
-    return np.asarray(out, dtype=DTYPE)
+def extract(
+    frozen, images: np.ndarray, batch_size: int = 128, log: ProgressLog | None = None
+) -> np.ndarray:
+    """Frozen-layer outputs for prepared uint8 images, as float16, in chunks of whole
+    batches (the same batches as one predict) so that ``log`` hears of each chunk."""
+    chunk = batch_size * 8
+    parts = []
+    for start in range(0, max(len(images), 1), chunk):
+        part = frozen.predict(model_input(images[start : start + chunk]), batch_size=batch_size,
+                              verbose=0)  # fmt: skip
+        parts.append(np.asarray(part, dtype=DTYPE))
+        if log is not None:
+            log.advance(len(part))
+    return np.concatenate(parts)
 
 
 def load_or_extract(
@@ -113,18 +123,21 @@ def load_or_extract(
     names: list[str] = []
 
     bar = progress(views.n + 1, "frozen features", "view")
+    total = views.n * len(train_images) + len(test_images)
+    lines = ProgressLog("frozen features", total, "images", enabled=bar.disable)
 
     def extracted():
         for v in range(views.n):
             feats = extract(
-                frozen, augment_view(train_images, v, views.shift, views.flip, views.seed)
-            )
+                frozen, augment_view(train_images, v, views.shift, views.flip, views.seed),
+                log=lines,
+            )  # fmt: skip
             names.append(cache.write_view(v, feats))
             bar.update()
             yield feats
 
     train = _stacked(views.n, extracted())
-    test = extract(frozen, test_images)
+    test = extract(frozen, test_images, log=lines)
     bar.update()
     bar.close()
     cache.write(names, test)

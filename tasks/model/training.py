@@ -18,14 +18,14 @@ from tasks import __version__
 from tasks.data.images import model_input
 from tasks.data.loading import Data, load_data, train_stats
 from tasks.model.checkpoints import CheckpointWriter, restore_checkpoint
-from tasks.model.export import export_model, hardware, resolve_precision
+from tasks.model.export import export_model, hardware, precision_reason, resolve_precision
 from tasks.model.features import FeatureSpec, ViewRecipe, load_or_extract
 from tasks.model.graphs import augmentation_layers, build_graphs, input_shape
 from tasks.model.kernels import fused_rmsprop
 from tasks.model.train_settings import TrainSettings
 from tasks.model.weights import build_vgg, weights_identity
 from tasks.reports import TrainingProgress, loss_plot
-from tasks.runtime import TASK_RETRIES, get_logger, keras_precision, seeded
+from tasks.runtime import TASK_RETRIES, ProgressLog, get_logger, keras_precision, seeded
 from tasks.store.lake import Lake, Model, attempt_id, code_fingerprint, model_version
 from tasks.store.storage import sha256_file
 
@@ -135,6 +135,20 @@ def epoch_bar(epoch: int, epochs: int, steps: int) -> list:
     return [Bar()]
 
 
+def batch_lines(lines: ProgressLog, batch_size: int) -> list:
+    """Off a terminal, the training's progress lines (images done, rate, time left), as a
+    Keras callback that counts every batch; none where the bar shows."""
+    if not lines.enabled:
+        return []
+    import keras
+
+    class Lines(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            lines.advance(batch_size)
+
+    return [Lines()]
+
+
 @dataclass
 class Fit:
     """What the epoch loop trains: the compiled model and its inputs. With ``multi_view``
@@ -165,6 +179,7 @@ def fit_epochs(
     log = get_logger()
     val = batches(fit.val_x, fit.val_y, settings.batch_size)
     fit_seconds = 0.0
+    lines = ProgressLog("training", (settings.epochs - start_epoch) * len(fit.train_y), "images")
     for epoch in range(start_epoch, settings.epochs):
         epoch_x = fit.train_x
         if fit.multi_view:
@@ -179,9 +194,8 @@ def fit_epochs(
             validation_data=val,
             shuffle=False,  # batches() has shuffled
             verbose=0,
-            callbacks=epoch_bar(
-                epoch, settings.epochs, -(-len(fit.train_y) // settings.batch_size)
-            ),
+            callbacks=epoch_bar(epoch, settings.epochs, -(-len(fit.train_y) // settings.batch_size))
+            + batch_lines(lines, settings.batch_size),
         )
         seconds = time.time() - t0
         fit_seconds += seconds
@@ -266,6 +280,9 @@ def train(
     limits = {"train": settings.train_limit, "test": settings.test_limit}
     data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
                      settings.preprocess, settings.input_size)  # fmt: skip
+    log.info("training %s: %d images x %d epochs at %dx%d, %d of 19 VGG16 layers frozen; "
+             "precision %s", mv, len(data.train.y), settings.epochs, settings.input_size,
+             settings.input_size, settings.frozen_layers(), precision_reason(precision))  # fmt: skip
     with keras_precision(precision), seeded(settings.seed):
         fit = prepare_fit(lake, data, settings, precision)
         compile_top(fit.model, settings)
@@ -275,7 +292,7 @@ def train(
         writer = CheckpointWriter(model.checkpoints())
         try:
             fit_seconds = fit_epochs(fit, settings, start_epoch, history, writer,
-                                     TrainingProgress(mv, settings.epochs, about(settings)),
+                                     TrainingProgress(lake.uri, mv, settings.epochs, about(settings)),
                                      on_epoch)  # fmt: skip
         finally:
             writer.close()  # the last finished epoch is stored, even when training failed

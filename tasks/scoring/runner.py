@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tasks.governance.registry import resolve_model
-from tasks.runtime import get_logger, progress
+from tasks.runtime import ProgressLog, get_logger, progress
 from tasks.scoring.finish import PlansChanged, finish
 from tasks.scoring.ledger import DropBusy, DropError, ScoreOptions, pending, plan_work
 from tasks.scoring.shard import work
@@ -86,18 +86,23 @@ def in_threads(count: int = 2) -> ScorerRunner:
 class ShardProgress:
     """The drop's progress bar in a terminal: planned shards whose part exists, read
     from the ledger every ``every`` seconds, so it moves whichever runner does the work
-    (threads, Dask, flow runs on a pool). Off a terminal it reads nothing: each scorer
-    logs a line per shard."""
+    (threads, Dask, flow runs on a pool). Off a terminal it reads the ledger every
+    ``quiet_every`` seconds and logs a line at least every 30 s (shards done, rate, time
+    left), besides each scorer's line per shard."""
 
-    def __init__(self, run: ScoreRun, plans: dict[int, dict], every: float = 1.0):
-        self.run, self.every = run, every
+    def __init__(self, run: ScoreRun, plans: dict[int, dict], every: float = 1.0,
+                 quiet_every: float = 10.0):  # fmt: skip
+        self.run = run
         self.planned = {s for plan in plans.values() for s in plan["shards"]}
         self.bar = progress(len(self.planned), f"drop {run.drop_id}", "shard")
+        self.lines = ProgressLog(f"drop {run.drop_id}", len(self.planned), "shards",
+                                 enabled=self.bar.disable)  # fmt: skip
+        self.every = every if not self.bar.disable else quiet_every
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, name="drop-progress", daemon=True)
 
     def __enter__(self) -> ShardProgress:
-        if not self.bar.disable:
+        if not self.bar.disable or self.lines.enabled:
             self.update()
             self.thread.start()
         return self
@@ -112,6 +117,7 @@ class ShardProgress:
     def update(self) -> None:
         done = len(self.planned & self.run.done_shards())
         self.bar.update(done - self.bar.n)
+        self.lines.advance(done - self.lines.done)
 
     def _poll(self) -> None:
         while not self.stop.wait(self.every):
