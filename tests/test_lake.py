@@ -36,7 +36,8 @@ ZONES = ("datasets/", "labels/", "features/", "models/", "checkpoints/", "regist
          "eval/", "finish-", "attempts/")  # fmt: skip
 OBJECT_NAME = re.compile(r"^[\w.-]+\.(json|parquet|npz|npy|keras|txt|png)$")
 OWNERS = {"tasks/store/lake.py", "tasks/store/storage.py"}
-NOT_THE_LAKE = {"tasks/deploy/pools.py"}  # names files of infra/ in the repository
+# names files of infra/ in the repository; the local UI's announcement under PREFECT_HOME
+NOT_THE_LAKE = {"tasks/deploy/pools.py", "tasks/deploy/local_ui.py"}
 
 
 def dataset_digest() -> str:
