@@ -130,14 +130,22 @@ def drops_in_message(lake: Lake, body: str) -> dict[str, bool]:
 
 
 class SqsQueue:
-    """The few SQS calls the bridge makes (boto3; endpoint and credentials from the
-    standard AWS chain, e.g. AWS_ENDPOINT_URL_SQS or AWS_ENDPOINT_URL)."""
+    """The few SQS calls the bridge makes (boto3, credentials from the standard AWS
+    chain). The endpoint is the queue URL's own (https://sqs.<region>.amazonaws.com, or
+    an SQS-compatible server's), never the store's S3 endpoint."""
 
     def __init__(self, url: str, region: str):
         import boto3
 
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("http", "https") or "/" not in rest:
+            raise ValueError(f"--sqs must be a queue URL (https://sqs.<region>.amazonaws.com/"
+                             f"<account>/<queue>), got {url!r}")  # fmt: skip
         self.url = url
-        self.client = boto3.session.Session().client("sqs", region_name=region)
+        endpoint = f"{scheme}://{rest.split('/', 1)[0]}"
+        self.client = boto3.session.Session().client(
+            "sqs", region_name=region, endpoint_url=endpoint
+        )
 
     def receive(self, wait_seconds: int, visibility: int) -> list[dict]:
         out = self.client.receive_message(
