@@ -287,7 +287,7 @@ def test_notify_starts_one_run_that_prices_the_drop_once(deployed):
 
     api, store_uri, mv, env, home = deployed
     lake = Lake(open_store(store_uri))
-    n = 200
+    n = 60
     for i in range(n):
         lake.store.put_bytes(f"drops/arrive/img-{i:03d}.png", _png(i))
     cmd = [sys.executable, "-m", "flows.cli", "notify", "arrive", "--store", store_uri, "--json"]
@@ -334,7 +334,7 @@ def test_bridge_turns_s3_notifications_into_one_priced_run(deployed, s3_endpoint
                                "--store", store_uri, "--quiet-seconds", "3", "--json"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
     try:
-        n = 40
+        n = 20
         for i in range(n):  # one S3 notification per object
             lake.store.put_bytes(f"drops/bridged/img-{i:02d}.png", _png(i))
         t0 = time.time()
