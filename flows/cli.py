@@ -283,6 +283,33 @@ def _cmd_score_new(args: argparse.Namespace) -> dict:
     return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line)
 
 
+def _cmd_notify(args: argparse.Namespace) -> dict:
+    from tasks.governance.registry import resolve_model
+    from tasks.scoring.arrivals import check_drop_id, notify_drop
+    from tasks.scoring.runner import list_drop
+
+    lake = _lake(args)
+    drop = check_drop_id(args.drop)
+    resolve_model(lake, None, args.line)  # a champion to price it with, or why not
+    list_drop(lake, lake.drop(drop))  # no such drop, or an empty one: nothing is sent
+    event = notify_drop(lake.uri, drop, args.line)
+    return {"event": event["event"], "id": event["id"], "resource": event["resource"]}
+
+
+def _cmd_bridge(args: argparse.Namespace) -> dict:
+    from tasks.scoring.arrivals import open_bridge
+
+    if args.quiet_seconds < 0:
+        raise ValueError(f"--quiet-seconds must be >= 0, got {args.quiet_seconds:g}")
+    store = _lake(args).uri
+    bridge = open_bridge(args.sqs, store, quiet_seconds=args.quiet_seconds, line=args.line)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():  # stop cleanly, not exit
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    return bridge.run(stop)
+
+
 def _cmd_pools(args: argparse.Namespace) -> dict:
     from tasks.deploy.pools import apply_pools
 
@@ -520,6 +547,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the prices to this .csv or .parquet file, and the "
                    "rejected files with their reasons beside it (NAME-rejected.csv)")  # fmt: skip
     p.set_defaults(func=_cmd_prices)
+
+    p = sub.add_parser("notify", parents=[common],
+                       help="a drop is complete: price it now (an event on PREFECT_API_URL)")  # fmt: skip
+    p.add_argument("drop", help="the drop's folder name under drops/")
+    p.add_argument("--line", help=LINE_HELP)
+    p.set_defaults(func=_cmd_notify)
+
+    p = sub.add_parser("bridge", parents=[common],
+                       help="S3 notifications on SQS -> one event per drop (runs until stopped)")  # fmt: skip
+    p.add_argument("--sqs", required=True, metavar="QUEUE_URL",
+                   help="the queue the store's bucket notifies (s3:ObjectCreated:*)")  # fmt: skip
+    p.add_argument("--quiet-seconds", type=float, default=30.0,
+                   help="emit a drop's event once it has had no new object for this long, "
+                        "or at once on its drops/<drop>/.ready marker (default 30)")  # fmt: skip
+    p.add_argument("--line", help=LINE_HELP)
+    p.set_defaults(func=_cmd_bridge)
 
     p = sub.add_parser("pools", parents=[common], help="work pools on PREFECT_API_URL")
     p.add_argument("action", choices=["apply"], help="create or update every pool from infra/")

@@ -437,6 +437,62 @@ def test_helm_values_name_the_kubernetes_pool_and_leave_its_template_alone():
     assert POOLS[pool][1], "the pool's concurrency limit bounds GPU Jobs"
 
 
+def test_compose_and_helm_run_the_bridge():
+    """The S3 bridge beside the workers: a compose service (its own profile, the workers'
+    store settings) and a sidecar of the Kubernetes worker, each on the queue and the API
+    the rest of the stack uses."""
+    compose = yaml.safe_load((INFRA / "compose" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    bridge = services["bridge"]
+    assert bridge["command"][:4] == ["vggprice", "bridge", "--sqs", "${DROPS_QUEUE_URL:-}"]
+    assert bridge["profiles"] == ["bridge"], "off unless asked for: it needs a queue"
+    assert bridge["environment"] == services["worker-cpu"]["environment"]
+    assert bridge["image"] == services["worker-cpu"]["image"]
+    worker = yaml.safe_load((INFRA / "helm" / "values-gpu.yaml").read_text())["worker"]
+    (sidecar,) = worker["extraContainers"]
+    assert sidecar["command"][:4] == ["vggprice", "bridge", "--sqs", "$(DROPS_QUEUE_URL)"]
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert env["PREFECT_API_URL"]["value"] == worker["selfHostedServerApiConfig"]["apiUrl"]
+    assert (
+        env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["name"]
+        == (worker["selfHostedServerApiConfig"]["basicAuth"]["existingSecret"])
+    )
+    (config,) = sidecar["envFrom"]
+    runtime = list(yaml.safe_load_all((INFRA / "kubernetes" / "job-runtime.yaml").read_text()))
+    (store,) = [d for d in runtime if d["kind"] == "ConfigMap"]
+    assert config["configMapRef"]["name"] == store["metadata"]["name"]
+    assert {"DROPS_QUEUE_URL", "VGGPRICE_STORE"} <= set(store["data"])
+    assert sidecar["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_score_drop_trigger_starts_a_run_per_drop_with_the_events_parameters():
+    """prefect.yaml's trigger, as Prefect reads it: it matches the resource that
+    notify_drop sends, one bucket per drop and store, and fills parameters score_flow has."""
+    import inspect
+
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import Resource
+
+    from flows.score import score_flow
+    from tasks.scoring.arrivals import DROP_READY, drop_resource
+
+    (spec,) = [d for d in _SPEC if d["name"] == "score-drop"]
+    (raw,) = spec["triggers"]
+    trigger = DeploymentEventTrigger.model_validate(raw)
+    assert trigger.expect == {DROP_READY} and trigger.for_each == {"prefect.resource.id"}
+    assert trigger.posture == "Reactive" and trigger.threshold == 1
+    assert trigger.within.total_seconds() >= 60, "a window: a duplicate event starts no run"
+    labels = drop_resource("s3://bucket/lake", "d1")
+    resource = Resource(labels)
+    assert trigger.match.matches(resource)
+    assert not trigger.match.matches(Resource({"prefect.resource.id": "vggprice.model.m-1"}))
+    assert set(raw["parameters"]) <= set(inspect.signature(score_flow.fn).parameters)
+    assert raw["parameters"]["drop"] == "{{ event.resource.drop }}"
+    assert set(labels) >= {"drop", "store"}, "every label the templates read"
+    others = [d["name"] for d in _SPEC if d.get("triggers") and d["name"] != "score-drop"]
+    assert others == [], "score-new-drops stays the 5-minute safety net, on its schedule"
+
+
 # --- item 7: Terraform ------------------------------------------------------------------------
 
 
@@ -491,6 +547,43 @@ def test_terraform_scales_from_zero_on_schedule_and_boots_the_right_disk():
     scale_in = tf["data"]["aws_iam_policy_document.scale_in"]["statement"][0]
     assert scale_in["actions"] == ["autoscaling:TerminateInstanceInAutoScalingGroup"]
     assert scale_in["resources"] == ["${aws_autoscaling_group.worker.arn}"]
+
+
+def test_terraform_notifies_a_queue_of_drops_for_the_bridge():
+    """The bucket sends ObjectCreated under the store's drops/ to an encrypted queue (a
+    dead-letter queue behind it) that only that bucket may send to; the bridge's policy
+    allows the calls it makes."""
+    from tasks.store.lake import Lake
+
+    tf = terraform()
+    resources, data = tf["resource"], tf["data"]
+    queue = resources["aws_sqs_queue.drops"]
+    assert queue["sqs_managed_sse_enabled"] is True
+    assert resources["aws_sqs_queue.drops_dead"]["sqs_managed_sse_enabled"] is True
+    assert "aws_sqs_queue.drops_dead[0].arn" in queue["redrive_policy"]
+    (notify,) = resources["aws_s3_bucket_notification.drops"]["queue"]
+    assert notify["events"] == ["s3:ObjectCreated:*"]
+    assert notify["filter_prefix"] == "${var.store_prefix}/" + Lake.DROPS
+    assert notify["queue_arn"] == "${aws_sqs_queue.drops[0].arn}"
+    assert resources["aws_s3_bucket_notification.drops"]["depends_on"] == [
+        "${aws_sqs_queue_policy.drops}"
+    ]
+    (send,) = data["aws_iam_policy_document.drops_queue"]["statement"]
+    assert send["actions"] == ["sqs:SendMessage"]
+    assert send["principals"][0]["identifiers"] == ["s3.amazonaws.com"]
+    conditions = {c["variable"]: c["values"] for c in send["condition"]}
+    assert conditions["aws:SourceArn"] == ["arn:aws:s3:::${var.bucket_name}"]
+    assert "aws:SourceAccount" in conditions
+    bridge = data["aws_iam_policy_document.bridge"]["statement"]
+    allowed = {a for st in bridge for a in st["actions"]}
+    made = set(
+        re.findall(r"self\.client\.(\w+)\(", (REPO / "tasks/scoring/arrivals.py").read_text())
+    )
+    assert made == {"receive_message", "delete_message_batch", "change_message_visibility_batch"}
+    assert {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"} <= allowed
+    assert not any(a.startswith("s3:Put") or a == "sqs:*" for a in allowed), "read only"
+    outputs = tf["output"]
+    assert "aws_sqs_queue.drops[0].url" in outputs["drops_queue_url"]["value"]
 
 
 def test_user_data_finds_python_and_leaves_the_group_on_failure(tmp_path):

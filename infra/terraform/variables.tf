@@ -105,3 +105,9 @@ variable "repo_ref" {
   type        = string
   default     = "main"
 }
+
+variable "notify_drops" {
+  description = "Drops priced on arrival: the bucket notifies an SQS queue of objects created under <store_prefix>/drops/, for `vggprice bridge` (docs/events.md). The notification owns the bucket's notification configuration."
+  type        = bool
+  default     = true
+}

@@ -18,7 +18,8 @@ models/<model>/lineage.json        (created once, naming the attempt that won; m
 models/<model>/[eval/<labels>/]{metrics.json, plots/}
 registry/champion.json, registry/decisions/<time>-<model>.json          (the demo line)
 registry/lines/<name>/{champion.json, decisions/<time>-<model>.json}  (a catalog's line)
-drops/<drop>/...
+drops/<drop>/...                  (.ready: an optional marker, "this drop is complete"; hidden, so
+                                    never priced: the S3 bridge emits the drop's event on it)
 scores/<drop>/<model>/{_plans/, _claims/, _shards/, _rejected/, part-*.parquet,
                        superseded.parquet, rejected.parquet, plots/, _manifest.json}
 ```
@@ -847,6 +848,27 @@ class Lake:
 
     def drop(self, drop_id: str) -> DropSource:
         return DropSource(self.store, f"{self.DROPS}{drop_id}/", drop_id)
+
+    DROP_READY = ".ready"  # drops/<drop>/.ready: "complete, price it now" (hidden: not priced)
+
+    def drops_prefix(self) -> str:
+        """Where drops land (what a bucket notification filters on, under the store)."""
+        return self.DROPS
+
+    def drop_of_key(self, key: str) -> tuple[str, bool] | None:
+        """For a key of this store: (the drop it is in, whether it is the drop's ready
+        marker), or None for a key that is in no drop (elsewhere in the lake, or an object
+        right under drops/)."""
+        if not key.startswith(self.DROPS):
+            return None
+        drop_id, sep, name = key[len(self.DROPS) :].partition("/")
+        if not drop_id or not sep or not name:
+            return None
+        return drop_id, name == self.DROP_READY
+
+    def drop_ready_key(self, drop_id: str) -> str:
+        """The drop's ready marker, relative to the store."""
+        return f"{self.DROPS}{drop_id}/{self.DROP_READY}"
 
     # what the lake holds (for listings and for error messages that name the known)
     def _children(self, prefix: str, depth: int = 0) -> list[str]:

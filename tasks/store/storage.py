@@ -621,6 +621,13 @@ class S3Store(Store):
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def key_in_store(self, bucket: str, key: str) -> str | None:
+        """A bucket object's key relative to this store, or None when the object is not
+        in it (another bucket, or outside the prefix): for S3 event notifications."""
+        if bucket != self.bucket or not key.startswith(self.prefix):
+            return None
+        return key[len(self.prefix) :] or None
+
     def link_for(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
         return self.client.generate_presigned_url(
             "get_object",
