@@ -110,6 +110,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we log links
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # as Prefect's analytics: off
         from mlflow import MlflowClient
 
         self.uri = uri
@@ -239,6 +240,7 @@ class Tracker:
         import mlflow.keras
         import numpy as np
         from mlflow.models import ModelSignature
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
         from mlflow.types import Schema, TensorSpec
 
         from tasks.model.export import load_stored_model
@@ -252,16 +254,13 @@ class Tracker:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "price")]),
         )
         net = load_stored_model(model)
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)  # the flavour logs through the fluent API
-        try:
-            with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-                info = mlflow.keras.log_model(
-                    net, name=LOGGED_MODEL, signature=signature, pip_requirements=requirements,
-                    tags={MODEL_TAG: model.version},
-                )  # fmt: skip
-        finally:
-            mlflow.set_tracking_uri(previous)
+        # The flavour logs through the fluent API: point it here for this block only, and
+        # put back exactly what was set before (often nothing), as MLflow's own helper does.
+        with _use_tracking_uri(self.uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.keras.log_model(
+                net, name=LOGGED_MODEL, signature=signature, pip_requirements=requirements,
+                tags={MODEL_TAG: model.version},
+            )  # fmt: skip
         return info.model_uri
 
     def _record_evaluations(self, run_id: str, model: Model, logged: set[str]) -> None:
