@@ -29,16 +29,19 @@ def catalog_flow(
     skip_bad_rows: bool = False,
     train_pool: str | None = None,
     force: bool = False,
+    mlflow_tracking_uri: str | None = None,
 ) -> dict:
     """Ingest a catalog (images + prices table), train its model, evaluate and promote it
     in the line ``name``; each stage skips when its inputs are unchanged. ``force``
-    promotes the model past the gate (recorded as forced)."""
-    store = load_settings(store=store).store
+    promotes the model past the gate (recorded as forced). With ``mlflow_tracking_uri``
+    (or VGGPRICE_MLFLOW_TRACKING_URI) MLflow follows the lake."""
+    configured = load_settings(store=store, mlflow_tracking_uri=mlflow_tracking_uri)
+    store, tracking_uri = configured.store, configured.mlflow_tracking_uri
     settings = settings or catalog_settings()
     ingested = ingest_catalog_task(store, source, prices, name, skip_bad_rows)
     dataset_version, labels_version = ingested["dataset_version"], ingested["labels_version"]
     trained, evaluated, decision = train_evaluate_promote(store, dataset_version, labels_version, settings, margin,
-                                                          train_pool, force)  # fmt: skip
+                                                          train_pool, tracking_uri, force)  # fmt: skip
     stages = (("ingest", ingested), ("train", trained), ("evaluate", evaluated))
     skipped = [n for n, result in stages if result.get("skipped")]
     if skipped:

@@ -140,6 +140,20 @@ def _train_settings(args: argparse.Namespace, catalog: bool = False):
     return TrainSettings(**fields)
 
 
+def _mlflow(args: argparse.Namespace) -> str | None:
+    """The tracking URI of ``--mlflow`` (or VGGPRICE_MLFLOW_TRACKING_URI); mlflow is
+    imported only when one is set, and must be installed then."""
+    import importlib.util
+
+    from tasks.settings import load_settings
+
+    uri = load_settings(mlflow_tracking_uri=args.mlflow).mlflow_tracking_uri
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ValueError("MLflow tracking is on (--mlflow or VGGPRICE_MLFLOW_TRACKING_URI) but "
+                         "mlflow is not installed — pip install 'vggprice[mlflow]'")  # fmt: skip
+    return uri or None
+
+
 def _cmd_run(args: argparse.Namespace) -> dict:
     from flows.pipeline import retrain_flow
 
@@ -156,6 +170,7 @@ def _cmd_run(args: argparse.Namespace) -> dict:
         settings=_train_settings(args),
         margin=args.margin,
         force=args.force,
+        mlflow_tracking_uri=_mlflow(args),
     )
 
 
@@ -175,7 +190,7 @@ def _run_catalog(args: argparse.Namespace) -> dict:
     _lake(args)
     return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
                         settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows,
-                        force=args.force)  # fmt: skip
+                        force=args.force, mlflow_tracking_uri=_mlflow(args))  # fmt: skip
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
@@ -190,6 +205,7 @@ def _cmd_train(args: argparse.Namespace) -> dict:
         labels_version=args.labels_version,
         store=args.store,
         settings=settings,
+        mlflow_tracking_uri=_mlflow(args),
     )
 
 
@@ -200,18 +216,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict:
     lineage = lake.model(args.model_version).lineage()  # known, or the known ones listed
     if args.labels:
         lake.labels(lineage["dataset_version"], args.labels).scaling()
-    return evaluate_flow(
-        model_version=args.model_version, store=args.store, labels_version=args.labels
-    )
+    return evaluate_flow(model_version=args.model_version, store=args.store,
+                         labels_version=args.labels, mlflow_tracking_uri=_mlflow(args))  # fmt: skip
 
 
 def _cmd_promote(args: argparse.Namespace) -> dict:
     from flows.evaluate import promote_flow
 
     _lake(args).model(args.model_version).lineage()
-    return promote_flow(
-        model_version=args.model_version, store=args.store, margin=args.margin, force=args.force
-    )
+    return promote_flow(model_version=args.model_version, store=args.store, margin=args.margin,
+                        force=args.force, mlflow_tracking_uri=_mlflow(args))  # fmt: skip
 
 
 def _cores() -> int:
@@ -448,6 +462,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+MLFLOW_HELP = ("an MLflow tracking server, e.g. http://127.0.0.1:5000 (default "
+               "$VGGPRICE_MLFLOW_TRACKING_URI; unset: no MLflow)")  # fmt: skip
 LINE_HELP = "the model line: demo or a catalog's name (default: the store's only line)"
 
 
@@ -487,17 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"promotion margin (default {MARGIN}: {MARGIN * 100:g}%%)")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help="promote the model past the gate (recorded as forced)")  # fmt: skip
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", parents=[common], help="train the price model")
     p.add_argument("dataset_version")
     p.add_argument("labels_version")
     _add_train_args(p)
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="metrics of a model version")
     p.add_argument("model_version")
     p.add_argument("--labels", help="labels version (default: the model's own)")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("promote", parents=[common], help="champion/challenger gate")
@@ -505,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"required RMSE improvement (default {MARGIN})")  # fmt: skip
     p.add_argument("--force", action="store_true", help="promote regardless (recorded)")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
     p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("score", parents=[common], help="price every image of a drop")

@@ -58,8 +58,9 @@ def pool_precision(pool: str) -> str:
 
 
 def train_on_pool(
-    pool: str, dataset_version: str, labels_version: str, store: str, settings: TrainSettings
-) -> dict:
+    pool: str, dataset_version: str, labels_version: str, store: str, settings: TrainSettings,
+    mlflow_tracking_uri: str | None = None,
+) -> dict:  # fmt: skip
     """Run the train deployment on ``pool`` (unless the model exists), wait, and find
     the model in the store by its version. ``auto`` is resolved for the pool
     (``pool_precision``), and the run gets the resolved settings."""
@@ -75,7 +76,8 @@ def train_on_pool(
             "labels_version": labels_version,
             "store": store,
             "settings": settings.model_dump(),
-        },
+        }
+        | ({"mlflow_tracking_uri": mlflow_tracking_uri} if mlflow_tracking_uri else {}),
         timeout=None,
         poll_interval=2,
     )
@@ -98,18 +100,22 @@ def train_evaluate_promote(
     settings: TrainSettings,
     margin: float,
     train_pool: str | None,
+    mlflow_tracking_uri: str | None = None,
     force: bool = False,
 ) -> tuple[dict, dict, dict]:
     """The stages after the data: train (here, or on ``train_pool``), evaluate, promote
-    (``force``: past the gate, recorded as forced)."""
+    (``force``: past the gate, recorded as forced); each brings MLflow up to date when
+    ``mlflow_tracking_uri`` is set."""
+    uri = mlflow_tracking_uri
     if train_pool:
-        trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings)
+        trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings, uri)
     else:  # trains here: ``auto`` resolved on this machine, shown so in the run's parameters
         trained = train_flow(dataset_version=dataset_version, labels_version=labels_version,
-                             store=store, settings=resolved(settings))  # fmt: skip
-    evaluated = evaluate_flow(model_version=trained["model_version"], store=store)
-    decision = promote_flow(model_version=trained["model_version"], store=store, margin=margin,
-                            force=force)  # fmt: skip
+                             store=store, settings=resolved(settings), mlflow_tracking_uri=uri)  # fmt: skip
+    mv = trained["model_version"]
+    evaluated = evaluate_flow(model_version=mv, store=store, mlflow_tracking_uri=uri)
+    decision = promote_flow(model_version=mv, store=store, margin=margin, force=force,
+                            mlflow_tracking_uri=uri)  # fmt: skip
     return trained, evaluated, decision
 
 
@@ -123,17 +129,20 @@ def retrain_flow(
     margin: float = MARGIN,
     train_pool: str | None = None,
     force: bool = False,
+    mlflow_tracking_uri: str | None = None,
 ) -> dict:
     """Run every stage in order; each stage skips when its inputs are unchanged.
-    ``force`` promotes the model past the gate (recorded as forced)."""
-    store = load_settings(store=store).store
+    ``force`` promotes the model past the gate (recorded as forced). With
+    ``mlflow_tracking_uri`` (or VGGPRICE_MLFLOW_TRACKING_URI) MLflow follows the lake."""
+    configured = load_settings(store=store, mlflow_tracking_uri=mlflow_tracking_uri)
+    store, tracking_uri = configured.store, configured.mlflow_tracking_uri
     settings = settings or TrainSettings()
     ingested = ingest_flow(store=store, source=source)
     dataset_version = ingested["dataset_version"]
     labelled = label_flow(dataset_version=dataset_version, store=store, rule=rule, seed=seed)
     labels_version = labelled["labels_version"]
     trained, evaluated, decision = train_evaluate_promote(store, dataset_version, labels_version, settings, margin,
-                                                          train_pool, force)  # fmt: skip
+                                                          train_pool, tracking_uri, force)  # fmt: skip
     skipped = [
         name
         for name, result in (

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(
         8, ge=1, description="attempts per S3 request (boto3's standard retry mode)"
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="an MLflow tracking server (http://host:5000); unset: no MLflow. Put "
+        "credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, not here",
+    )
     worker_name: str | None = Field(
         None, description="names this worker in scoring manifests (default: host and pid)"
     )

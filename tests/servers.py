@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -103,4 +104,48 @@ def running_prefect_server(home: Path, host: str = "127.0.0.1"):
         yield url
     finally:
         stop_process(server)
+        log.close()
+
+
+MLFLOW = Path(sys.executable).with_name("mlflow")  # the test extra's full mlflow
+
+
+@contextlib.contextmanager
+def running_mlflow_server(home: Path, seconds: int = 180):
+    """`mlflow server` on 127.0.0.1 (a SQLite backend and served artifacts under
+    ``home``) for the duration of the block; yields its URL. The server and its workers
+    are a process group of their own, stopped together."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(home / "mlflow.log", "w")  # noqa: SIM115 - open while the server runs
+    server = subprocess.Popen(
+        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--serve-artifacts", "--artifacts-destination", str(home / "artifacts"),
+         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job workers
+                          "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + seconds
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"no MLflow server at {url}: "
+                                       + (home / "mlflow.log").read_text()[-3000:]) from None  # fmt: skip
+                time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
         log.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,7 @@ from prefect import task
 
 from tasks.data.loading import Split, load_data
 from tasks.data.prices import PriceRule
+from tasks.governance import tracking
 from tasks.model.export import load_stored_model, predict_prices, preprocess_of
 from tasks.model.train_settings import TrainSettings
 from tasks.reports import (
@@ -209,9 +211,14 @@ def publish(publication: Publication) -> None:
     get_logger().info("%s", p.summary)
 
 
-def evaluate(lake: Lake, model_version: str, labels_version: str | None = None) -> dict:
+def evaluate(
+    lake: Lake, model_version: str, labels_version: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:  # fmt: skip
     """Score the test split and write metrics.json and plots (under models/<v>/ for the
-    model's own labels, under models/<v>/eval/<labels>/ for other labels)."""
+    model's own labels, under models/<v>/eval/<labels>/ for other labels); with a
+    ``tracking_uri``, then the model's MLflow run (reconciled from the lake), linked from
+    the report."""
     mv = model_version
     model = lake.model(mv)
     config, lineage = model.config(), model.lineage()
@@ -221,6 +228,7 @@ def evaluate(lake: Lake, model_version: str, labels_version: str | None = None) 
         get_logger().info(
             "%s already evaluated on %s; nothing redone", mv, evaluation.labels_version
         )
+        tracking.record_model(tracking_uri, lake, mv)  # what MLflow may have missed
         return existing | {"skipped": True}
     settings = TrainSettings(**config["settings"])
     data = load_data(lake, lineage["dataset_version"], evaluation.labels_version,
@@ -242,12 +250,26 @@ def evaluate(lake: Lake, model_version: str, labels_version: str | None = None) 
     evaluation.write_metrics(metrics)
     if evaluation.labels_version == lineage["labels_version"]:
         shown["training curves"] = (model.plot("loss"), model.plot_link("loss"))
+    link = tracking.record_model(tracking_uri, lake, mv)
     if line == DEMO_LINE:
         sigma = data.scaling["rule"]["sigma"]
-        publish(demo_publication(lake.uri, mv, evaluation.labels_version, metrics, shown, sigma))
+        publication = demo_publication(lake.uri, mv, evaluation.labels_version, metrics, shown,
+                                       sigma)  # fmt: skip
     else:
-        publish(catalog_publication(lake.uri, mv, line, evaluation.labels_version, metrics, shown))
+        publication = catalog_publication(lake.uri, mv, line, evaluation.labels_version, metrics,
+                                          shown)  # fmt: skip
+    publish(with_run_link(publication, link))
     return metrics
+
+
+def with_run_link(publication: Publication, url: str | None) -> Publication:
+    """The report with a link to the model's MLflow run under its heading (as it was
+    without one)."""
+    if not url:
+        return publication
+    heading, rest = publication.markdown.split("\n", 1)
+    markdown = f"{heading}\n\n[The run in MLflow]({url})\n{rest}"
+    return dataclasses.replace(publication, markdown=markdown)
 
 
 def read_metrics(lake: Lake, model_version: str, labels_version: str | None = None) -> dict | None:
@@ -255,8 +277,11 @@ def read_metrics(lake: Lake, model_version: str, labels_version: str | None = No
 
 
 @task(name="evaluate-model", **TASK_RETRIES)
-def evaluate_model(store_uri: str, model_version: str, labels_version: str | None = None) -> dict:
+def evaluate_model(
+    store_uri: str, model_version: str, labels_version: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:  # fmt: skip
     """Metrics and plots of a model version on a labelled test split."""
     from tasks.store.storage import open_store
 
-    return evaluate(Lake(open_store(store_uri)), model_version, labels_version)
+    return evaluate(Lake(open_store(store_uri)), model_version, labels_version, tracking_uri)

@@ -7,6 +7,7 @@ import uuid
 
 from prefect import task
 
+from tasks.governance import tracking
 from tasks.governance.evaluation import evaluate, read_metrics
 from tasks.reports import emit, line_key, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
@@ -93,13 +94,18 @@ def _metrics_on(lake: Lake, mv: str, labels_version: str) -> dict:
     return read_metrics(lake, mv, labels_version) or evaluate(lake, mv, labels_version)
 
 
-def promote(lake: Lake, model_version: str, margin: float = MARGIN, force: bool = False) -> dict:
+def promote(
+    lake: Lake, model_version: str, margin: float = MARGIN, force: bool = False,
+    tracking_uri: str | None = None,
+) -> dict:  # fmt: skip
     """Gate a challenger against the champion; record the decision either way.
 
     The pointer is swapped only if it is still the one the decision was made against
     (compare-and-swap); when another promotion got there first the gate runs again
     against the new champion. The pointer names this promotion, so a write whose
-    response was lost is recognised as this promotion's own success."""
+    response was lost is recognised as this promotion's own success. Right after the
+    decision is recorded, a ``tracking_uri``'s registry is brought up to date with the
+    line (registered versions, the champion and challenger aliases)."""
     lineage = lake.model(model_version).lineage()
     labels_version = lineage["labels_version"]
     challenger = _metrics_on(lake, model_version, labels_version)
@@ -171,6 +177,7 @@ def promote(lake: Lake, model_version: str, margin: float = MARGIN, force: bool 
     ns = time.time_ns()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns / 1e9)) + f"-{ns % 10**9:09d}"
     registry.record_decision(stamp, model_version, decision)
+    tracking.record_line(tracking_uri, lake, line)  # MLflow follows the lake, never leads
     get_logger().info(
         "%s %s: %s", model_version, "promoted" if promoted else "not promoted", reason
     )
@@ -200,8 +207,11 @@ Reason: {d["reason"]} (margin {d["margin"]:.1%}{", forced" if d["forced"] else "
 
 
 @task(name="promote-model", **TASK_RETRIES)
-def promote_model(store_uri: str, model_version: str, margin: float = MARGIN, force: bool = False):
+def promote_model(
+    store_uri: str, model_version: str, margin: float = MARGIN, force: bool = False,
+    tracking_uri: str | None = None,
+):  # fmt: skip
     """The champion/challenger gate as a task."""
     from tasks.store.storage import open_store
 
-    return promote(Lake(open_store(store_uri)), model_version, margin, force)
+    return promote(Lake(open_store(store_uri)), model_version, margin, force, tracking_uri)

@@ -274,6 +274,10 @@ class Entry:
         kept with it."""
         return self.uri(f"plots/{name}.png")
 
+    def plot_names(self) -> list[str]:
+        """The names of the entry's stored plots (``plot`` reads one)."""
+        return [n[len("plots/") : -len(".png")] for n in self.names("plots/") if n.endswith(".png")]
+
     def names(self, sub: str = "") -> list[str]:
         """Keys under ``prefix + sub``, relative to the prefix, in order."""
         return [k[len(self.prefix) :] for k in self.store.keys(self.prefix + sub)]
@@ -525,6 +529,12 @@ class Model(Entry):
     def file_uri(self) -> str:
         """Where the published model.keras is (NotInLake while the model is not complete)."""
         return self.files().file_uri()
+
+    def evaluations(self) -> list[Evaluation]:
+        """Every complete evaluation of the model: on its own labels first, then the others."""
+        others = sorted({n.split("/")[1] for n in self.names("eval/") if n.count("/") >= 2})
+        found = [self.evaluation(), *(self.evaluation(lv) for lv in others)]
+        return [e for e in found if e.complete]
 
     def checkpoints(self) -> Checkpoints:
         return Checkpoints(self.store, f"checkpoints/{self.version}/")
