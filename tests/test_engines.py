@@ -68,25 +68,30 @@ def test_openvino_float32_matches_keras_and_repeats(engine_lake):
     ov_prices = engine.predict(test.images, 8)  # ragged: 20 images in batches of 8
     assert np.abs(ov_prices - keras_prices).max() <= FLOAT32_TOLERANCE * span
 
+    _png_drop(lake, "flow", test.images[:4])  # the flow's parameters carry the choice
+    out = score_flow("flow", store=lake.uri, engine="openvino", precision="float32")
+    assert out["engines"] == {"openvino/float32": 1}, "in the drop's manifest"
+    assert lake.score_run("flow", mv).manifest()["engines"] == {"openvino/float32": 1}
+    flow_rows = _prices(lake, "flow", mv)
+    assert {(e, p) for _, e, p in flow_rows.values()} == {("openvino", "float32")}
+
+    # Small batches (ragged at the end of each shard) keep the padded work small here.
+    options = ScoreOptions(engine="openvino", precision="float32", shard_size=7, batch_size=4)
     keys = _png_drop(lake, "same-a", test.images)
     _png_drop(lake, "same-b", test.images)
-    out = score_flow("same-a", store=lake.uri, engine="openvino", precision="float32",
-                     shard_size=7)  # fmt: skip
-    assert out["engines"] == {"openvino/float32": 3}, "in the drop's manifest"
-    manifest = lake.score_run("same-a", mv).manifest()
-    assert manifest["engines"] == {"openvino/float32": 3}
+    assert score_drop(lake, "same-a", options=options)["engines"] == {"openvino/float32": 3}
     first = _prices(lake, "same-a", mv)
     assert sorted(first) == keys
     assert {(e, p) for _, e, p in first.values()} == {("openvino", "float32")}, "every row"
     got = np.array([first[k][0] for k in keys])
     assert np.abs(got - keras_prices).max() <= FLOAT32_TOLERANCE * span, "end to end"
-    score_drop(lake, "same-b", options=ScoreOptions(engine="openvino", precision="float32",
-                                                    shard_size=7))  # fmt: skip
+    score_drop(lake, "same-b", options=options)
     second = _prices(lake, "same-b", mv)
     assert [second[k][0] for k in keys] == [first[k][0] for k in keys], "identical prices"
 
     _png_drop(lake, "keras", test.images)
-    score_drop(lake, "keras", options=ScoreOptions(engine="keras", precision="float32"))
+    score_drop(lake, "keras", options=ScoreOptions(engine="keras", precision="float32",
+                                                   batch_size=4))  # fmt: skip
     by_keras = _prices(lake, "keras", mv)
     assert {(e, p) for _, e, p in by_keras.values()} == {("keras", "float32")}
     np.testing.assert_allclose([by_keras[k][0] for k in keys], keras_prices, rtol=1e-6)
@@ -146,20 +151,22 @@ def test_int8_prices_stay_within_the_gate(engine_lake):
     assert made == before or not before
     test = _test_split(lake, mv)
     keys = _png_drop(lake, "int8", test.images)
-    out = score_drop(lake, "int8", options=ScoreOptions(engine="openvino", precision="int8"))
+    options = ScoreOptions(engine="openvino", precision="int8", batch_size=4)
+    out = score_drop(lake, "int8", options=options)
     assert out["engines"] == {"openvino/int8": 1}
     assert files.attempts() == made and files.gate() == gate, "reused, not made again"
     rows = _prices(lake, "int8", mv)
     assert {(e, p) for _, e, p in rows.values()} == {("openvino", "int8")}
     int8 = np.array([rows[k][0] for k in keys])
     f32 = get_engine(lake.model(mv), ScoreOptions(engine="openvino", precision="float32"))
-    float32 = f32.predict(test.images)
-    assert rmse(int8, test.price) <= rmse(float32, test.price) + gate["allowed_drop"] + 1e-9
-    assert abs(rmse(int8, test.price) - gate["rmse_int8"]) < 1e-6, "as the gate measured"
+    float32 = f32.predict(test.images, 4)
+    assert rmse(int8, test.price) <= rmse(float32, test.price) + gate["allowed_drop"]
+    # as the gate measured it (there in one batch of 256: other kernels' rounding)
+    assert rmse(int8, test.price) == pytest.approx(gate["rmse_int8"], rel=1e-4)
     _png_drop(lake, "auto", test.images[:5])
     assert score_drop(lake, "auto")["engines"] == {"openvino/int8": 1}, "auto on a CPU"
     again = get_engine(lake.model(mv), ScoreOptions(engine="openvino", precision="int8"))
-    assert np.array_equal(again.predict(test.images), int8), "identical prices"
+    assert np.array_equal(again.predict(test.images, 4), int8), "identical prices"
 
 
 def test_failed_gate_falls_back_with_one_line(tiny_lake, tmp_path, caplog):
@@ -170,7 +177,7 @@ def test_failed_gate_falls_back_with_one_line(tiny_lake, tmp_path, caplog):
                       "reason": "int8 RMSE 9.0 > float32 1.0 + 0.5"})  # fmt: skip
     images = _test_split(lake, mv).images[:6]
     _png_drop(lake, "fallback", images)
-    options = ScoreOptions(engine="openvino", precision="int8", shard_size=2)
+    options = ScoreOptions(engine="openvino", precision="int8", shard_size=2, batch_size=2)
     with caplog.at_level(logging.INFO, logger="vggprice"):
         out = score_drop(lake, "fallback", options=options)
     lines = [r.getMessage() for r in caplog.records if "failed its accuracy gate" in r.message]
