@@ -245,8 +245,7 @@ def make_int8(model: Model, options) -> dict:
     allowed = allowed_drop(rmse_float32, options)
     items = [(images[i : i + batch], truth[i : i + batch]) for i in range(0, len(images), batch)]
     inputs = model_input(calibration.astype(np.float32))
-    calib = nncf.Dataset([inputs[i : i + CALIBRATION_BATCH]
-                          for i in range(0, len(inputs), CALIBRATION_BATCH)])  # fmt: skip
+    batches = [inputs[i : i + CALIBRATION_BATCH] for i in range(0, len(inputs), CALIBRATION_BATCH)]
 
     def validate(compiled, data) -> float:  # NNCF maximises: minus the RMSE
         pairs = list(data)
@@ -261,8 +260,8 @@ def make_int8(model: Model, options) -> dict:
     reason = None
     try:
         quantized = nncf.quantize_with_accuracy_control(
-            ov_float, calib, nncf.Dataset(items), validation_fn=validate, max_drop=allowed,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(inputs),
+            ov_float, nncf.Dataset(batches), nncf.Dataset(items), validation_fn=validate,
+            max_drop=allowed, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(batches),
         )  # fmt: skip
         rmse_int8 = rmse(ov_predict(compile_ov(quantized, "int8"), images, batch), truth)
     except Exception as err:  # no int8 model: the verdict says why
