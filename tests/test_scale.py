@@ -158,12 +158,11 @@ def test_dask_local_cluster_spreads_the_scorers(tiny_lake, tmp_path):
     keys = put_images(lake, "dask", 400)
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")}
     out = cli("score", "dask", "--store", lake.uri, "--workers", "2", "--shard-size", "10",
-              "--engine", "openvino", "--precision", "float32", "--json", env=env)  # fmt: skip
+              "--json", env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     manifest = assert_exactly_once(lake, "dask", mv, keys)
     assert result["scorer_counts"] == manifest["scorer_counts"]
-    assert result["engines"] == manifest["engines"] == {"openvino/float32": 40}, "carried"
     assert len(manifest["scorer_counts"]) == 2, "two Dask worker processes priced shards"
 
 
