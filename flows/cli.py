@@ -247,12 +247,27 @@ def _share_local_api() -> None:
     os.environ["PREFECT_API_URL"] = server.api_url
 
 
+def engine_arguments(p: argparse.ArgumentParser, SCORE) -> None:  # noqa: N803 - as in build_parser
+    from tasks.scoring.engines import ENGINES, PRECISIONS
+
+    p.add_argument("--engine", choices=ENGINES, default=SCORE.engine,
+                   help="keras or openvino; auto: keras on a GPU, else openvino "
+                        f"(default {SCORE.engine})")  # fmt: skip
+    p.add_argument("--precision", choices=PRECISIONS, default=SCORE.precision,
+                   help="int8 (openvino: made once per model, used only if it passes its "
+                        "accuracy gate); auto: int8 where it passed, else float32 on "
+                        "openvino, the machine's fastest on keras "
+                        f"(default {SCORE.precision})")  # fmt: skip
+
+
 def _cmd_score(args: argparse.Namespace) -> dict:
     from flows.score import score_flow
     from tasks.governance.registry import resolve_model
+    from tasks.scoring.engines import check
     from tasks.scoring.runner import list_drop, locate_drop
 
     # Bad input (no such drop or model, an empty drop) stops here, before any run starts.
+    check(args.engine, args.precision)
     lake = _lake(args, existing=True)
     resolve_model(lake, args.model, args.line)
     list_drop(lake, locate_drop(lake, args.drop))
@@ -283,6 +298,8 @@ def _cmd_score(args: argparse.Namespace) -> dict:
         max_bytes=args.max_bytes,
         max_rows_per_object=args.max_rows_per_object,
         scorers=scorers,
+        engine=args.engine,
+        precision=args.precision,
         claim_seconds=args.claim_seconds,
         wait=not args.no_wait,
         line=args.line,
@@ -292,9 +309,12 @@ def _cmd_score(args: argparse.Namespace) -> dict:
 def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
     from tasks.governance.registry import resolve_model
+    from tasks.scoring.engines import check
 
+    check(args.engine, args.precision)
     resolve_model(_lake(args, existing=True), None, args.line)  # a champion, or why not
-    return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line)
+    return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line,
+                                engine=args.engine, precision=args.precision)  # fmt: skip
 
 
 def _cmd_notify(args: argparse.Namespace) -> dict:
@@ -550,12 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a scorer's claim expires this long after its last heartbeat "
                         f"(default {SCORE.claim_seconds:g})")  # fmt: skip
     p.add_argument("--line", help=LINE_HELP)
+    engine_arguments(p, SCORE)
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("score-new", parents=[common], help="price every drop not yet priced")
     p.add_argument("--shard-size", type=int, default=SCORE.shard_size,
                    help=f"objects per shard (default {SCORE.shard_size})")  # fmt: skip
     p.add_argument("--line", help=LINE_HELP)
+    engine_arguments(p, SCORE)
     p.set_defaults(func=_cmd_score_new)
 
     p = sub.add_parser("prices", parents=[common],

@@ -149,7 +149,7 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
 
 def _summary(manifest: dict) -> dict:
     keys = ("drop_id", "model_version", "counts", "rejections", "prices", "drift", "timings",
-            "scorer_counts", "skipped")  # fmt: skip
+            "scorer_counts", "engines", "skipped")  # fmt: skip
     return {k: manifest[k] for k in keys if k in manifest}
 
 
@@ -163,6 +163,7 @@ def score_flow(
     max_bytes: int = SCORE.max_bytes,
     max_rows_per_object: int = SCORE.max_rows_per_object,
     precision: str = SCORE.precision,
+    engine: str = SCORE.engine,
     scorers: int = 2,
     score_pool: str | None = None,
     partitions: int = 2,
@@ -175,7 +176,7 @@ def score_flow(
     lake = Lake(open_store(load_settings(store=store).store))
     options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, max_bytes=max_bytes,
                            max_rows_per_object=max_rows_per_object, precision=precision,
-                           claim_seconds=claim_seconds, wait=wait)  # fmt: skip
+                           engine=engine, claim_seconds=claim_seconds, wait=wait)  # fmt: skip
     runner = scorers_on_pool(score_pool, partitions) if score_pool else scorers_as_tasks(scorers)
     manifest = score_drop(lake, drop, model, options, run_scorers=runner, line=line)
     if manifest["skipped"]:
@@ -193,6 +194,8 @@ def score_new_drops_flow(
     shard_size: int = SCORE.shard_size,
     score_pool: str | None = None,
     line: str | None = None,
+    engine: str = SCORE.engine,
+    precision: str = SCORE.precision,
 ) -> dict:
     """Score every drop that has no complete manifest for the champion of a model line
     (the store's only line when not named), or that has new files."""
@@ -205,8 +208,14 @@ def score_new_drops_flow(
     )
     results = {
         d: score_flow(
-            drop=d, store=uri, shard_size=shard_size, score_pool=score_pool, model=model_version
-        )
+            drop=d,
+            store=uri,
+            shard_size=shard_size,
+            score_pool=score_pool,
+            model=model_version,
+            engine=engine,
+            precision=precision,
+        )  # fmt: skip
         for d in drops
     }
     line_name = line_of(lake.model(model_version).lineage()["dataset_version"])

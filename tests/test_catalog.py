@@ -198,7 +198,9 @@ def test_catalog_pipeline_beside_the_demo(store_uri, tiny_lake, catalog_files, t
         resolve_model(lake, None, "boots")
 
     for line, model_version, prefix in (("shoes", mv, "cat"), ("demo", demo_mv, "demo")):
-        out = score_flow(drop="new", store=store_uri, line=line, precision="float32")
+        out = score_flow(
+            drop="new", store=store_uri, line=line, engine="keras", precision="float32"
+        )  # parity with the evaluation's Keras
         assert out["model_version"] == model_version
         assert out["counts"]["rejected"] == 0 and out["counts"]["priced"] == out["counts"]["listed"]
         priced = lake.score_run("new", model_version).prices().to_pylist()

@@ -83,14 +83,14 @@ def alias(client, name: str) -> str | None:
         return None
 
 
-def eval_report(model_version: str) -> str:
+def eval_report(store: str, model_version: str) -> str:
     from prefect.client.orchestration import get_client
 
-    from tasks.reports import artifact_key
+    from tasks.reports import line_key
 
     with get_client(sync_client=True) as client:
         found = sorted(client.read_artifacts(), key=lambda a: a.created)
-    return [a.data for a in found if a.key == artifact_key(f"eval-{model_version}")][-1]
+    return [a.data for a in found if a.key == line_key(store, "demo", f"eval-{model_version}")][-1]
 
 
 def test_mlflow_follows_the_lake_through_a_server_outage(
@@ -137,7 +137,7 @@ def test_mlflow_follows_the_lake_through_a_server_outage(
         assert "keras" in get_model_info(logged_model.model_uri).flavors
     assert set(registered(client)) == {m1, m2}, "every model the gate decided on"
     assert alias(client, "champion") == m2 and alias(client, "challenger") is None
-    report = eval_report(m2)
+    report = eval_report(store, m2)
     assert (
         f"[The run in MLflow]({mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
         in report

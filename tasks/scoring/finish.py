@@ -209,4 +209,12 @@ def summarise(run: ScoreRun, plans, done, rejected, listing, skipped, moved, att
         "parts": [run.part_name(s) for s in done],
         "scorers": scorers,
         "scorer_counts": dict(Counter(scorers.values())),
+        # which engine/precision priced how many shards (facts from before engines: keras)
+        "engines": dict(
+            Counter(
+                f"{facts[s].get('engine', 'keras')}/{facts[s].get('precision', 'auto')}"
+                for s in done
+                if s in facts
+            )
+        ),  # fmt: skip
     }

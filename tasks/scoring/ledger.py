@@ -43,7 +43,8 @@ Clock = Callable[[], float]  # seconds on a clock that only moves forward (time.
 class ScoreOptions:
     shard_size: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
-    precision: str = "auto"
+    engine: str = "auto"  # auto, keras or openvino (tasks/scoring/engines.py)
+    precision: str = "auto"  # auto, float32, bf16 or int8 (openvino only)
     batch_size: int = 256
     claim_seconds: float = 90.0  # a claim unchanged for this long is taken over
     wait: bool = True  # wait for shards that live scorers hold; else stop and say so
@@ -53,6 +54,12 @@ class ScoreOptions:
     # holds more images than the shard has objects) is given up and released.
     shard_base_seconds: float = 600.0
     shard_seconds_per_object: float = 2.0
+    # The int8 gate: int8's RMSE (price units, on the model's test images) may exceed
+    # float32's by the larger of this fraction of it and this many price units.
+    int8_max_drop_fraction: float = 0.02
+    int8_max_drop_price: float = 0.5
+    int8_calibration_images: int = 300  # a seeded sample of the model's train split
+    int8_validation_images: int | None = 2000  # of its test split (None: all of it)
 
 
 class DropBusy(RuntimeError):

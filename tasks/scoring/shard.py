@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.data.images import ImageRejected, pixel_shape, prepare
-from tasks.model.export import get_model, predict_prices, preprocess_of
+from tasks.model.export import preprocess_of
 from tasks.runtime import get_logger
+from tasks.scoring.engines import get_engine
 from tasks.scoring.ledger import (
     WATCH,
     ClaimWatch,
@@ -43,7 +44,11 @@ _ROW = [("key", pa.string()), ("object", pa.string())]
 _STAMP = [("model_version", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))]
 
 
-PRICED_SCHEMA = pa.schema([*_ROW, ("price", pa.float64()), *_STAMP])
+# which engine and precision priced the row (tasks/scoring/engines.py)
+_ENGINE = [("engine", pa.string()), ("precision", pa.string())]
+
+
+PRICED_SCHEMA = pa.schema([*_ROW, ("price", pa.float64()), *_STAMP, *_ENGINE])
 
 
 REJECTED_SCHEMA = pa.schema([*_ROW, ("reason", pa.string()), *_STAMP])
@@ -91,10 +96,14 @@ def decode_object(
         yield one(f"{key}#{image_id}", image or b"")
 
 
-def _rows(schema: pa.Schema, rows: list[tuple], values, mv: str, now: datetime) -> pa.Table:
-    """A part table: one row per (row key, object) with its value (price or reason)."""
+def _rows(
+    schema: pa.Schema, rows: list[tuple], values, mv: str, now: datetime, stamp: dict | None = None
+) -> pa.Table:
+    """A part table: one row per (row key, object) with its value (price or reason)
+    and ``stamp``'s columns (engine, precision)."""
     columns = {"key": [r for r, _ in rows], "object": [o for _, o in rows], schema.names[2]: values}
     columns |= {"model_version": [mv] * len(rows), "scored_at": [now] * len(rows)}
+    columns |= {name: [value] * len(rows) for name, value in (stamp or {}).items()}
     return pa.table(columns, schema=schema)
 
 
@@ -127,7 +136,8 @@ def score_shard(
     t0 = time.time()
     attempt = lease.claim_id if lease is not None else uuid.uuid4().hex
     mv = run.model_version
-    model, config, lock = get_model(Lake(run.store).model(mv), options.precision)
+    engine = get_engine(Lake(run.store).model(mv), options)
+    config = engine.config
     mode, size = preprocess_of(config)  # exactly the preprocessing the model trained with
     clock = lease.clock if lease is not None else time.monotonic
     started = clock()  # the bound counts from a loaded model
@@ -161,7 +171,7 @@ def score_shard(
                 pixels.append(px)
     check(len(rows) + len(rejected))
     images = np.stack(pixels) if pixels else np.zeros((0, *pixel_shape(mode, size)), np.uint8)
-    prices = predict_prices(model, images, options.batch_size, lock)
+    prices = engine.predict(images, options.batch_size)
     now = datetime.now(UTC)
     stats = config.get("train_stats", {})
     means = images.reshape(len(images), -1).mean(axis=1) if len(images) else np.zeros(0)
@@ -177,12 +187,21 @@ def score_shard(
         "pixel_out_of_range": int(((means < low) | (means > high)).sum()),
         "pixel_mean_sum": float(means.sum()),
         "seconds": round(time.time() - t0, 3),
+        "engine": engine.engine,
+        "precision": engine.precision,
     }
     check(len(rows) + len(rejected))
     won = run.write_shard(
         shard,
         attempt,
-        _rows(PRICED_SCHEMA, rows, prices, mv, now),
+        _rows(
+            PRICED_SCHEMA,
+            rows,
+            prices,
+            mv,
+            now,
+            {"engine": engine.engine, "precision": engine.precision},
+        ),  # fmt: skip
         _rows(REJECTED_SCHEMA, [r for r, _ in rejected], [why for _, why in rejected], mv, now),
         facts,
     )

@@ -16,6 +16,9 @@ models/<model>/attempts/<attempt>/{model.keras, config.json, history.json, summa
 models/<model>/lineage.json        (created once, naming the attempt that won; models stored
                                     before attempts hold their files under models/<model>/)
 models/<model>/[eval/<labels>/]{metrics.json, plots/}
+models/<model>/engines/openvino-int8/{attempts/<attempt>/{model.xml, model.bin}, gate.json}
+                                   (a derived engine model: gate.json, created once, names
+                                    the attempt whose files it publishes and the verdict)
 registry/champion.json, registry/decisions/<time>-<model>.json          (the demo line)
 registry/lines/<name>/{champion.json, decisions/<time>-<model>.json}  (a catalog's line)
 drops/<drop>/...                  (.ready: an optional marker, "this drop is complete"; hidden, so
@@ -468,6 +471,56 @@ class ModelFiles(Entry):
 
 
 @dataclass(frozen=True)
+class EngineFiles(Entry):
+    """models/<v>/engines/<name>/: an engine's own model derived from model.keras (the
+    OpenVINO int8 model). Each attempt writes its files under attempts/<id>/; gate.json,
+    the marker, is created once by a conditional write naming the attempt it publishes,
+    its files' hashes and the accuracy gate's verdict: two makers never both publish."""
+
+    version: str = ""
+    MARKER = "gate.json"
+    XML = "model.xml"
+    BIN = "model.bin"
+
+    def gate(self) -> dict | None:
+        return self.marker()
+
+    def write_files(self, attempt: str, xml, weights) -> None:
+        """Store one attempt's model.xml and model.bin (local paths)."""
+        self.store.put_file(self._file(attempt, self.XML), xml)
+        self.store.put_file(self._file(attempt, self.BIN), weights)
+
+    def download(self, gate: dict, directory: Path) -> Path:
+        """The published attempt's files into ``directory``; the local model.xml."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in (self.XML, self.BIN):
+            self.store.get_file(self._file(gate["attempt"], name), directory / name)
+        return directory / self.XML
+
+    def file_uri(self, gate: dict) -> str:
+        return self.uri(self._file(gate["attempt"], self.XML)[len(self.prefix) :])
+
+    def attempts(self) -> list[str]:
+        """The attempts that wrote files (one published, others lost the race)."""
+        keys = {o.key[len(self.prefix) :] for o in self.store.list(self.prefix + "attempts/")}
+        return sorted({k.split("/")[1] for k in keys if k.count("/") >= 2})
+
+    def publish(self, gate: dict) -> dict:
+        """Create gate.json unless there is one; the gate that stands (this one when it
+        won, also when only the response to its write was lost)."""
+        if self.store.put_if_absent(self.key(self.MARKER), json_bytes(gate)):
+            return gate
+        return self.get_json(self.MARKER)
+
+    def write_gate(self, gate: dict) -> None:
+        """Replace gate.json as given (an operator's verdict, or a test's)."""
+        self.put_json(self.MARKER, gate)
+
+    def _file(self, attempt: str, name: str) -> str:
+        return f"{self.prefix}attempts/{attempt}/{name}"
+
+
+@dataclass(frozen=True)
 class Model(Entry):
     """models/<v>/: lineage.json, the completion marker, created once by a conditional
     write that names the attempt whose files it publishes; the first complete attempt
@@ -505,6 +558,10 @@ class Model(Entry):
         if self.store.put_if_absent(self.key(self.MARKER), json_bytes(marker)):
             return marker
         return self.lineage()
+
+    def engine(self, name: str = "openvino-int8") -> EngineFiles:
+        """models/<v>/engines/<name>/: a model derived from this one for a scoring engine."""
+        return EngineFiles(self.store, f"{self.prefix}engines/{name}/", self.version)
 
     def write_lineage(self, lineage: dict) -> bool:
         """Create lineage.json as given (a model whose files sit under models/<v>/);
@@ -765,7 +822,8 @@ class ScoreRun(Entry):
 
     def read_tables(self, names: list[str], columns: list[str] | None = None) -> pa.Table | None:
         tables = [read_parquet(self.get_bytes(n), columns) for n in names]
-        return pa.concat_tables(tables) if tables else None
+        # parts written before a column existed (engine, precision) read as nulls there
+        return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def prices(self, columns: list[str] | None = None) -> pa.Table | None:
         return self.read_tables(self.part_names(), columns)
