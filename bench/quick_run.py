@@ -30,10 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 # name -> settings on top of the weights=none defaults (`quick` is QUICK as shipped)
 OPTIONS = {
     "quick": {},
-    "v1": {"train_limit": 6000, "epochs": 2, "batch_size": 32},  # the preset before
-    "half": {"train_limit": 3000, "epochs": 2},
-    "one-epoch": {"train_limit": 6000, "epochs": 1},
-    "frozen-random": {"train_limit": 6000, "epochs": 2, "freeze": 15},
+    "3000x1": {"train_limit": 3000, "epochs": 1},
+    "6000x2": {"train_limit": 6000, "epochs": 2},  # the preset before
+    "frozen-random": {"train_limit": 6000, "epochs": 2, "freeze": 15},  # random base, cached
 }
 
 
