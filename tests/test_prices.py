@@ -87,7 +87,8 @@ def test_prices_files_read_back_and_bad_out(local_store, tmp_path):
         assert written["rejected"] == str(tmp_path / f"prices-rejected{suffix}")
         table, rejected = read(written["prices"]), read(written["rejected"])
         assert sorted(table["key"]) == sorted(_images(3)) and table["price"].notna().all()
-        assert list(table.columns) == ["key", "object", "price", "model_version", "scored_at"]
+        assert list(table.columns) == ["key", "object", "price", "model_version", "scored_at",
+                                       "engine", "precision"]  # fmt: skip
         assert list(rejected["key"]) == ["empty.png"] and "empty file" in rejected["reason"][0]
     with pytest.raises(ValueError, match=r"prices\.txt: --out must end in \.csv or \.parquet"):
         write_prices(prices, tmp_path / "prices.txt")

@@ -32,7 +32,7 @@ class Prices:
     model_version: str
     uri: str  # the scores folder: parts, rejected.parquet, superseded.parquet, manifest
     finished: bool  # the manifest covers every plan
-    prices: pa.Table  # key, object, price, model_version, scored_at: one row per image
+    prices: pa.Table  # a row per image: key, object, price, model_version, scored_at, ...
     rejected: pa.Table  # key, object, reason, model_version, scored_at
     superseded: int  # older rows of re-priced objects, left out
 
