@@ -280,9 +280,10 @@ def train(
     limits = {"train": settings.train_limit, "test": settings.test_limit}
     data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
                      settings.preprocess, settings.input_size)  # fmt: skip
-    log.info("training %s: %d images x %d epochs at %dx%d, %d of 19 VGG16 layers frozen; "
-             "precision %s", mv, len(data.train.y), settings.epochs, settings.input_size,
-             settings.input_size, settings.frozen_layers(), precision_reason(precision))  # fmt: skip
+    log.info("training %s: %d images x %d epoch%s at %dx%d, %d of 19 VGG16 layers frozen; "
+             "precision %s", mv, len(data.train.y), settings.epochs,
+             "" if settings.epochs == 1 else "s", settings.input_size, settings.input_size,
+             settings.frozen_layers(), precision_reason(precision))  # fmt: skip
     with keras_precision(precision), seeded(settings.seed):
         fit = prepare_fit(lake, data, settings, precision)
         compile_top(fit.model, settings)
