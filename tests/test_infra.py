@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tasks.deploy.pools import POOLS, REPO, apply_pools, deploy_all
+from tests.conftest import shared_prefect_api
 
 INFRA = REPO / "infra"
 CHECKOUT = Path(__file__).resolve().parents[1]  # these tests' checkout: tests.programs is here
@@ -239,7 +240,10 @@ def test_pull_step_enters_the_checkout_where_the_run_runs(rendered, tmp_path):
         assert str(REPO) not in deployment.model_dump_json(), "deployer's path stored"
     steps = json.dumps(rendered["deployments"]["train"].pull_steps)
     program = Path(__file__).with_name("programs") / "pull_steps.py"
-    done = subprocess.run([sys.executable, str(program), steps], cwd=tmp_path,
+    # The steps report to a Prefect API: the session's server, not a temporary one of the
+    # child's own (whose start-up, on a loaded machine, can outlast Prefect's 20 s wait).
+    env = os.environ | {"PREFECT_API_URL": shared_prefect_api()}
+    done = subprocess.run([sys.executable, str(program), steps], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     outputs, cwd = json.loads(done.stdout.strip().splitlines()[-1])
