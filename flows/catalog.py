@@ -46,7 +46,9 @@ def catalog_flow(
     skipped = [n for n, result in stages if result.get("skipped")]
     if skipped:
         get_logger().info("skipped (inputs unchanged): %s", ", ".join(skipped))
-    counts = ingested["manifest"]["counts"]
+    counts = ingested["manifest"]["counts"] | {
+        k: ingested[k] for k in ("decoded", "reused", "skipped_rows")
+    }
     return {
         "line": name,
         "ingest": {

@@ -98,19 +98,19 @@ def test_skip_bad_rows_records_them_and_rejects_bad_files(catalog_files, tmp_pat
     first = ingest_catalog(lake, source, prices, "shoes", skip_bad_rows=True)
     dataset = lake.catalog(first["dataset_version"])
     counts = first["manifest"]["counts"]
-    assert counts["skipped_rows"] == N_BAD_ROWS and counts["rejected_images"] == 2
-    skipped = dataset.skipped().to_pylist()
+    assert first["skipped_rows"] == N_BAD_ROWS and counts["rejected_images"] == 2
+    labels = lake.labels(first["dataset_version"], first["labels_version"])
+    skipped = labels.skipped().to_pylist()
     assert {r["image"] for r in skipped} >= {"nope.png", "extra/neg.png", "extra/text.png"}
     reasons = " ".join(r["reason"] for r in skipped)
     assert "no such image" in reasons and "negative price" in reasons
     assert "not a number" in reasons and "priced 2 times" in reasons
     rejected = {r["image"]: r["reason"] for r in dataset.rejected().to_pylist()}
     assert set(rejected) == {"red/broken.png", "notes.jpg"}
-    # Stored images: RGB PNGs; the split is stratified; scaling fit on train only.
+    # Stored images: RGB PNGs; the split is by key; scaling fit on train only.
     train = dataset.read_split("train")
     im = Image.open(io.BytesIO(train["image"][0].as_py()))
     assert im.format == "PNG" and im.mode == "RGB"
-    labels = lake.labels(first["dataset_version"], first["labels_version"])
     table = labels.prices().to_pandas()
     assert set(table["split"]) == {"train", "test"}
     assert labels.scaling()["min"] == table[table.split == "train"].price.min()

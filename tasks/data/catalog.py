@@ -1,53 +1,72 @@
 """Your own catalog: a folder (or s3:// prefix, or Parquet file) of images and a table
-of prices into a dataset version and a labels version.
+of prices into a dataset version and a labels version, at the cost of what changed.
 
 - **Images** are listed (any depth; folder markers and hidden names skipped) and
   every priced one is decoded with the scoring rules (``tasks.data.images``), kept in
-  RGB with its longest side at most ``images.MAX_SIDE`` and stored as PNG in
-  Parquet shards. An undecodable file is a row of ``rejected.parquet``.
+  RGB with its longest side at most ``images.MAX_SIDE`` and stored as PNG in the
+  catalog's pixel shards, by content id (``tasks.data.sources``). An image whose
+  content is already in a shard is never decoded again; new ones are decoded on every
+  core (``workers`` processes, a bounded window of chunks in flight) and written in
+  shards as they fill, so a killed ingest keeps what it wrote. An undecodable file is a
+  row of ``rejected.parquet``.
 - **Prices** (CSV or Parquet) need ``image`` (the key relative to the source, or the
   Parquet file's ``image_id``) and ``price``; ``category`` and ``split`` (``train``
   / ``test``) are optional. The table is checked as a whole before anything is
   written: a price that is not a finite number >= 0, an image that does not exist,
   an image priced twice or a split that is not train/test is a bad row; bad rows
   fail the run with one line (``CatalogError``) unless ``skip_bad_rows``, which
-  records them in ``skipped_rows.parquet``.
-- **Split:** the ``split`` column, else seeded (``SPLIT_SEED``) and stratified by
-  category, ``TEST_FRACTION`` to test.
-- **Versions:** the dataset version hashes the listing (keys and S3 ETags, or the
-  SHA-256 of local files), the prices file's SHA-256, the split and size rules and
-  ``lake.CATALOG_FORMAT``; unchanged inputs skip. Labels are the table's prices,
-  min-max scaled on the train split only.
+  records them in the labels' ``skipped_rows.parquet``.
+- **Split:** the ``split`` column, else stable per image: a hash of its key
+  (``SPLIT_SEED``) sends ``TEST_FRACTION`` of the keys to test, so adding images never
+  moves an old one between splits and a line's models are compared on images neither
+  trained on.
+- **Versions:** the dataset version hashes the images it holds (key, content id, split,
+  category), the size rules and ``lake.CATALOG_FORMAT``; the prices are the labels
+  version's alone, so a price change makes new labels on the same dataset (no image
+  decoded, no frozen feature recomputed). Labels are the table's prices, min-max scaled
+  on the train split only.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import math
-from dataclasses import dataclass
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
 from tasks import __version__
-from tasks.data.images import MAX_SIDE, ImageRejected, encode_png_rgb, to_rgb
+from tasks.data.images import MAX_SIDE
 from tasks.data.prices import fit_scaling
+from tasks.data.sources import CatalogError, ImageSource, decode_chunk, open_source, parent_of
 from tasks.runtime import TASK_RETRIES, get_logger, progress
-from tasks.store.lake import CATALOG_FORMAT, Lake, catalog_version, check_line_name, is_image_key
+from tasks.store.lake import CATALOG_FORMAT, CatalogPixels, Lake, catalog_version, check_line_name
 from tasks.store.lake import labels_version as make_labels_version
-from tasks.store.storage import Store, open_store
+from tasks.store.storage import open_store
 
 TEST_FRACTION = 0.15
 SPLIT_SEED = 0
-SHARD_ROWS = 2000
+SHARD_ROWS = 2000  # images per pixel shard
+CHUNK = 64  # images per unit of decode work
 REQUIRED = ("image", "price")
 SPLITS = ("train", "test")
 SHOWN_BAD_ROWS = 3  # how many offending rows the one-line error names
-SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32()), ("image", pa.binary())])
+PIXELS_SCHEMA = pa.schema(
+    [("content_id", pa.string()), ("image", pa.binary()), ("reason", pa.string())]
+)
+INDEX_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("content_id", pa.string()), ("identity", pa.string()),
+     ("split", pa.string()), ("label", pa.int32()), ("category", pa.string()),
+     ("shard", pa.string()), ("row", pa.int32())]
+)  # fmt: skip
 REJECTED_SCHEMA = pa.schema([("image", pa.string()), ("reason", pa.string())])
 SKIPPED_SCHEMA = pa.schema(
     [("row", pa.int64()), ("image", pa.string()), ("price", pa.string()), ("reason", pa.string())]
@@ -57,66 +76,7 @@ PRICES_SCHEMA = pa.schema(
      ("category", pa.string()), ("price", pa.float64())]
 )  # fmt: skip
 
-
-class CatalogError(ValueError):
-    """The catalog's inputs cannot be used; the one-line message says why (nothing written)."""
-
-
-# --- the images -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """A directory or s3:// prefix of image files, or one Parquet file of image bytes."""
-
-    uri: str
-    store: Store
-    parquet: str | None = None  # the key of the Parquet file in ``store``
-
-    def listing(self) -> dict[str, str]:
-        """image key -> content identity (S3 ETag, or SHA-256 of a local file or of a
-        Parquet row's bytes)."""
-        if self.parquet is not None:
-            return {i: hashlib.sha256(b).hexdigest() for i, b in self.rows.items()}
-        s3 = self.store.uri.startswith("s3://")
-        found = {}
-        for o in self.store.list():
-            if not is_image_key(o.key):
-                continue
-            found[o.key] = o.etag if s3 else self.store.sha256(o.key)  # streamed
-        return found
-
-    @functools.cached_property
-    def rows(self) -> dict[str, bytes]:
-        """A Parquet source's images by id, read and parsed once."""
-        try:
-            table = pq.read_table(io.BytesIO(self.store.get_bytes(self.parquet)))
-        except Exception as err:
-            raise CatalogError(f"{self.uri}: unreadable Parquet ({err})") from None
-        if "image" not in table.column_names:
-            raise CatalogError(f"{self.uri}: no 'image' column of image bytes")
-        images = table["image"].to_pylist()
-        ids = (table["image_id"].to_pylist() if "image_id" in table.column_names
-               else [str(i) for i in range(len(images))])  # fmt: skip
-        return {str(i): b or b"" for i, b in zip(ids, images, strict=True)}
-
-    def get(self, key: str) -> bytes:
-        return self.rows[key] if self.parquet is not None else self.store.get_bytes(key)
-
-    def read_all(self, keys: list[str]) -> dict[str, bytes]:
-        return {k: self.get(k) for k in keys}
-
-
-def _parent(uri: str) -> tuple[Store, str]:
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return open_store(parent or "."), name
-
-
-def open_source(uri: str) -> ImageSource:
-    if uri.lower().endswith(".parquet"):
-        store, name = _parent(uri)
-        return ImageSource(uri, store, name)
-    return ImageSource(uri, open_store(uri.rstrip("/")))
+__all__ = ["CatalogError", "ImageSource", "open_source"]
 
 
 # --- the prices table ------------------------------------------------------------------
@@ -126,7 +86,7 @@ def read_prices(uri: str) -> tuple[list[dict], bytes]:
     """(rows as dicts, the file's bytes); CatalogError for a missing file or columns."""
     import pandas as pd
 
-    store, name = _parent(uri)
+    store, name = parent_of(uri)
     try:
         body = store.get_bytes(name)
     except FileNotFoundError:
@@ -185,23 +145,14 @@ def check_rows(rows: list[dict], images: set[str], has_split: bool) -> list[tupl
     return bad
 
 
-def stratified_split(categories: list[str], fraction: float, seed: int) -> list[str]:
-    """A seeded split, ``fraction`` of each category to test (at least one of any
-    category with two or more rows)."""
-    rng = np.random.default_rng(seed)
-    split = ["train"] * len(categories)
-    by_cat: dict[str, list[int]] = {}
-    for i, c in enumerate(categories):
-        by_cat.setdefault(c, []).append(i)
-    for c in sorted(by_cat):
-        idx = np.asarray(by_cat[c])
-        n_test = max(1, round(fraction * len(idx))) if len(idx) >= 2 else 0
-        for i in rng.permutation(idx)[:n_test]:
-            split[int(i)] = "test"
-    return split
+# --- checking the inputs ------------------------------------------------------------
 
 
-# --- ingest -------------------------------------------------------------------------------
+def stable_split(key: str, fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> str:
+    """test for ``fraction`` of keys, by a hash of the key: the same key is in the same
+    split in every version of the catalog, whatever else it holds."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+    return "test" if h < fraction * 2**64 else "train"
 
 
 @dataclass
@@ -209,13 +160,15 @@ class CatalogPlan:
     """What a catalog's inputs are, checked; nothing written yet."""
 
     source: ImageSource
-    listing: dict[str, str]
+    listing: dict[str, str]  # key -> identity
     rows: list[dict]
-    prices_sha256: str
     bad: list[tuple[int, str]]
     spec: dict
-    dataset_version: str
-    labels_version: str
+
+    @property
+    def good(self) -> list[dict]:
+        bad = {n for n, _ in self.bad}
+        return [r for n, r in enumerate(self.rows, start=1) if n not in bad]
 
 
 def check_catalog(
@@ -224,15 +177,13 @@ def check_catalog(
     """List the images, read the prices table and check it whole; CatalogError with one
     line for anything that stops the run. Writes nothing."""
     check_line_name(name)
-    rows, prices_body = read_prices(prices_uri)  # a missing table stops before any listing
+    rows, _ = read_prices(prices_uri)  # a missing table stops before any listing
     source = open_source(source_uri)
     listing = source.listing()
     if not listing:
         raise CatalogError(f"{source_uri}: no images found")
-    prices_sha256 = hashlib.sha256(prices_body).hexdigest()
-    spec = {"max_side": MAX_SIDE, "test_fraction": TEST_FRACTION, "split_seed": SPLIT_SEED}
-    dv = catalog_version(name, listing, prices_sha256, spec)
-    lv = make_labels_version(dv, {"kind": "table"}, SPLIT_SEED)
+    spec = {"max_side": MAX_SIDE, "test_fraction": TEST_FRACTION, "split_seed": SPLIT_SEED,
+            "split": "column" if rows and "split" in rows[0] else "by key hash"}  # fmt: skip
     bad = check_rows(rows, set(listing), "split" in rows[0] if rows else False)
     if bad and not skip_bad_rows:
         first = "; ".join(f"row {n}: {why}" for n, why in bad[:SHOWN_BAD_ROWS])
@@ -242,7 +193,7 @@ def check_catalog(
         )
     if len(bad) == len(rows):
         raise CatalogError(f"{prices_uri}: no usable rows ({len(bad)} bad)")
-    return CatalogPlan(source, listing, rows, prices_sha256, bad, spec, dv, lv)
+    return CatalogPlan(source, listing, rows, bad, spec)
 
 
 def check_inputs(prices_uri: str, name: str) -> None:
@@ -253,161 +204,303 @@ def check_inputs(prices_uri: str, name: str) -> None:
     read_prices(prices_uri)
 
 
+# --- decoding, once per content ------------------------------------------------------
+
+
+@dataclass
+class Known:
+    """What the catalog's pixel shards already hold: content id -> (shard, row, reason),
+    and (key, identity) -> content id, as git's index knows a file it has hashed."""
+
+    where: dict[str, tuple[str, int, str | None]] = field(default_factory=dict)
+    content_of: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def add_shard(self, shard: str, facts: dict) -> None:
+        reasons = {int(i): r for i, r in facts.get("reasons", {}).items()}
+        for row, (cid, (key, identity)) in enumerate(
+            zip(facts["ids"], facts["sources"], strict=True)
+        ):
+            self.where.setdefault(cid, (shard, row, reasons.get(row)))
+            self.content_of[(key, identity)] = cid
+
+
+def known_pixels(lake: Lake, name: str) -> Known:
+    """From the newest version's index, plus every shard that no index names yet (a
+    killed ingest's, or another version's): read only their small markers."""
+    known = Known()
+    newest = lake.newest_catalog(name)
+    pixels = lake.catalog_pixels(name)
+    named: set[str] = set()
+    if newest is not None:
+        index = newest.index()
+        for image_id, cid, identity, shard, row in zip(
+            *(index[c].to_pylist() for c in ("image_id", "content_id", "identity", "shard", "row")),
+            strict=True,
+        ):
+            known.where.setdefault(cid, (shard, row, None))
+            known.content_of[(image_id, identity)] = cid
+            named.add(shard)
+    for shard in pixels.shards():
+        if shard not in named:
+            known.add_shard(shard, pixels.shard(shard))
+    return known
+
+
 @dataclass
 class Decoded:
-    """The priced images that decode, sorted by key, and the files that do not."""
+    """Per priced key: (content id, shard, row) of its pixels, or why it was rejected."""
 
-    accepted: list[tuple[str, dict, bytes]]  # (key, prices row, normalised PNG)
-    rejected: list[tuple[str, str]]  # (key, reason)
+    found: dict[str, tuple[str, str, int]]
+    rejected: dict[str, str]
+    decoded: int  # images decoded by this call
+    reused: int  # images whose pixels were already stored
 
 
-def decode_images(plan: CatalogPlan) -> Decoded:
-    """Every priced image decoded by the scoring rules and stored as RGB PNG; one bad
-    file is one rejection, never a crash."""
-    bad_rows = {n for n, _ in plan.bad}
-    good = [r for n, r in enumerate(plan.rows, start=1) if n not in bad_rows]
-    blobs = plan.source.read_all([str(r["image"]).strip() for r in good])
-    accepted, rejected = [], []
-    with progress(len(good), "decode", "image") as bar:
-        for row in good:
-            key = str(row["image"]).strip()
-            try:
-                png = encode_png_rgb(to_rgb(blobs[key]))
-            except ImageRejected as err:
-                rejected.append((key, str(err)))
-            except Exception as err:  # whatever a decoder raises, one bad file is one row
-                rejected.append((key, f"undecodable: {type(err).__name__}: {err}"))
-            else:
-                accepted.append((key, row, png))
-            bar.update()
-    return Decoded(sorted(accepted, key=lambda a: a[0]), rejected)
+class ShardWriter:
+    """Decoded images collected into pixel shards of ``rows``, written as they fill."""
+
+    def __init__(self, pixels: CatalogPixels, known: Known, rows: int):
+        self.pixels, self.known, self.rows = pixels, known, rows
+        self.pending: list[tuple[str, str, str, bytes | None, str | None]] = []
+        self.waiting: set[str] = set()
+        self.written = 0
+
+    def add(self, key: str, identity: str, cid: str, png: bytes | None, reason: str | None):
+        if cid in self.known.where or cid in self.waiting:
+            return  # stored already, or the same content under another key
+        self.waiting.add(cid)
+        self.pending.append((key, identity, cid, png, reason))
+        if len(self.pending) >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = self.pending
+        table = pa.table({"content_id": [p[2] for p in rows], "image": [p[3] for p in rows],
+                          "reason": [p[4] for p in rows]}, schema=PIXELS_SCHEMA)  # fmt: skip
+        sources = [(p[0], p[1]) for p in rows]
+        shard = self.pixels.write(table, sources)
+        self.known.add_shard(shard, {"ids": table["content_id"].to_pylist(), "sources": sources,
+                                     "reasons": {i: p[4] for i, p in enumerate(rows)
+                                                 if p[4] is not None}})  # fmt: skip
+        self.written += len(rows)
+        self.pending, self.waiting = [], set()
+
+
+def _in_order(results, window: int):
+    """Results of submitted work in submission order, at most ``window`` in flight."""
+    flight: deque = deque()
+    for item in results:
+        flight.append(item)
+        if len(flight) >= window:
+            yield flight.popleft().result()
+    while flight:
+        yield flight.popleft().result()
+
+
+def decode_catalog(
+    lake: Lake, plan: CatalogPlan, name: str, workers: int | None = None,
+    shard_rows: int = SHARD_ROWS,
+) -> Decoded:  # fmt: skip
+    """Every priced image's pixels: found by content id, or decoded (on ``workers``
+    processes, default every core) and written to new pixel shards as they fill."""
+    known = known_pixels(lake, name)
+    writer = ShardWriter(lake.catalog_pixels(name), known, shard_rows)
+    keys = sorted(str(r["image"]).strip() for r in plan.good)
+    content: dict[str, str] = {}
+    todo: list[tuple[str, str | None]] = []
+    for key in keys:
+        identity = plan.listing[key]
+        cid = plan.source.content_id(identity) or known.content_of.get((key, identity))
+        if cid is not None and cid in known.where:
+            content[key] = cid
+        else:
+            todo.append((key, cid))
+    reused = len(content)
+    rejected: dict[str, str] = {}
+    workers = max(1, workers or os.cpu_count() or 1)
+    chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    with progress(len(todo), "decode", "image") as bar:
+        if workers == 1 or len(chunks) <= 1:
+            results = (decode_chunk(plan.source.uri, [k for k, _ in c], [i for _, i in c])
+                       for c in chunks)  # fmt: skip
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=get_context("spawn"))
+            submitted = (pool.submit(decode_chunk, plan.source.uri, [k for k, _ in c],
+                                     [i for _, i in c]) for c in chunks)  # fmt: skip
+            results = _in_order(submitted, 2 * workers)
+        try:
+            for result in results:
+                for key, cid, png, reason in result:
+                    if cid is None:
+                        rejected[key] = reason
+                    else:
+                        writer.add(key, plan.listing[key], cid, png, reason)
+                        content[key] = cid
+                    bar.update()
+            writer.flush()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    found = {}
+    for key, cid in content.items():
+        shard, row, reason = known.where[cid]
+        if reason is not None:
+            rejected[key] = reason
+        else:
+            found[key] = (cid, shard, row)
+    return Decoded(found, rejected, len(todo), reused)
+
+
+# --- the version ---------------------------------------------------------------------------
 
 
 @dataclass
 class Assignment:
-    """Each accepted image's category index and split, and the category names."""
+    """The accepted images in key order, each with its split and category."""
 
+    keys: list[str]
+    splits: list[str]
     categories: list[str]  # per image ("" without a category column)
     names: list[str]  # the sorted category names (none without the column)
     classes: list[int]  # per image: index into names (0 without)
-    splits: list[str]  # per image: train or test
 
 
 def assign_splits(decoded: Decoded, plan: CatalogPlan, prices_uri: str) -> Assignment:
-    """Categories and splits: the table's split column, or a seeded stratified split.
-    CatalogError when a split would be empty."""
-    rows = [r for _, r, _ in decoded.accepted]
-    has_cat = "category" in plan.rows[0]
-    cats = [str(r["category"]).strip() if has_cat else "" for r in rows]
+    """Categories and splits: the table's split column, or stable per key. CatalogError
+    when a split would be empty."""
+    row_of = {str(r["image"]).strip(): r for r in plan.good}
+    keys = sorted(decoded.found)
+    has_cat, has_split = "category" in plan.rows[0], "split" in plan.rows[0]
+    cats = [str(row_of[k]["category"]).strip() if has_cat else "" for k in keys]
     names = sorted(set(cats)) if has_cat else []
     index = {c: i for i, c in enumerate(names)}
-    if "split" in plan.rows[0]:
-        splits = [str(r["split"]).strip() for r in rows]
-    else:
-        splits = stratified_split(cats, TEST_FRACTION, SPLIT_SEED)
+    splits = [str(row_of[k]["split"]).strip() if has_split else stable_split(k) for k in keys]
     for s in SPLITS:
         if s not in splits:
-            raise CatalogError(f"{prices_uri}: no {s} images left ({len(rows)} usable)")
-    return Assignment(cats, names, [index.get(c, 0) for c in cats], splits)
+            raise CatalogError(f"{prices_uri}: no {s} images left ({len(keys)} usable)")
+    return Assignment(keys, splits, cats, names, [index.get(c, 0) for c in cats])
 
 
-def write_catalog(
-    lake: Lake, plan: CatalogPlan, decoded: Decoded, assigned: Assignment, inputs: dict,
-    shard_rows: int,
+def dataset_version_of(name: str, decoded: Decoded, assigned: Assignment, spec: dict) -> str:
+    images = [
+        (k, decoded.found[k][0], s, c)
+        for k, s, c in zip(assigned.keys, assigned.splits, assigned.categories, strict=True)
+    ]
+    return catalog_version(name, images, spec | {"rejected": sorted(decoded.rejected.items())})
+
+
+def prices_of(plan: CatalogPlan, keys: list[str]) -> list[float]:
+    row_of = {str(r["image"]).strip(): r for r in plan.good}
+    return [float(_price(row_of[k]["price"])[0]) for k in keys]
+
+
+def write_version(
+    lake: Lake, plan: CatalogPlan, decoded: Decoded, assigned: Assignment, dv: str,
+    inputs: dict,
 ) -> dict:  # fmt: skip
-    """The dataset's shards, rejections and skipped rows, its manifest last, then its
-    labels (scaling last); returns the manifest."""
-    dataset = lake.catalog(plan.dataset_version)
-    accepted, rows = decoded.accepted, plan.rows
-    manifest_splits = {}
-    for s in SPLITS:
-        idx = [i for i, x in enumerate(assigned.splits) if x == s]
-        shards = []
-        for j, start in enumerate(range(0, len(idx), shard_rows)):
-            part = idx[start : start + shard_rows]
-            table = pa.table(
-                {"image_id": [accepted[i][0] for i in part],
-                 "label": [assigned.classes[i] for i in part],
-                 "image": [accepted[i][2] for i in part]},
-                schema=SCHEMA,
-            )  # fmt: skip
-            shards.append(dataset.write_shard(s, j, table))
-        manifest_splits[s] = {"rows": len(idx), "shards": shards}
-    dataset.write_rejected(pa.table({"image": [k for k, _ in decoded.rejected],
-                                     "reason": [r for _, r in decoded.rejected]},
+    """The version's index and rejections, its manifest last; returns the manifest."""
+    dataset = lake.catalog(dv)
+    where = [decoded.found[k] for k in assigned.keys]
+    dataset.write_index(pa.table(
+        {"image_id": assigned.keys, "content_id": [w[0] for w in where],
+         "identity": [plan.listing[k] for k in assigned.keys], "split": assigned.splits,
+         "label": assigned.classes, "category": assigned.categories,
+         "shard": [w[1] for w in where], "row": [w[2] for w in where]}, schema=INDEX_SCHEMA))  # fmt: skip
+    rejected = sorted(decoded.rejected.items())
+    dataset.write_rejected(pa.table({"image": [k for k, _ in rejected],
+                                     "reason": [r for _, r in rejected]},
                                     schema=REJECTED_SCHEMA))  # fmt: skip
-    reasons = dict(plan.bad)
-    dataset.write_skipped(pa.table(
-        {"row": sorted(reasons), "image": [str(rows[n - 1]["image"]) for n in sorted(reasons)],
-         "price": [str(rows[n - 1]["price"]) for n in sorted(reasons)],
-         "reason": [reasons[n] for n in sorted(reasons)]}, schema=SKIPPED_SCHEMA))  # fmt: skip
     manifest = {
         "dataset": "catalog",
         "name": inputs["name"],
-        "version": plan.dataset_version,
+        "version": dv,
         "format": CATALOG_FORMAT,
-        "source": {
-            "images": inputs["source"],
-            "prices": inputs["prices"],
-            "listed": len(plan.listing),
-            "prices_sha256": plan.prices_sha256,
-        },  # fmt: skip
-        "rules": plan.spec | {"split": "column" if "split" in rows[0] else "seeded, stratified"},
+        "source": {"images": inputs["source"], "listed": len(plan.listing)},
+        "rules": plan.spec,
         "counts": {
-            "rows": len(rows),
-            "skipped_rows": len(plan.bad),
-            "rejected_images": len(decoded.rejected),
-            "images": len(accepted),
-            "unpriced_images": len(plan.listing) - len(rows) + len(plan.bad),
-        },  # fmt: skip
+            "images": len(assigned.keys),
+            "rejected_images": len(rejected),
+            "unpriced_images": len(plan.listing) - len(plan.good),
+        },
         "categories": assigned.names,
-        "splits": manifest_splits,
-        "schema": {f.name: str(f.type) for f in SCHEMA},
+        "splits": {s: {"rows": assigned.splits.count(s)} for s in SPLITS},
+        "index": dataset.INDEX,
+        "pixel_shards": sorted({w[1] for w in where}),
         "image_encoding": "png-rgb",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        + f".{time.time_ns() % 10**9:09d}Z",
         "created_by": {"package": "vggprice", "version": __version__},
     }
     dataset.write_manifest(manifest)  # last: marks the version complete
-
-    price = np.array([float(_price(r["price"])[0]) for _, r, _ in accepted])
-    scaling = fit_scaling(price, np.asarray(assigned.splits)) | {
-        "kind": "table", "categories": assigned.names, "dataset_version": plan.dataset_version,
-    }  # fmt: skip
-    lake.labels(plan.dataset_version, plan.labels_version).write(
-        pa.table({"image_id": [a[0] for a in accepted], "split": assigned.splits,
-                  "label": assigned.classes, "category": assigned.categories, "price": price},
-                 schema=PRICES_SCHEMA),
-        scaling,
-    )  # fmt: skip
     return manifest
+
+
+def write_labels(
+    lake: Lake, plan: CatalogPlan, assigned: Assignment, dv: str, lv: str, prices: list[float]
+) -> dict:
+    """The labels of a dataset version: prices, the rows skipped, scaling last."""
+    import numpy as np
+
+    price = np.asarray(prices, dtype=np.float64)
+    scaling = fit_scaling(price, np.asarray(assigned.splits)) | {
+        "kind": "table", "categories": assigned.names, "dataset_version": dv,
+    }  # fmt: skip
+    rows, reasons = plan.rows, dict(plan.bad)
+    skipped = pa.table(
+        {"row": sorted(reasons), "image": [str(rows[n - 1]["image"]) for n in sorted(reasons)],
+         "price": [str(rows[n - 1]["price"]) for n in sorted(reasons)],
+         "reason": [reasons[n] for n in sorted(reasons)]}, schema=SKIPPED_SCHEMA)  # fmt: skip
+    lake.labels(dv, lv).write(
+        pa.table({"image_id": assigned.keys, "split": assigned.splits, "label": assigned.classes,
+                  "category": assigned.categories, "price": price}, schema=PRICES_SCHEMA),
+        scaling, skipped,
+    )  # fmt: skip
+    return scaling
 
 
 def ingest_catalog(
     lake: Lake, source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False,
-    shard_rows: int = SHARD_ROWS,
+    shard_rows: int = SHARD_ROWS, workers: int | None = None,
 ) -> dict:  # fmt: skip
-    """Check everything (once), decode the priced images, assign splits, then write the
-    dataset (manifest last) and its labels (scaling last). Returns dataset and labels
-    versions; ``skipped`` when both existed."""
+    """Check everything (once), find or decode the priced images, assign splits, then
+    write the version (manifest last) and its labels (scaling last). Returns dataset and
+    labels versions, how many images were decoded and reused, and ``skipped`` when both
+    versions existed."""
     log = get_logger()
     plan = check_catalog(source_uri, prices_uri, name, skip_bad_rows)
-    dv, lv = plan.dataset_version, plan.labels_version
+    decoded = decode_catalog(lake, plan, name, workers, shard_rows)
+    assigned = assign_splits(decoded, plan, prices_uri)
+    dv = dataset_version_of(name, decoded, assigned, plan.spec)
+    prices = prices_of(plan, assigned.keys)
+    rule = {"kind": "table", "prices": hashlib.sha256(
+        "\n".join(f"{k}\t{p!r}" for k, p in zip(assigned.keys, prices, strict=True)).encode()
+    ).hexdigest()[:16]}  # fmt: skip
+    lv = make_labels_version(dv, rule, SPLIT_SEED)
     dataset, labels = lake.catalog(dv), lake.labels(dv, lv)
+    counts = {"decoded": decoded.decoded, "reused": decoded.reused, "skipped_rows": len(plan.bad)}
+    result = {"dataset_version": dv, "labels_version": lv} | counts
     if dataset.complete and labels.complete:
         log.info("catalog %s already in %s; nothing rewritten", dv, lake.uri)
-        return {"dataset_version": dv, "labels_version": lv, "skipped": True,
-                "manifest": dataset.manifest()}  # fmt: skip
-    decoded = decode_images(plan)  # in memory: nothing is final until the manifest
-    assigned = assign_splits(decoded, plan, prices_uri)
+        return result | {"skipped": True, "manifest": dataset.manifest()}
     inputs = {"name": name, "source": source_uri, "prices": prices_uri}
-    manifest = write_catalog(lake, plan, decoded, assigned, inputs, shard_rows)
-    log.info("catalog %s: %d images (%d rejected, %d rows skipped), labels %s", dv,
-             len(decoded.accepted), len(decoded.rejected), len(plan.bad), lv)  # fmt: skip
-    return {"dataset_version": dv, "labels_version": lv, "skipped": False, "manifest": manifest}
+    manifest = dataset.marker() if dataset.complete else write_version(
+        lake, plan, decoded, assigned, dv, inputs)  # fmt: skip
+    if not labels.complete:
+        write_labels(lake, plan, assigned, dv, lv, prices)
+    log.info("catalog %s: %d images (%d decoded, %d found stored; %d rejected, %d rows "
+             "skipped), labels %s", dv, len(assigned.keys), decoded.decoded, decoded.reused,
+             len(decoded.rejected), len(plan.bad), lv)  # fmt: skip
+    return result | {"skipped": False, "manifest": manifest}
 
 
 @task(name="ingest-catalog", **TASK_RETRIES)
 def ingest_catalog_task(
-    store_uri: str, source: str, prices: str, name: str, skip_bad_rows: bool = False
-) -> dict:
+    store_uri: str, source: str, prices: str, name: str, skip_bad_rows: bool = False,
+    workers: int | None = None,
+) -> dict:  # fmt: skip
     """Check and write a catalog's dataset and labels versions (or find them)."""
-    return ingest_catalog(Lake(open_store(store_uri)), source, prices, name, skip_bad_rows)
+    return ingest_catalog(Lake(open_store(store_uri)), source, prices, name, skip_bad_rows,
+                          workers=workers)  # fmt: skip

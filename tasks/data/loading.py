@@ -45,9 +45,11 @@ def load_data(
     seed: int,
     mode: str = GRAY28,
     size: int = SIZE,
+    leave_out: frozenset[str] = frozenset(),
 ) -> Data:
     """The splits named in ``limits`` (split -> row limit or None), seeded subsets, each
-    image prepared as the model of this preprocessing ``mode`` and ``size`` takes it."""
+    image prepared as the model of this preprocessing ``mode`` and ``size`` takes it;
+    images named in ``leave_out`` are dropped before the subset is drawn."""
     labels = lake.labels(dataset_version, labels_version)
     scaling = labels.scaling()
     prices = labels.prices()
@@ -57,6 +59,9 @@ def load_data(
     span = scaling["max"] - scaling["min"]
     for split, limit in limits.items():
         table = lake.dataset(dataset_version).read_split(split)
+        if leave_out:
+            keep = [i for i, k in enumerate(table["image_id"].to_pylist()) if k not in leave_out]
+            table = table.take(keep)
         table = table.take(subset_indices(table.num_rows, limit, seed))
         ids = table["image_id"].to_pylist()
         price = np.array([price_of[i] for i in ids], dtype=np.float64)

@@ -211,18 +211,55 @@ def publish(publication: Publication) -> None:
     get_logger().info("%s", p.summary)
 
 
+@dataclass(frozen=True)
+class TestImages:
+    """Which labelled images a model is scored on, when not its own test split: another
+    dataset's (``dataset_version``), less a dataset's train split (``leave_out_train_of``),
+    drawn with another subset (``limit``, ``seed``). The gate scores a champion and its
+    challenger on the same ones."""
+
+    dataset_version: str
+    leave_out_train_of: str | None
+    limit: int | None
+    seed: int
+
+
+def leave_out(lake: Lake, images: TestImages | None) -> frozenset[str]:
+    if images is None or images.leave_out_train_of in (None, images.dataset_version):
+        return frozenset()
+    return frozenset(lake.dataset(images.leave_out_train_of).read_split("train", ["image_id"])
+                     ["image_id"].to_pylist())  # fmt: skip
+
+
+def gate_images(lake: Lake, challenger: str, champion: str) -> tuple[TestImages | None, int]:
+    """The images a champion is scored on against a challenger: the challenger's test
+    split (its subset), less the champion's own train split; and how many test images
+    that leaves out (0: the challenger's own evaluation is on the same images)."""
+    c_model, m_model = lake.model(challenger), lake.model(champion)
+    dv = c_model.lineage()["dataset_version"]
+    own_dv = m_model.lineage()["dataset_version"]
+    c, m = (TrainSettings(**x.config()["settings"]) for x in (c_model, m_model))
+    if own_dv == dv and (c.test_limit, c.seed) == (m.test_limit, m.seed):
+        return None, 0
+    images = TestImages(dv, own_dv if own_dv != dv else None, c.test_limit, c.seed)
+    out = leave_out(lake, images)
+    overlap = sum(k in out for k in lake.dataset(dv).read_split("test", ["image_id"])
+                  ["image_id"].to_pylist()) if out else 0  # fmt: skip
+    return images, overlap
+
+
 def evaluate(
     lake: Lake, model_version: str, labels_version: str | None = None,
-    tracking_uri: str | None = None,
+    tracking_uri: str | None = None, images: TestImages | None = None,
 ) -> dict:  # fmt: skip
     """Score the test split and write metrics.json and plots (under models/<v>/ for the
     model's own labels, under models/<v>/eval/<labels>/ for other labels); with a
     ``tracking_uri``, then the model's MLflow run (reconciled from the lake), linked from
-    the report."""
+    the report. ``images``: score these instead of the labels' own test split."""
     mv = model_version
     model = lake.model(mv)
     config, lineage = model.config(), model.lineage()
-    evaluation = model.evaluation(labels_version)
+    evaluation = model.evaluation(labels_version, dataclasses.asdict(images) if images else None)
     existing = evaluation.metrics()
     if existing is not None:
         get_logger().info(
@@ -231,8 +268,11 @@ def evaluate(
         tracking.record_model(tracking_uri, lake, mv)  # what MLflow may have missed
         return existing | {"skipped": True}
     settings = TrainSettings(**config["settings"])
-    data = load_data(lake, lineage["dataset_version"], evaluation.labels_version,
-                     {"test": settings.test_limit}, settings.seed, *preprocess_of(config))  # fmt: skip
+    dataset_version = images.dataset_version if images else lineage["dataset_version"]
+    limit, seed = (images.limit, images.seed) if images else (settings.test_limit, settings.seed)
+    left_out = leave_out(lake, images)
+    data = load_data(lake, dataset_version, evaluation.labels_version, {"test": limit}, seed,
+                     *preprocess_of(config), leave_out=left_out)  # fmt: skip
     test = data.test
     pred = predict_prices(load_stored_model(model), test.images)
     train_mean = float(np.mean(data.train_prices))
@@ -242,6 +282,8 @@ def evaluate(
     else:
         metrics = catalog_metrics(test, pred, data.scaling, train_mean, data.train_prices)
     metrics |= {"model_version": mv, "labels_version": evaluation.labels_version}
+    if images:
+        metrics["images"] = dataclasses.asdict(images)
     plots = {
         "predicted vs true": (pred_vs_true_plot(test.price, pred), "pred_vs_true"),
         "residuals": (residuals_plot(test.price, pred), "residuals"),

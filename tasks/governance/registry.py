@@ -8,7 +8,7 @@ import uuid
 from prefect import task
 
 from tasks.governance import tracking
-from tasks.governance.evaluation import evaluate, read_metrics
+from tasks.governance.evaluation import TestImages, evaluate, gate_images, read_metrics
 from tasks.reports import emit, line_key, publish_markdown
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.store.lake import Lake, NotInLake, line_of
@@ -86,12 +86,15 @@ def _summary(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
     keys = ("rmse", "baseline_rmse", "mae", "mape", "mse_scaled", "noise_floor_rmse", "n",
-            "labels_version")  # fmt: skip
+            "labels_version", "images")  # fmt: skip
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def _metrics_on(lake: Lake, mv: str, labels_version: str) -> dict:
-    return read_metrics(lake, mv, labels_version) or evaluate(lake, mv, labels_version)
+def _metrics_on(lake: Lake, mv: str, labels_version: str, images: TestImages | None = None
+                ) -> dict:  # fmt: skip
+    if images is None:
+        return read_metrics(lake, mv, labels_version) or evaluate(lake, mv, labels_version)
+    return evaluate(lake, mv, labels_version, images=images)
 
 
 def promote(
@@ -115,20 +118,25 @@ def promote(
     for _ in range(MAX_RACES):
         champion, token = registry.champion_versioned()
         same = champion is not None and champion["model_version"] == model_version
-        champion_metrics = None
+        champion_metrics, compared = None, challenger
         if champion is not None and not same:
-            # Compare on the same labels: re-evaluate the champion on the challenger's.
-            champion_metrics = _metrics_on(lake, champion["model_version"], labels_version)
+            # The same labelled images for both, which neither trained on: the
+            # challenger's test split less the champion's own train split.
+            images, overlap = gate_images(lake, model_version, champion["model_version"])
+            champion_metrics = _metrics_on(lake, champion["model_version"], labels_version,
+                                           images)  # fmt: skip
+            if overlap:
+                compared = _metrics_on(lake, model_version, labels_version, images)
         if same:
             promoted, reason = False, "already the champion"
         elif force:
             promoted, reason = True, "forced by a person (--force)"
         else:
             promoted, reason = decide(
-                challenger["rmse"],
+                compared["rmse"],
                 champion_metrics["rmse"] if champion_metrics else None,
                 margin,
-                challenger.get("baseline_rmse"),
+                compared.get("baseline_rmse"),
             )
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if not promoted:
@@ -161,7 +169,7 @@ def promote(
     decision = {
         "time": now,
         "promotion_id": promotion_id,
-        "challenger": {"model_version": model_version, "metrics": _summary(challenger)},
+        "challenger": {"model_version": model_version, "metrics": _summary(compared)},
         "champion": (
             {"model_version": champion["model_version"], "metrics": _summary(champion_metrics)}
             if champion

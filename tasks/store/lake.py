@@ -7,9 +7,12 @@ strings. Compare Kedro's data catalog and Dagster's IO managers.
 
 ```
 datasets/fashion-mnist/<dataset>/{manifest.json, train/part-*.parquet, test/part-*.parquet}
-datasets/catalog/<name>/<dataset>/{train/part-*.parquet, test/part-*.parquet, rejected.parquet,
-                                   skipped_rows.parquet, manifest.json}
-labels/<dataset>/<labels>/{prices.parquet, scaling.json}
+datasets/catalog/<name>/_pixels/<shard>.{parquet, json}  (decoded images by content id, shared by
+                                   every version of the catalog; the .json, its ids, written last)
+datasets/catalog/<name>/<dataset>/{index.parquet, rejected.parquet, manifest.json}
+                                  (the index names each image's content id, split and pixel shard;
+                                   catalogs stored before content ids: train/ and test/ shards)
+labels/<dataset>/<labels>/{prices.parquet, [skipped_rows.parquet,] scaling.json}
 features/<key>/{train-view-N.npy, test.npy, manifest.json}
 checkpoints/<model>/{state.json, epoch-N.npz}
 models/<model>/attempts/<attempt>/{model.keras, config.json, history.json, summary.txt, plots/}
@@ -55,12 +58,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.store.storage import ObjectInfo, ObjectNotFound, Store, json_bytes
 
 DATASET_FORMAT = "vggprice-fashion-mnist-v1"  # bump when ingest writes other bytes
-CATALOG_FORMAT = "vggprice-catalog-v1"  # bump when catalog ingest writes other bytes
+CATALOG_FORMAT = "vggprice-catalog-v2"  # bump when catalog ingest writes other bytes
 DEMO_LINE = "demo"  # the Fashion-MNIST model line: registry/ as before lines existed
 LINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
 LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
@@ -144,15 +148,20 @@ def check_line_name(name: str) -> str:
     return name
 
 
-def catalog_version(name: str, listing: dict[str, str], prices_sha256: str, spec: dict) -> str:
-    """Derived from the images' listing (key -> ETag or SHA-256), the prices file's
-    SHA-256, how they are split and stored, and the format: same inputs, same version.
-    The name is part of it, so the version alone finds its place in the lake."""
+def catalog_version(name: str, images: list[tuple[str, str, str, str]], spec: dict) -> str:
+    """Derived from the images it holds, as (key, content id, split, category), how they
+    are stored, and the format: the same images give the same version, whatever the
+    prices (they are the labels'). The name is part of it, so the version alone finds its
+    place in the lake."""
     h = hashlib.sha256(f"{CATALOG_FORMAT}\n{json.dumps(spec, sort_keys=True)}\n".encode())
-    h.update(f"prices:{prices_sha256}\n".encode())
-    for key in sorted(listing):
-        h.update(f"{key}:{listing[key]}\n".encode())
+    for row in sorted(images):
+        h.update(("\t".join(row) + "\n").encode())
     return f"cat-{check_line_name(name)}-{h.hexdigest()[:16]}"
+
+
+def pixel_shard_name(content_ids: list[str]) -> str:
+    """A pixel shard is named by the content ids it holds, in order."""
+    return "px-" + digest([CATALOG_FORMAT, content_ids])
 
 
 def line_of(dataset_version: str) -> str:
@@ -320,12 +329,44 @@ class Dataset(Entry):
 
 @dataclass(frozen=True)
 class CatalogDataset(Dataset):
-    """A catalog's images (normalised RGB PNGs) in train/test shards, the files that
-    could not be decoded (``rejected.parquet``) and the prices rows skipped with
-    ``--skip-bad-rows`` (``skipped_rows.parquet``); manifest.json last."""
+    """A catalog version: ``index.parquet`` (per image: key, content id, split, category
+    and where its normalised RGB PNG is in the catalog's pixel shards), the files that
+    could not be decoded (``rejected.parquet``); manifest.json last. Versions stored
+    before content ids hold their own train/test shards (read as before)."""
 
+    INDEX = "index.parquet"
     REJECTED = "rejected.parquet"
-    SKIPPED = "skipped_rows.parquet"
+    SKIPPED = "skipped_rows.parquet"  # versions before content ids; newer ones: the labels'
+
+    def pixels(self) -> CatalogPixels:
+        return Lake(self.store).catalog_pixels(line_of(self.version))
+
+    def write_index(self, table: pa.Table) -> None:
+        self.put_bytes(self.INDEX, parquet_bytes(table))
+
+    def index(self, columns: list[str] | None = None) -> pa.Table | None:
+        """The version's index, or None for a version stored before content ids."""
+        if "index" not in self.manifest():
+            return None
+        return read_parquet(self.get_bytes(self.INDEX), columns)
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """One split as (image_id, label, image) rows in image_id order."""
+        index = self.index()
+        if index is None:
+            return super().read_split(split, columns)
+        mask = pc.equal(index["split"], split)
+        index = index.filter(mask).sort_by("image_id")
+        columns = columns or ["image_id", "label", "image"]
+        out = {"image_id": index["image_id"], "label": index["label"]}
+        if "image" in columns:
+            out["image"] = self.pixels().images(index["shard"].to_pylist(),
+                                                index["row"].to_pylist())  # fmt: skip
+        return pa.table({c: out[c] for c in columns})
+
+    def split_ids(self, split: str) -> list[str]:
+        """The image keys of one split (no pixels read)."""
+        return self.read_split(split, ["image_id"])["image_id"].to_pylist()
 
     def write_rejected(self, table: pa.Table) -> None:
         self.put_bytes(self.REJECTED, parquet_bytes(table))
@@ -333,11 +374,41 @@ class CatalogDataset(Dataset):
     def rejected(self) -> pa.Table:
         return read_parquet(self.get_bytes(self.REJECTED))
 
-    def write_skipped(self, table: pa.Table) -> None:
-        self.put_bytes(self.SKIPPED, parquet_bytes(table))
 
-    def skipped(self) -> pa.Table:
-        return read_parquet(self.get_bytes(self.SKIPPED))
+@dataclass(frozen=True)
+class CatalogPixels(Entry):
+    """A catalog's decoded images by content id, in shards shared by all its versions:
+    ``<shard>.parquet`` (content_id, image: PNG or null, reason: why it was rejected),
+    then ``<shard>.json`` (its content ids and the source keys and identities they were
+    read from: the marker; a shard without one is ignored and written again)."""
+
+    def write(self, table: pa.Table, sources: list[tuple[str, str]]) -> str:
+        ids = table["content_id"].to_pylist()
+        shard = pixel_shard_name(ids)
+        self.put_bytes(f"{shard}.parquet", parquet_bytes(table))
+        reasons = {i: r for i, r in enumerate(table["reason"].to_pylist()) if r is not None}
+        self.put_json(f"{shard}.json", {"ids": ids, "sources": sources,
+                                        "reasons": reasons})  # fmt: skip
+        return shard
+
+    def shards(self) -> list[str]:
+        """The shards whose marker exists."""
+        return [n[: -len(".json")] for n in self.names() if n.endswith(".json")]
+
+    def shard(self, shard: str) -> dict:
+        return self.get_json(f"{shard}.json")
+
+    def images(self, shards: list[str], rows: list[int]) -> pa.Array:
+        """The PNGs at (shard, row) pairs, in the order asked; each shard read once."""
+        wanted: dict[str, list[int]] = {}
+        for i, s in enumerate(shards):
+            wanted.setdefault(s, []).append(i)
+        out: list[bytes | None] = [None] * len(shards)
+        for s, positions in wanted.items():
+            column = read_parquet(self.get_bytes(f"{s}.parquet"), ["image"])["image"]
+            for i in positions:
+                out[i] = column[rows[i]].as_py()
+        return pa.array(out, pa.binary())
 
 
 def _shard_name(dataset: Dataset, row: dict) -> str:
@@ -351,10 +422,17 @@ class Labels(Entry):
     version: str = ""
     MARKER = "scaling.json"
     PRICES = "prices.parquet"
+    SKIPPED = "skipped_rows.parquet"  # a catalog's price rows left out (--skip-bad-rows)
 
-    def write(self, prices: pa.Table, scaling: dict) -> None:
+    def write(self, prices: pa.Table, scaling: dict, skipped: pa.Table | None = None) -> None:
         self.put_bytes(self.PRICES, parquet_bytes(prices))
+        if skipped is not None:
+            self.put_bytes(self.SKIPPED, parquet_bytes(skipped))
         self.put_json(self.MARKER, scaling)
+
+    def skipped(self) -> pa.Table:
+        self.scaling()
+        return read_parquet(self.get_bytes(self.SKIPPED))
 
     def scaling(self) -> dict:
         return self.read_marker(
@@ -596,11 +674,16 @@ class Model(Entry):
     def checkpoints(self) -> Checkpoints:
         return Checkpoints(self.store, f"checkpoints/{self.version}/")
 
-    def evaluation(self, labels_version: str | None = None) -> Evaluation:
-        """Under models/<v>/ for the model's own labels, models/<v>/eval/<labels>/ else."""
+    def evaluation(self, labels_version: str | None = None, images: dict | None = None
+                   ) -> Evaluation:  # fmt: skip
+        """Under models/<v>/ for the model's own labels, models/<v>/eval/<labels>/ else;
+        on other test images than the labels' own (``images``: another model's train
+        split left out, another subset), models/<v>/eval/<labels>-<hash of images>/."""
         own = self.lineage()["labels_version"]
         lv = labels_version or own
-        sub = "" if lv == own else f"eval/{lv}/"
+        sub = "" if lv == own and not images else f"eval/{lv}/"
+        if images:
+            sub = f"eval/{lv}-{digest(images, 8)}/"
         return Evaluation(self.store, self.prefix + sub, self.version, lv)
 
 
@@ -885,6 +968,9 @@ class Lake:
         name = line_of(version)
         return CatalogDataset(self.store, f"{self.CATALOGS}{name}/{version}/", version)
 
+    def catalog_pixels(self, name: str) -> CatalogPixels:
+        return CatalogPixels(self.store, f"{self.CATALOGS}{check_line_name(name)}/_pixels/")
+
     def labels(self, dataset: str, version: str) -> Labels:
         return Labels(self.store, f"labels/{dataset}/{version}/", dataset, version)
 
@@ -949,8 +1035,15 @@ class Lake:
 
     def catalog_versions(self, name: str | None = None) -> list[str]:
         names = [name] if name else self._children(self.CATALOGS)
-        found = [v for n in names for v in self._children(f"{self.CATALOGS}{n}/")]
+        found = [v for n in names for v in self._children(f"{self.CATALOGS}{n}/")
+                 if not v.startswith("_")]  # fmt: skip
         return [v for v in found if self.catalog(v).complete]
+
+    def newest_catalog(self, name: str) -> CatalogDataset | None:
+        """The catalog's most recently made version that has an index, or None."""
+        found = [(m.get("created_at", ""), v) for v in self.catalog_versions(name)
+                 if "index" in (m := self.catalog(v).manifest())]  # fmt: skip
+        return self.catalog(max(found)[1]) if found else None
 
     def labels_versions(self, dataset: str) -> list[str]:
         return self._children(f"labels/{dataset}/")

@@ -1,0 +1,206 @@
+"""Catalogs that grow: images decoded once per content, splits stable per image, a price
+change that touches no pixel, an ingest killed midway that keeps what it wrote, and a
+line retrained night after night with a fair gate every time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks.data.catalog import ingest_catalog
+from tasks.store.lake import Lake
+from tasks.store.storage import LocalStore, open_store
+from tests.catalog_data import csv_text, garments, write_catalog
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Catalog:
+    """A tinted catalog on disk (or copied to a bucket) and its prices CSV."""
+
+    def __init__(self, root: Path, n: int, store_uri: str | None = None):
+        self.root, self.dir = root, root / "photos"
+        images, labels = garments(n, seed=5)
+        self.rows = write_catalog(self.dir, images, labels)
+        self.s3 = store_uri if store_uri and store_uri.startswith("s3://") else None
+        self.sync()
+
+    @property
+    def source(self) -> str:
+        return f"s3://{self.s3.split('/')[2]}/photos/" if self.s3 else str(self.dir)
+
+    @property
+    def prices(self) -> str:
+        return f"s3://{self.s3.split('/')[2]}/prices.csv" if self.s3 else str(self.root / "p.csv")
+
+    def sync(self) -> None:
+        text = csv_text(self.rows)
+        (self.root / "p.csv").write_text(text)
+        if self.s3:
+            bucket = self.s3.split("/")[2]
+            files = open_store(f"s3://{bucket}/photos")
+            for key in [o.key for o in files.list()]:
+                if not (self.dir / key).exists():
+                    files.delete(key)
+            for path in self.dir.rglob("*"):
+                if path.is_file():
+                    files.put_bytes(path.relative_to(self.dir).as_posix(), path.read_bytes())
+            open_store(f"s3://{bucket}").put_bytes("prices.csv", text.encode())
+
+    def add(self, n: int, seed: int) -> list[str]:
+        images, labels = garments(n, seed=seed)
+        new = write_catalog(self.root / "new", images, labels, seed=seed)
+        keys = []
+        for row in new:
+            key = f"new{seed}/{row['image']}"
+            (self.dir / key).parent.mkdir(parents=True, exist_ok=True)
+            (self.root / "new" / row["image"]).rename(self.dir / key)
+            self.rows.append(row | {"image": key})
+            keys.append(key)
+        self.sync()
+        return keys
+
+    def reprice(self, n: int) -> list[str]:
+        for row in self.rows[:n]:
+            row["price"] = f"{float(row['price']) + 25:.2f}"
+        self.sync()
+        return [r["image"] for r in self.rows[:n]]
+
+    def remove(self, n: int) -> list[str]:
+        gone, self.rows = self.rows[-n:], self.rows[:-n]
+        for row in gone:
+            (self.dir / row["image"]).unlink()
+        self.sync()
+        return [r["image"] for r in gone]
+
+
+def rows_of(lake: Lake, dv: str) -> dict[str, list]:
+    dataset = lake.catalog(dv)
+    return {s: dataset.read_split(s).to_pylist() for s in ("train", "test")}
+
+
+def test_grown_catalog_decodes_only_what_changed_and_equals_a_fresh_build(store_uri, tmp_path):
+    catalog = Catalog(tmp_path, 48, store_uri)
+    lake = Lake(open_store(store_uri))
+    first = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=2,
+                           shard_rows=16)  # fmt: skip
+    assert (first["decoded"], first["reused"]) == (48, 0)
+    old_dv = first["dataset_version"]
+    old_test = set(lake.catalog(old_dv).split_ids("test"))
+    assert 0 < len(old_test) < 48
+
+    removed = catalog.remove(3)
+    added = catalog.add(5, seed=11)
+    grown = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=2,
+                           shard_rows=16)  # fmt: skip
+    assert (grown["decoded"], grown["reused"]) == (5, 45), "only the new photos are decoded"
+    new = lake.catalog(grown["dataset_version"])
+    new_ids = set(new.split_ids("train")) | set(new.split_ids("test"))
+    assert set(added) <= new_ids and not set(removed) & new_ids
+    assert set(removed) <= set(lake.catalog(old_dv).split_ids("train")) | old_test, (
+        "a removed image is still in the old version"
+    )
+    assert old_test - set(removed) <= set(new.split_ids("test")), "old images keep their split"
+    # The old shards are shared, not rewritten: the new version names them.
+    assert set(lake.catalog(old_dv).manifest()["pixel_shards"]) <= set(
+        new.manifest()["pixel_shards"]
+    ) | set(lake.catalog(old_dv).manifest()["pixel_shards"])
+
+    fresh = Lake(LocalStore(tmp_path / "fresh"))
+    scratch = ingest_catalog(fresh, catalog.source, catalog.prices, "shop", workers=1)
+    assert scratch["dataset_version"] == grown["dataset_version"]
+    assert scratch["labels_version"] == grown["labels_version"]
+    assert rows_of(fresh, scratch["dataset_version"]) == rows_of(lake, grown["dataset_version"])
+    assert fresh.labels(scratch["dataset_version"], scratch["labels_version"]).prices() == (
+        lake.labels(grown["dataset_version"], grown["labels_version"]).prices()
+    )
+
+    again = ingest_catalog(lake, catalog.source, catalog.prices, "shop")
+    assert again["skipped"] and (again["decoded"], again["reused"]) == (0, 50)
+
+
+def test_a_price_change_alone_makes_new_labels_and_decodes_nothing(tmp_path):
+    catalog = Catalog(tmp_path, 30)
+    lake = Lake(LocalStore(tmp_path / "lake"))
+    first = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1)
+    changed = catalog.reprice(2)
+    second = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1)
+    assert second["dataset_version"] == first["dataset_version"]
+    assert second["labels_version"] != first["labels_version"] and not second["skipped"]
+    assert (second["decoded"], second["reused"]) == (0, 30)
+    before = lake.labels(first["dataset_version"], first["labels_version"]).prices().to_pylist()
+    after = lake.labels(second["dataset_version"], second["labels_version"]).prices().to_pylist()
+    moved = {a["image_id"] for a, b in zip(before, after, strict=True) if a["price"] != b["price"]}
+    assert moved == set(changed)
+
+
+def test_touching_a_file_rehashes_it_but_decodes_nothing_new(tmp_path):
+    catalog = Catalog(tmp_path, 20)
+    lake = Lake(LocalStore(tmp_path / "lake"))
+    first = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1)
+    path = catalog.dir / catalog.rows[0]["image"]
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))  # same bytes, new identity
+    # a same-size rewrite with other pixels: a new content id
+    other = catalog.dir / catalog.rows[1]["image"]
+    with Image.open(other) as im:
+        pixels = np.asarray(im.convert("RGB")).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(other, format=im.format or "PNG")
+    second = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1)
+    assert second["reused"] == 18 and second["decoded"] == 2
+    assert second["dataset_version"] != first["dataset_version"]
+    shards = lake.catalog(second["dataset_version"]).manifest()["pixel_shards"]
+    written = [s for s in shards if s not in lake.catalog(first["dataset_version"])
+               .manifest()["pixel_shards"]]  # fmt: skip
+    assert len(written) == 1 and len(lake.catalog_pixels("shop").shard(written[0])["ids"]) == 1, (
+        "the touched file's content was already stored: only the changed one is new"
+    )
+
+
+def _noise_catalog(root: Path, n: int) -> tuple[str, str]:
+    """Large noisy photos (slow to decode: a kill lands mid-ingest) and their prices."""
+    rng = np.random.default_rng(0)
+    (root / "big").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(
+            root / "big" / f"{i:03d}.png", compress_level=1
+        )
+        rows.append({"image": f"{i:03d}.png", "price": f"{10 + i}"})
+    (root / "p.csv").write_text(csv_text(rows))
+    return str(root / "big"), str(root / "p.csv")
+
+
+def test_a_killed_ingest_keeps_its_shards_and_the_rerun_finishes_once(tmp_path):
+    source, prices = _noise_catalog(tmp_path, 60)
+    store = tmp_path / "lake"
+    lake = Lake(LocalStore(store))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.programs.ingest", str(store), source, prices, "big",
+         "6", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    pixels = lake.catalog_pixels("big")
+    deadline = time.monotonic() + 300
+    while len(pixels.shards()) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    written = len(pixels.shards())
+    assert 2 <= written < 10, "killed mid-ingest, with some shards written"
+    assert lake.catalog_versions("big") == [], "nothing half-written is a version"
+
+    out = ingest_catalog(lake, source, prices, "big", shard_rows=6, workers=1)
+    assert out["reused"] >= 6 * written and out["decoded"] == 60 - out["reused"]
+    fresh = Lake(LocalStore(tmp_path / "fresh"))
+    scratch = ingest_catalog(fresh, source, prices, "big", shard_rows=6, workers=2)
+    assert scratch["dataset_version"] == out["dataset_version"]
+    assert rows_of(fresh, scratch["dataset_version"]) == rows_of(lake, out["dataset_version"])
+    ids = [i for s in pixels.shards() for i in pixels.shard(s)["ids"]]
+    assert len(ids) == len(set(ids)) == 60, "every image stored exactly once"
