@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tasks.data.catalog import ingest_catalog
@@ -204,3 +205,63 @@ def test_a_killed_ingest_keeps_its_shards_and_the_rerun_finishes_once(tmp_path):
     assert rows_of(fresh, scratch["dataset_version"]) == rows_of(lake, out["dataset_version"])
     ids = [i for s in pixels.shards() for i in pixels.shard(s)["ids"]]
     assert len(ids) == len(set(ids)) == 60, "every image stored exactly once"
+
+
+def _gate_facts(lake: Lake, decision: dict) -> tuple[set[str], set[str], int, int]:
+    """(the challenger's test ids, the champion's train ids, n scored for each side)."""
+    c = lake.model(decision["challenger"]["model_version"]).lineage()
+    m = lake.model(decision["champion"]["model_version"]).lineage()
+    test = set(lake.catalog(c["dataset_version"]).split_ids("test"))
+    train = set(lake.catalog(m["dataset_version"]).split_ids("train"))
+    return test, train, decision["challenger"]["metrics"]["n"], decision["champion"]["metrics"]["n"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_nightly_retrains_each_end_in_a_fair_recorded_decision(tmp_path):
+    from flows.catalog import catalog_flow
+    from tasks.model.train_settings import TrainSettings
+    from tests.conftest import TINY
+
+    catalog = Catalog(tmp_path, 60)
+    store = str(tmp_path / "lake")
+    lake = Lake(LocalStore(store))
+    settings = TrainSettings(**TINY | {"preprocess": "rgb"})
+
+    def night(**kw) -> dict:
+        return catalog_flow(source=catalog.source, prices=catalog.prices, name="shop",
+                            store=store, settings=settings, **kw)  # fmt: skip
+
+    first = night(force=True)
+    assert first["promote"]["promoted"]
+    nights = []
+    catalog.add(6, seed=21)
+    nights.append(night())
+    catalog.reprice(5)
+    nights.append(night())
+    assert nights[-1]["ingest"]["counts"]["decoded"] == 0
+    assert nights[-1]["train"]["features"]["hit"], "a price change recomputes no feature"
+    catalog.remove(4)
+    nights.append(night())
+    decisions = lake.registry("shop").decisions()
+    assert len(decisions) == 4, "a decision is recorded for every retrain"
+    for d in decisions[1:]:
+        test, champion_train, n_challenger, n_champion = _gate_facts(lake, d)
+        assert d["champion"] is not None and not test & champion_train
+        assert n_challenger == n_champion == len(test), "both scored on the same images"
+
+    # A split column that moves some of the champion's train images to test: they are
+    # left out for both models.
+    champion_dv = lake.model(lake.registry("shop").champion()["model_version"]).lineage()[
+        "dataset_version"
+    ]
+    moved = sorted(lake.catalog(champion_dv).split_ids("train"))[:4]
+    test_now = set(lake.catalog(nights[-1]["ingest"]["dataset_version"]).split_ids("test"))
+    for row in catalog.rows:
+        row["split"] = "test" if row["image"] in moved or row["image"] in test_now else "train"
+    catalog.sync()
+    night()
+    last = lake.registry("shop").decisions()[-1]
+    test, champion_train, n_challenger, n_champion = _gate_facts(lake, last)
+    assert set(moved) <= test and set(moved) <= champion_train
+    assert n_challenger == n_champion == len(test - champion_train) == len(test) - 4
+    assert last["champion"]["metrics"]["images"]["leave_out_train_of"] == champion_dv
