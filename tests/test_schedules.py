@@ -107,7 +107,9 @@ def test_each_line_has_one_schedule_with_its_parameters(api, tmp_path, capsys):
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
         assert run.parameters["settings"]["epochs"] == 3
 
-    # Again for the same line: its one schedule replaced, not a second one.
+        client.update_deployment_schedule(deployment.id, shoes.id, active=False)  # paused in the UI
+
+    # Again for the same line: its one schedule replaced (and active again), not a second one.
     code, result = _deploy(capsys, "--catalog", "shoes", "--source", SOURCE, "--prices", PRICES,
                            "--cron", "30 4 * * 1", "--timezone", "Europe/Berlin",
                            "--store", str(store))  # fmt: skip
@@ -122,6 +124,7 @@ def test_each_line_has_one_schedule_with_its_parameters(api, tmp_path, capsys):
     again = schedules["catalog-shoes"]
     assert again.id == shoes.id
     assert (again.schedule.cron, again.schedule.timezone) == ("30 4 * * 1", "Europe/Berlin")
+    assert again.active is True
     assert "epochs" not in again.parameters["settings"], "the new call's settings, not the old"
 
     # A second line: a second schedule; the redeploy that came with it kept the first.
@@ -173,9 +176,11 @@ BAD = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "args,message", BAD, ids=[m.split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)]
-)
+BAD_IDS = ["cron-range", "cron-fields", "timezone", "line-name", "line-demo", "remove-line-name",
+           "set-value", "set-name", "no-prices", "remove-and-source", "no-catalog"]  # fmt: skip
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=BAD_IDS)
 def test_bad_input_is_one_line_and_writes_nothing(api, tmp_path, capsys, args, message):
     before = _server_state()
     code, err = _deploy(capsys, *args, "--store", str(tmp_path / "lake"))
