@@ -87,6 +87,7 @@ def schedule_catalog(
 ) -> dict[str, Any]:
     """Put line ``name``'s one schedule on the retrain-catalog deployment: created, or the
     line's existing schedule replaced (cron, time zone, parameters; active again)."""
+    import httpx
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
 
@@ -103,7 +104,7 @@ def schedule_catalog(
                                               slug=slug)  # fmt: skip
             try:
                 client.create_deployment_schedules(found.id, [create])
-            except Exception:  # another deployer created it first: replace theirs
+            except httpx.HTTPStatusError:  # another deployer created it first: replace it
                 existing = _line_schedules(client, found.id).get(name)
                 if existing is None:
                     raise
