@@ -350,9 +350,49 @@ def _cmd_pools(args: argparse.Namespace) -> dict:
     return apply_pools(args.pool or None)
 
 
+def _catalog_schedule(args: argparse.Namespace) -> dict | None:
+    """deploy --catalog NAME ...: the line's schedule, checked before anything is written
+    (None without --catalog)."""
+    from tasks.deploy.schedules import (
+        DEFAULT_CRON,
+        DEFAULT_TIMEZONE,
+        catalog_parameters,
+        cron_schedule,
+    )
+    from tasks.store.lake import check_line_name
+
+    given = [f"--{f}" for f in ("source", "prices", "cron", "timezone", "set")
+             if getattr(args, f) is not None]  # fmt: skip
+    if not args.catalog:
+        if given or args.remove:
+            raise ValueError(f"{', '.join(given + ['--remove'] * args.remove)} go with "
+                             "--catalog NAME: vggprice deploy --catalog NAME --source URI "
+                             "--prices URI")  # fmt: skip
+        return None
+    check_line_name(args.catalog)
+    if args.remove:
+        if given:
+            raise ValueError(f"--remove takes only --catalog NAME, not {', '.join(given)}")
+        return {}
+    missing = [f"--{f}" for f in ("source", "prices") if not getattr(args, f)]
+    if missing:
+        raise ValueError(f"a catalog schedule needs {' and '.join(missing)} too: vggprice "
+                         "deploy --catalog NAME --source URI --prices URI")  # fmt: skip
+    cron, timezone = args.cron or DEFAULT_CRON, args.timezone or DEFAULT_TIMEZONE
+    cron_schedule(cron, timezone)
+    settings = _train_settings(args, catalog=True).model_dump(mode="json", exclude_unset=True)
+    store = _lake(args).uri  # where this command's store is, for the scheduled runs too
+    parameters = catalog_parameters(args.catalog, args.source, args.prices, store, settings)
+    return {"name": args.catalog, "parameters": parameters, "cron": cron, "timezone": timezone}
+
+
 def _cmd_deploy(args: argparse.Namespace) -> dict:
     from tasks.deploy.pools import apply_pools, deploy_all, pool_kind
+    from tasks.deploy.schedules import schedule_catalog, unschedule_catalog
 
+    schedule = _catalog_schedule(args)  # a bad line, cron or setting stops before any write
+    if args.remove:
+        return unschedule_catalog(args.catalog)
     for pool in (args.cpu_pool, args.gpu_pool):  # a wrong name stops before any write
         pool_kind(pool)
     pools = apply_pools()
@@ -363,7 +403,10 @@ def _cmd_deploy(args: argparse.Namespace) -> dict:
         gpu_image=args.gpu_image,
     )
     names = [line.split("'")[1] for line in out.splitlines() if "Deployment '" in line]
-    return {"pools": pools, "deployments": sorted(set(names))}
+    result = {"pools": pools, "deployments": sorted(set(names))}
+    if schedule:
+        result["schedule"] = schedule_catalog(**schedule)
+    return result
 
 
 def _cmd_automations(args: argparse.Namespace) -> dict:
@@ -617,6 +660,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gpu, gpu-docker, gpu-k8s, gpu-ecs, or a cpu pool (default gpu)")  # fmt: skip
     p.add_argument("--cpu-image", help="image for a container cpu pool (default: the pool's)")
     p.add_argument("--gpu-image", help="image for a container gpu pool (your registry's tag)")
+    p.add_argument("--catalog", metavar="NAME",
+                   help="then schedule this catalog line's retrain on retrain-catalog (one "
+                        "schedule per line; again for the same line replaces it)")  # fmt: skip
+    p.add_argument("--source", help="with --catalog: the catalog's images (a directory, s3:// "
+                   "prefix or Parquet file)")  # fmt: skip
+    p.add_argument("--prices", help="with --catalog: its prices table (CSV or Parquet)")
+    p.add_argument("--cron", help='with --catalog: when it runs (default "0 3 * * *")')
+    p.add_argument("--timezone", help="with --catalog: the cron's time zone (default UTC)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="with --catalog: a training setting of its runs, as on run (repeatable)")  # fmt: skip
+    p.add_argument("--remove", action="store_true",
+                   help="with --catalog: delete that line's schedule only (no deploy)")  # fmt: skip
     p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("automations", parents=[common], help="notify on failures/rejections")
