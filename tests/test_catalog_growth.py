@@ -265,3 +265,58 @@ def test_nightly_retrains_each_end_in_a_fair_recorded_decision(tmp_path):
     assert set(moved) <= test and set(moved) <= champion_train
     assert n_challenger == n_champion == len(test - champion_train) == len(test) - 4
     assert last["champion"]["metrics"]["images"]["leave_out_train_of"] == champion_dv
+
+
+def _features_of(lake: Lake, result: dict, views) -> tuple[np.ndarray, np.ndarray]:
+    """The cached features of a trained model's train and test images (all hits)."""
+    from tasks.data.loading import load_data
+    from tasks.model.features import load_or_extract_by_content
+
+    dv, lv = result["lineage"]["dataset_version"], result["lineage"]["labels_version"]
+    data = load_data(lake, dv, lv, {"train": None, "test": None}, 0, "rgb", 32)
+    index = lake.catalog(dv).index().to_pylist()
+    where = {r["image_id"]: (r["shard"], r["row"]) for r in index}
+    train, test, facts = load_or_extract_by_content(
+        lake.shard_features(result["features"]["key"]), lake.catalog(dv).pixels(), None,
+        [where[i] for i in data.train.ids], [where[i] for i in data.test.ids], views, "rgb", 32,
+    )  # fmt: skip
+    assert facts["extracted_shards"] == 0
+    return train, test
+
+
+def test_grown_catalog_extracts_features_only_for_its_new_images(tmp_path):
+    from tasks.model.features import ViewRecipe
+    from tasks.model.train_settings import TrainSettings
+    from tasks.model.training import train
+    from tests.conftest import TINY
+
+    settings = TrainSettings(**TINY | {"preprocess": "rgb", "views": 3})
+    catalog = Catalog(tmp_path, 40)
+    lake = Lake(LocalStore(tmp_path / "lake"))
+
+    def build(target: Lake, **kw) -> dict:
+        out = ingest_catalog(target, catalog.source, catalog.prices, "shop", workers=1, **kw)
+        trained = train(target, out["dataset_version"], out["labels_version"], settings)
+        if "lineage" not in trained:
+            trained["lineage"] = target.model(trained["model_version"]).lineage()
+        return trained
+
+    first = build(lake, shard_rows=16)
+    assert (first["features"]["extracted_shards"], first["features"]["extracted_images"]) == (3, 40)
+    catalog.add(6, seed=31)
+    grown = build(lake, shard_rows=16)
+    assert (grown["features"]["extracted_shards"], grown["features"]["extracted_images"]) == (1, 6)
+    assert grown["features"]["key"] == first["features"]["key"], "one cache for the line"
+
+    fresh = Lake(LocalStore(tmp_path / "fresh"))
+    scratch = build(fresh, shard_rows=20)  # other shards: the features must not care
+    assert scratch["model_version"] == grown["model_version"]
+    recipe = ViewRecipe(3, settings.shift, settings.flip, settings.seed)
+    a_train, a_test = _features_of(lake, grown | {"lineage": grown["lineage"]}, recipe)
+    b_train, b_test = _features_of(fresh, scratch, recipe)
+    assert a_train.shape == b_train.shape == (3, a_train.shape[1], *a_train.shape[2:])
+    np.testing.assert_allclose(a_train.astype(np.float32), b_train.astype(np.float32),
+                               rtol=1e-2, atol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(a_test.astype(np.float32), b_test.astype(np.float32),
+                               rtol=1e-2, atol=1e-3)  # fmt: skip
+    assert not np.array_equal(a_train[0], a_train[2]), "view 2 is shifted"

@@ -5,17 +5,24 @@ layer, precision, views) and kept under ``features/<key>/``; training then fits
 only the unfrozen top. Random shifts cannot be cached per batch, so the cache
 holds a fixed number of pre-augmented views per train image: view 0 is the
 image, view 1 its horizontal flip, views 2.. a seeded random shift (+ flip).
+
+A catalog's features are kept per pixel shard instead (``load_or_extract_by_content``):
+a shard is content-addressed and shared by every version that holds it, so a grown
+catalog extracts only its new shards, and a price change none. Each image's random
+views are then seeded by its content id, never by its place in a batch, so a version
+built incrementally gets the same features as one built from scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tasks.data.images import GRAY28, model_input
+from tasks.data.images import GRAY28, model_input, prepare_batch
 from tasks.runtime import ProgressLog, get_logger, progress
-from tasks.store.lake import FeatureCache, feature_key
+from tasks.store.lake import CatalogPixels, FeatureCache, ShardFeatures, feature_key
 
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
 
@@ -59,20 +66,34 @@ def shift_image_batch(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.
     return images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def augment_view(images: np.ndarray, view: int, shift: float, flip: bool, seed: int) -> np.ndarray:
-    """View 0: as is. View 1: flipped (if flip). Later views: seeded shift, random flip."""
+def content_seeds(content_ids: list[str]) -> list[int]:
+    """A seed per image from its content id (its random views follow it anywhere)."""
+    return [int.from_bytes(hashlib.sha256(c.encode()).digest()[:8], "big") for c in content_ids]
+
+
+def augment_view(
+    images: np.ndarray, view: int, shift: float, flip: bool, seed: int,
+    image_seeds: list[int] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """View 0: as is. View 1: flipped (if flip). Later views: seeded shift, random flip;
+    drawn per image from ``image_seeds`` when given, else for the batch."""
     if view == 0:
         return images
     if view == 1 and flip:
         return images[:, :, ::-1]
-    rng = np.random.default_rng([seed, view])
     n, h, w = images.shape[:3]
     my, mx = round(shift * h), round(shift * w)
-    out = shift_image_batch(
-        images, rng.integers(-my, my + 1, size=n), rng.integers(-mx, mx + 1, size=n)
-    )
-    if flip:
+    if image_seeds is None:
+        rng = np.random.default_rng([seed, view])
+        dy, dx = rng.integers(-my, my + 1, size=n), rng.integers(-mx, mx + 1, size=n)
         flips = rng.random(n) < 0.5
+    else:
+        draws = [np.random.default_rng([seed, view, s]) for s in image_seeds]
+        dy = np.array([r.integers(-my, my + 1) for r in draws], dtype=np.int64)
+        dx = np.array([r.integers(-mx, mx + 1) for r in draws], dtype=np.int64)
+        flips = np.array([r.random() < 0.5 for r in draws], dtype=bool)
+    out = shift_image_batch(images, dy, dx)
+    if flip:
         out[flips] = out[flips, :, ::-1]
     return out
 
@@ -142,3 +163,67 @@ def load_or_extract(
     bar.close()
     cache.write(names, test)
     return train, test, False
+
+
+def shard_views(
+    pixels: CatalogPixels, shard: str, frozen, views: ViewRecipe, mode: str, size: int,
+    log: ProgressLog | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Every view of every row of one pixel shard, (views, rows, ...) float16 (zeros for
+    a row whose file was rejected: no version reads it)."""
+    table = pixels.table(shard)
+    blobs, seeds = table["image"].to_pylist(), content_seeds(table["content_id"].to_pylist())
+    ok = [i for i, b in enumerate(blobs) if b is not None]
+    images = prepare_batch([blobs[i] for i in ok], mode, size)
+    out = None
+    for v in range(views.n):
+        feats = extract(frozen, augment_view(images, v, views.shift, views.flip, views.seed,
+                                             [seeds[i] for i in ok]), log=log)  # fmt: skip
+        if out is None:
+            out = np.zeros((views.n, len(blobs), *feats.shape[1:]), DTYPE)
+        out[v, ok] = feats
+    return out
+
+
+def load_or_extract_by_content(
+    cache: ShardFeatures, pixels: CatalogPixels, frozen, train_at: list[tuple[str, int]],
+    test_at: list[tuple[str, int]], views: ViewRecipe, mode: str, size: int,
+) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    """(train features [views, n, ...], test features [n, ...], facts) for images at
+    (pixel shard, row): each shard's features read, or extracted and stored when the
+    shard has none yet; one shard's features in memory at a time besides the result."""
+    shards = sorted({s for s, _ in train_at} | {s for s, _ in test_at})
+    stored = set(cache.names("shards/"))
+    missing = [s for s in shards if f"shards/{s}.npy" not in stored]
+    rows = {s: len(pixels.shard(s)["ids"]) for s in missing}
+    lines = ProgressLog("frozen features", views.n * sum(rows.values()), "images")
+    if missing:
+        get_logger().info("frozen features: %d of %d pixel shards new (%d images x %d views)",
+                          len(missing), len(shards), sum(rows.values()), views.n)  # fmt: skip
+
+    def by_shard(at: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        found: dict[str, tuple[list[int], list[int]]] = {}
+        for i, (s, r) in enumerate(at):
+            found.setdefault(s, ([], []))[0].append(i)
+            found[s][1].append(r)
+        return {s: (np.asarray(i), np.asarray(r)) for s, (i, r) in found.items()}
+
+    train_of, test_of = by_shard(train_at), by_shard(test_at)
+    train = test = None
+    for shard in shards:
+        feats = cache.read(shard) if shard not in rows else None
+        if feats is None:
+            feats = shard_views(pixels, shard, frozen, views, mode, size, lines)
+            cache.write(shard, feats)
+        if train is None:
+            train = np.zeros((views.n, len(train_at), *feats.shape[2:]), DTYPE)
+            test = np.zeros((len(test_at), *feats.shape[2:]), DTYPE)
+        if shard in train_of:
+            positions, at = train_of[shard]
+            train[:, positions] = feats[:, at]
+        if shard in test_of:
+            positions, at = test_of[shard]
+            test[positions] = feats[0, at]
+    facts = {"shards": len(shards), "extracted_shards": len(missing),
+             "extracted_images": sum(rows.values())}  # fmt: skip
+    return train, test, facts

@@ -19,7 +19,12 @@ from tasks.data.images import model_input
 from tasks.data.loading import Data, load_data, train_stats
 from tasks.model.checkpoints import CheckpointWriter, restore_checkpoint
 from tasks.model.export import export_model, hardware, precision_reason, resolve_precision
-from tasks.model.features import FeatureSpec, ViewRecipe, load_or_extract
+from tasks.model.features import (
+    FeatureSpec,
+    ViewRecipe,
+    load_or_extract,
+    load_or_extract_by_content,
+)
 from tasks.model.graphs import augmentation_layers, build_graphs, input_shape
 from tasks.model.kernels import fused_rmsprop
 from tasks.model.train_settings import TrainSettings
@@ -236,9 +241,18 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
                   model_input(data.test.images), data.test.y, False, None)  # fmt: skip
         return fit
     recipe = ViewRecipe(settings.cached_views(), settings.shift, settings.flip, settings.seed)
+    index = lake.dataset(data.dataset_version).index() if data.dataset_version.startswith(
+        "cat-") else None  # fmt: skip
+    by_content = index is not None  # a catalog stored by content: features per pixel shard
     spec = FeatureSpec(
-        dataset_version=data.dataset_version,
-        subset={"train": settings.train_limit, "test": settings.test_limit, "seed": settings.seed},
+        dataset_version="by-content" if by_content else data.dataset_version,
+        subset={}
+        if by_content
+        else {
+            "train": settings.train_limit,
+            "test": settings.test_limit,
+            "seed": settings.seed,
+        },  # fmt: skip
         weights=weights_identity(settings),
         input_size=settings.input_size,
         preprocess=settings.preprocess,
@@ -248,10 +262,23 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
     )
     key = spec.key()
     t0 = time.time()
-    train_x, val_x, hit = load_or_extract(
-        lake.features(key), frozen, data.train.images, data.test.images, recipe
-    )
+    if by_content:
+        shard_row = zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True)
+        where = dict(zip(index["image_id"].to_pylist(), shard_row, strict=True))
+        dataset = lake.catalog(data.dataset_version)
+        train_x, val_x, facts = load_or_extract_by_content(
+            lake.shard_features(key), dataset.pixels(), frozen,
+            [where[i] for i in data.train.ids], [where[i] for i in data.test.ids], recipe,
+            settings.preprocess, settings.input_size,
+        )  # fmt: skip
+        hit = facts["extracted_shards"] == 0
+    else:
+        train_x, val_x, hit = load_or_extract(
+            lake.features(key), frozen, data.train.images, data.test.images, recipe
+        )
+        facts = {}
     info = {"key": key, "hit": hit, "views": recipe.n, "seconds": round(time.time() - t0, 2)}
+    info |= facts
     return Fit(top, frozen, top, train_x, data.train.y, val_x, data.test.y, True, info)
 
 

@@ -13,7 +13,8 @@ datasets/catalog/<name>/<dataset>/{index.parquet, rejected.parquet, manifest.jso
                                   (the index names each image's content id, split and pixel shard;
                                    catalogs stored before content ids: train/ and test/ shards)
 labels/<dataset>/<labels>/{prices.parquet, [skipped_rows.parquet,] scaling.json}
-features/<key>/{train-view-N.npy, test.npy, manifest.json}
+features/<key>/{train-view-N.npy, test.npy, manifest.json}   (a dataset's, whole)
+features/<key>/shards/<pixel shard>.npy   (a catalog's, per pixel shard: every view of every row)
 checkpoints/<model>/{state.json, epoch-N.npz}
 models/<model>/attempts/<attempt>/{model.keras, config.json, history.json, summary.txt, plots/}
 models/<model>/lineage.json        (created once, naming the attempt that won; models stored
@@ -398,6 +399,9 @@ class CatalogPixels(Entry):
     def shard(self, shard: str) -> dict:
         return self.get_json(f"{shard}.json")
 
+    def table(self, shard: str) -> pa.Table:
+        return read_parquet(self.get_bytes(f"{shard}.parquet"))
+
     def images(self, shards: list[str], rows: list[int]) -> pa.Array:
         """The PNGs at (shard, row) pairs, in the order asked; each shard read once."""
         wanted: dict[str, list[int]] = {}
@@ -470,6 +474,24 @@ class FeatureCache(Entry):
             self.MARKER,
             {"key": self.cache_key, "views": view_names, "shape": list(test.shape[1:])},
         )
+
+
+@dataclass(frozen=True)
+class ShardFeatures(Entry):
+    """Frozen-layer outputs of a catalog's pixel shards under one feature spec: one
+    array (views, rows, ...) per shard, written whole, so a shard's features exist or do
+    not; shared by every version that holds the shard."""
+
+    cache_key: str = ""
+
+    def read(self, shard: str) -> np.ndarray | None:
+        try:
+            return read_npy(self.get_bytes(f"shards/{shard}.npy"))
+        except ObjectNotFound:
+            return None
+
+    def write(self, shard: str, features: np.ndarray) -> None:
+        self.put_bytes(f"shards/{shard}.npy", npy_bytes(features))
 
 
 @dataclass(frozen=True)
@@ -976,6 +998,9 @@ class Lake:
 
     def features(self, key: str) -> FeatureCache:
         return FeatureCache(self.store, f"features/{key}/", key)
+
+    def shard_features(self, key: str) -> ShardFeatures:
+        return ShardFeatures(self.store, f"features/{key}/", key)
 
     def model(self, version: str) -> Model:
         return Model(self.store, f"models/{version}/", version)
