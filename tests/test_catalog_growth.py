@@ -267,30 +267,30 @@ def test_nightly_retrains_each_end_in_a_fair_recorded_decision(tmp_path):
     assert last["champion"]["metrics"]["images"]["leave_out_train_of"] == champion_dv
 
 
-def _features_of(lake: Lake, result: dict, views) -> tuple[np.ndarray, np.ndarray]:
-    """The cached features of a trained model's train and test images (all hits)."""
+def _features_of(lake: Lake, result: dict, views: int, tmp: Path) -> tuple[np.ndarray, ...]:
+    """A trained model's cached features: train images (every view) and test (view 0),
+    in image_id order."""
     from tasks.data.loading import load_data
-    from tasks.model.features import load_or_extract_by_content
 
     dv, lv = result["lineage"]["dataset_version"], result["lineage"]["labels_version"]
-    data = load_data(lake, dv, lv, {"train": None, "test": None}, 0, "rgb", 32)
-    index = lake.catalog(dv).index().to_pylist()
-    where = {r["image_id"]: (r["shard"], r["row"]) for r in index}
-    train, test, facts = load_or_extract_by_content(
-        lake.shard_features(result["features"]["key"]), lake.catalog(dv).pixels(), None,
-        [where[i] for i in data.train.ids], [where[i] for i in data.test.ids], views, "rgb", 32,
-    )  # fmt: skip
-    assert facts["extracted_shards"] == 0
-    return train, test
+    data = load_data(lake, dv, lv, {"train": None, "test": None}, 0, pixels=False)
+    where = {r["image_id"]: (r["shard"], r["row"]) for r in lake.catalog(dv).index().to_pylist()}
+    cache = lake.shard_features(result["features"]["key"])
+    tmp.mkdir()
+
+    def gather(ids: list[str], n: int) -> np.ndarray:
+        return np.stack([cache.open(where[i][0], str(tmp))[:n, where[i][1]] for i in ids], 1)
+
+    return gather(data.train.ids, views), gather(data.test.ids, 1)[0]
 
 
 def test_grown_catalog_extracts_features_only_for_its_new_images(tmp_path):
-    from tasks.model.features import ViewRecipe
     from tasks.model.train_settings import TrainSettings
     from tasks.model.training import train
     from tests.conftest import TINY
 
-    settings = TrainSettings(**TINY | {"preprocess": "rgb", "views": 3})
+    # float32: bf16 sums differ with a batch's make-up by more than float16's rounding
+    settings = TrainSettings(**TINY | {"preprocess": "rgb", "views": 3, "precision": "float32"})
     catalog = Catalog(tmp_path, 40)
     lake = Lake(LocalStore(tmp_path / "lake"))
 
@@ -311,12 +311,12 @@ def test_grown_catalog_extracts_features_only_for_its_new_images(tmp_path):
     fresh = Lake(LocalStore(tmp_path / "fresh"))
     scratch = build(fresh, shard_rows=20)  # other shards: the features must not care
     assert scratch["model_version"] == grown["model_version"]
-    recipe = ViewRecipe(3, settings.shift, settings.flip, settings.seed)
-    a_train, a_test = _features_of(lake, grown | {"lineage": grown["lineage"]}, recipe)
-    b_train, b_test = _features_of(fresh, scratch, recipe)
+    a_train, a_test = _features_of(lake, grown, 3, tmp_path / "a")
+    b_train, b_test = _features_of(fresh, scratch, 3, tmp_path / "b")
     assert a_train.shape == b_train.shape == (3, a_train.shape[1], *a_train.shape[2:])
+    span = float(np.abs(a_train.astype(np.float32)).max())
     np.testing.assert_allclose(a_train.astype(np.float32), b_train.astype(np.float32),
-                               rtol=1e-2, atol=1e-3)  # fmt: skip
+                               rtol=2e-3, atol=1e-3 * span)  # fmt: skip
     np.testing.assert_allclose(a_test.astype(np.float32), b_test.astype(np.float32),
-                               rtol=1e-2, atol=1e-3)  # fmt: skip
+                               rtol=2e-3, atol=1e-3 * span)  # fmt: skip
     assert not np.array_equal(a_train[0], a_train[2]), "view 2 is shifted"

@@ -3,6 +3,7 @@ labels version, shared by training and evaluation (neither imports the other).""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ from tasks.store.lake import Lake
 @dataclass
 class Split:
     ids: list[str]
-    images: np.ndarray  # uint8 (n, 28, 28) gray, or (n, s, s, 3) RGB
+    images: np.ndarray | None  # uint8 (n, 28, 28) gray, or (n, s, s, 3) RGB; None: not read
     classes: np.ndarray  # int64 class ids (a catalog's category index, or 0)
     price: np.ndarray  # float64, price units
     y: np.ndarray  # float32, min-max scaled price
@@ -46,10 +47,12 @@ def load_data(
     mode: str = GRAY28,
     size: int = SIZE,
     leave_out: frozenset[str] = frozenset(),
+    pixels: bool = True,
 ) -> Data:
     """The splits named in ``limits`` (split -> row limit or None), seeded subsets, each
     image prepared as the model of this preprocessing ``mode`` and ``size`` takes it;
-    images named in ``leave_out`` are dropped before the subset is drawn."""
+    images named in ``leave_out`` are dropped before the subset is drawn. Without
+    ``pixels``, ids, classes and prices only (``iter_pixels`` streams the images)."""
     labels = lake.labels(dataset_version, labels_version)
     scaling = labels.scaling()
     prices = labels.prices()
@@ -58,7 +61,8 @@ def load_data(
     data = Data(dataset_version, labels_version, scaling, prices["price"].to_numpy()[is_train])
     span = scaling["max"] - scaling["min"]
     for split, limit in limits.items():
-        table = lake.dataset(dataset_version).read_split(split)
+        columns = None if pixels else ["image_id", "label"]
+        table = lake.dataset(dataset_version).read_split(split, columns)
         if leave_out:
             keep = [i for i, k in enumerate(table["image_id"].to_pylist()) if k not in leave_out]
             table = table.take(keep)
@@ -70,7 +74,7 @@ def load_data(
             split,
             Split(
                 ids=ids,
-                images=prepare_batch(table["image"].to_pylist(), mode, size),
+                images=prepare_batch(table["image"].to_pylist(), mode, size) if pixels else None,
                 classes=table["label"].to_numpy().astype(np.int64),
                 price=price,
                 y=((price - scaling["min"]) / span).astype(np.float32),
@@ -79,9 +83,37 @@ def load_data(
     return data
 
 
-def train_stats(images: np.ndarray, prices: np.ndarray) -> dict:
-    """What training data looked like, for the drift signal when scoring drops."""
-    means = images.reshape(len(images), -1).mean(axis=1)
+def iter_pixels(
+    lake: Lake, dataset_version: str, ids: list[str], mode: str, size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in ``ids``, their prepared images) of a catalog stored by content, one
+    pixel shard at a time: memory holds one shard, whatever the catalog's size."""
+    dataset = lake.catalog(dataset_version)
+    index = dataset.index(["image_id", "shard", "row"])
+    where = dict(zip(index["image_id"].to_pylist(),
+                     zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True),
+                     strict=True))  # fmt: skip
+    by_shard: dict[str, tuple[list[int], list[int]]] = {}
+    for i, key in enumerate(ids):
+        shard, row = where[key]
+        by_shard.setdefault(shard, ([], []))[0].append(i)
+        by_shard[shard][1].append(row)
+    pixels = dataset.pixels()
+    for shard in sorted(by_shard):
+        positions, rows = by_shard[shard]
+        blobs = pixels.images([shard] * len(rows), rows).to_pylist()
+        yield np.asarray(positions), prepare_batch(blobs, mode, size)
+
+
+def pixel_means(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).mean(axis=1)
+
+
+def train_stats(images: np.ndarray | None, prices: np.ndarray, means: np.ndarray | None = None
+                ) -> dict:  # fmt: skip
+    """What training data looked like, for the drift signal when scoring drops (from the
+    images, or their per-image pixel means)."""
+    means = pixel_means(images) if means is None else means
     p = np.percentile
     return {
         "pixel_mean_p01": float(p(means, 1)),

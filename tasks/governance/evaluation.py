@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import task
 
-from tasks.data.loading import Split, load_data
+from tasks.data.loading import Split, iter_pixels, load_data
 from tasks.data.prices import PriceRule
 from tasks.governance import tracking
 from tasks.model.export import load_stored_model, predict_prices, preprocess_of
@@ -271,10 +271,19 @@ def evaluate(
     dataset_version = images.dataset_version if images else lineage["dataset_version"]
     limit, seed = (images.limit, images.seed) if images else (settings.test_limit, settings.seed)
     left_out = leave_out(lake, images)
+    streamed = dataset_version.startswith("cat-") and "index" in lake.catalog(
+        dataset_version).manifest()  # fmt: skip
     data = load_data(lake, dataset_version, evaluation.labels_version, {"test": limit}, seed,
-                     *preprocess_of(config), leave_out=left_out)  # fmt: skip
+                     *preprocess_of(config), leave_out=left_out, pixels=not streamed)  # fmt: skip
     test = data.test
-    pred = predict_prices(load_stored_model(model), test.images)
+    net = load_stored_model(model)
+    if streamed:  # a catalog stored by content: one pixel shard in memory at a time
+        pred = np.zeros(len(test.ids))
+        for positions, pixels in iter_pixels(lake, dataset_version, test.ids,
+                                             *preprocess_of(config)):  # fmt: skip
+            pred[positions] = predict_prices(net, pixels)
+    else:
+        pred = predict_prices(net, test.images)
     train_mean = float(np.mean(data.train_prices))
     line = line_of(lineage["dataset_version"])
     if line == DEMO_LINE:

@@ -6,9 +6,10 @@ only the unfrozen top. Random shifts cannot be cached per batch, so the cache
 holds a fixed number of pre-augmented views per train image: view 0 is the
 image, view 1 its horizontal flip, views 2.. a seeded random shift (+ flip).
 
-A catalog's features are kept per pixel shard instead (``load_or_extract_by_content``):
-a shard is content-addressed and shared by every version that holds it, so a grown
-catalog extracts only its new shards, and a price change none. Each image's random
+A catalog's features are kept per pixel shard instead (``extract_shards``): a shard is
+content-addressed and shared by every version that holds it, so a grown catalog
+extracts only its new shards, and a price change none; training then reads them as
+streams (``ShardStream``), a few shards at a time. Each image's random
 views are then seeded by its content id, never by its place in a batch, so a version
 built incrementally gets the same features as one built from scratch.
 """
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tasks.data.images import GRAY28, model_input, prepare_batch
+from tasks.data.loading import pixel_means
 from tasks.runtime import ProgressLog, get_logger, progress
 from tasks.store.lake import CatalogPixels, FeatureCache, ShardFeatures, feature_key
 
@@ -168,13 +170,15 @@ def load_or_extract(
 def shard_views(
     pixels: CatalogPixels, shard: str, frozen, views: ViewRecipe, mode: str, size: int,
     log: ProgressLog | None = None,
-) -> np.ndarray:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Every view of every row of one pixel shard, (views, rows, ...) float16 (zeros for
-    a row whose file was rejected: no version reads it)."""
+    a row whose file was rejected: no version reads it), and each row's pixel mean."""
     table = pixels.table(shard)
     blobs, seeds = table["image"].to_pylist(), content_seeds(table["content_id"].to_pylist())
     ok = [i for i, b in enumerate(blobs) if b is not None]
     images = prepare_batch([blobs[i] for i in ok], mode, size)
+    means = np.zeros(len(blobs), np.float64)
+    means[ok] = pixel_means(images)
     out = None
     for v in range(views.n):
         feats = extract(frozen, augment_view(images, v, views.shift, views.flip, views.seed,
@@ -182,48 +186,94 @@ def shard_views(
         if out is None:
             out = np.zeros((views.n, len(blobs), *feats.shape[1:]), DTYPE)
         out[v, ok] = feats
-    return out
+    return out, means
 
 
-def load_or_extract_by_content(
-    cache: ShardFeatures, pixels: CatalogPixels, frozen, train_at: list[tuple[str, int]],
-    test_at: list[tuple[str, int]], views: ViewRecipe, mode: str, size: int,
-) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
-    """(train features [views, n, ...], test features [n, ...], facts) for images at
-    (pixel shard, row): each shard's features read, or extracted and stored when the
-    shard has none yet; one shard's features in memory at a time besides the result."""
-    shards = sorted({s for s, _ in train_at} | {s for s, _ in test_at})
+def extract_shards(
+    cache: ShardFeatures, pixels: CatalogPixels, frozen, shards: list[str], views: ViewRecipe,
+    mode: str, size: int,
+) -> dict:  # fmt: skip
+    """Features for every shard named that has none yet under this spec, one shard in
+    memory at a time; returns how many shards and images were extracted."""
     stored = set(cache.names("shards/"))
-    missing = [s for s in shards if f"shards/{s}.npy" not in stored]
+    missing = [s for s in shards if cache.name(s) not in stored]
     rows = {s: len(pixels.shard(s)["ids"]) for s in missing}
     lines = ProgressLog("frozen features", views.n * sum(rows.values()), "images")
     if missing:
         get_logger().info("frozen features: %d of %d pixel shards new (%d images x %d views)",
                           len(missing), len(shards), sum(rows.values()), views.n)  # fmt: skip
+    for shard in missing:
+        cache.write(shard, *shard_views(pixels, shard, frozen, views, mode, size, lines))
+    return {"shards": len(shards), "extracted_shards": len(missing),
+            "extracted_images": sum(rows.values())}  # fmt: skip
 
-    def by_shard(at: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        found: dict[str, tuple[list[int], list[int]]] = {}
-        for i, (s, r) in enumerate(at):
-            found.setdefault(s, ([], []))[0].append(i)
-            found[s][1].append(r)
-        return {s: (np.asarray(i), np.asarray(r)) for s, (i, r) in found.items()}
 
-    train_of, test_of = by_shard(train_at), by_shard(test_at)
-    train = test = None
-    for shard in shards:
-        feats = cache.read(shard) if shard not in rows else None
-        if feats is None:
-            feats = shard_views(pixels, shard, frozen, views, mode, size, lines)
-            cache.write(shard, feats)
-        if train is None:
-            train = np.zeros((views.n, len(train_at), *feats.shape[2:]), DTYPE)
-            test = np.zeros((len(test_at), *feats.shape[2:]), DTYPE)
-        if shard in train_of:
-            positions, at = train_of[shard]
-            train[:, positions] = feats[:, at]
-        if shard in test_of:
-            positions, at = test_of[shard]
-            test[positions] = feats[0, at]
-    facts = {"shards": len(shards), "extracted_shards": len(missing),
-             "extracted_images": sum(rows.values())}  # fmt: skip
-    return train, test, facts
+def _by_shard(at: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """shard -> (positions in ``at``, rows in the shard)."""
+    found: dict[str, tuple[list[int], list[int]]] = {}
+    for i, (s, r) in enumerate(at):
+        found.setdefault(s, ([], []))[0].append(i)
+        found[s][1].append(r)
+    return {s: (np.asarray(i), np.asarray(r)) for s, (i, r) in found.items()}
+
+
+class ShardStream:
+    """Batches of (features, scaled price) of one split, read from its pixel shards'
+    feature arrays (memory-mapped local copies), in bounded memory: at most ``window``
+    shards' rows of one view are gathered at a time.
+
+    The order is seeded and deterministic for a version: each epoch draws, from
+    (seed, epoch), an order of the shards, one view per image, and a shuffle of the
+    rows of each window of shards; a resumed run draws the same. Without ``shuffle``
+    (validation) shards and rows come in a fixed order, view 0."""
+
+    def __init__(self, cache: ShardFeatures, at: list[tuple[str, int]], y: np.ndarray,
+                 views: int, directory: str, window: int = 4):  # fmt: skip
+        self.cache, self.y, self.views, self.directory = cache, y, views, directory
+        self.groups = _by_shard(at)
+        self.shards = sorted(self.groups)
+        self.window = window
+        self.shape = self._open(self.shards[0]).shape[2:] if self.shards else ()
+
+    def _open(self, shard: str) -> np.ndarray:
+        return self.cache.open(shard, self.directory)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = False):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.shards)) if shuffle else range(len(self.shards))
+        order = [self.shards[i] for i in order]
+        carry_x, carry_y = None, None
+        for start in range(0, len(order), self.window):
+            xs, ys = [], []
+            for shard in order[start : start + self.window]:
+                positions, rows = self.groups[shard]
+                array = self._open(shard)
+                if shuffle and self.views > 1:
+                    view = rng.integers(0, self.views, size=len(rows))
+                    xs.append(np.asarray(array[view, rows]))
+                else:
+                    xs.append(np.asarray(array[0, rows]))
+                ys.append(self.y[positions])
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            if shuffle:
+                perm = rng.permutation(len(y))
+                x, y = x[perm], y[perm]
+            if carry_x is not None:
+                x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
+            whole = len(y) // batch_size * batch_size
+            for b in range(0, whole, batch_size):
+                yield x[b : b + batch_size], y[b : b + batch_size]
+            carry_x, carry_y = (x[whole:], y[whole:]) if whole < len(y) else (None, None)
+        if carry_x is not None and len(carry_y):
+            yield carry_x, carry_y
+
+    def means(self) -> np.ndarray:
+        """Each image's pixel mean, in the split's order (for the drift statistics)."""
+        out = np.zeros(len(self.y), np.float64)
+        for shard in self.shards:
+            positions, rows = self.groups[shard]
+            out[positions] = self.cache.means(shard)[rows]
+        return out

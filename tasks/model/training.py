@@ -21,9 +21,10 @@ from tasks.model.checkpoints import CheckpointWriter, restore_checkpoint
 from tasks.model.export import export_model, hardware, precision_reason, resolve_precision
 from tasks.model.features import (
     FeatureSpec,
+    ShardStream,
     ViewRecipe,
+    extract_shards,
     load_or_extract,
-    load_or_extract_by_content,
 )
 from tasks.model.graphs import augmentation_layers, build_graphs, input_shape
 from tasks.model.kernels import fused_rmsprop
@@ -168,6 +169,31 @@ class Fit:
     val_y: np.ndarray
     multi_view: bool
     features: dict | None  # the feature cache used: key, hit, views, seconds
+    streams: tuple[ShardStream, ShardStream] | None = None  # a catalog's (train, val) by shard
+    workdir: tempfile.TemporaryDirectory | None = None  # the streams' local feature copies
+
+
+def stream_batches(stream: ShardStream, batch_size: int, shuffle: tuple | None = None):
+    """A tf.data pipeline over a ShardStream's batches (drawn anew for each epoch)."""
+    import tensorflow as tf
+
+    seed, epoch = shuffle or (0, 0)
+    spec = (tf.TensorSpec((None, *stream.shape), tf.float16), tf.TensorSpec((None,), tf.float32))
+    steps = -(-len(stream) // batch_size)
+    return (
+        tf.data.Dataset.from_generator(
+            lambda: stream.batches(batch_size, seed, epoch, shuffle is not None),
+            output_signature=spec,
+        )
+        .apply(tf.data.experimental.assert_cardinality(steps))
+        .prefetch(1)
+    )
+
+
+def stored_by_content(lake: Lake, dataset_version: str) -> bool:
+    """Whether a dataset is a catalog stored by content (its features are per shard)."""
+    return dataset_version.startswith("cat-") and "index" in lake.catalog(
+        dataset_version).manifest()  # fmt: skip
 
 
 def fit_epochs(
@@ -182,18 +208,26 @@ def fit_epochs(
     """The epochs left after ``start_epoch``, a checkpoint after each; returns the seconds
     spent in ``fit``."""
     log = get_logger()
-    val = batches(fit.val_x, fit.val_y, settings.batch_size)
+    if fit.streams is not None:
+        val = stream_batches(fit.streams[1], settings.batch_size)
+    else:
+        val = batches(fit.val_x, fit.val_y, settings.batch_size)
     fit_seconds = 0.0
     lines = ProgressLog("training", (settings.epochs - start_epoch) * len(fit.train_y), "images")
     for epoch in range(start_epoch, settings.epochs):
-        epoch_x = fit.train_x
-        if fit.multi_view:
-            rng = np.random.default_rng([settings.seed, epoch])
-            pick = rng.integers(0, len(fit.train_x), size=fit.train_x.shape[1])
-            epoch_x = fit.train_x[pick, np.arange(fit.train_x.shape[1])]
+        shuffle = (settings.seed, epoch)
+        if fit.streams is not None:
+            train_batches = stream_batches(fit.streams[0], settings.batch_size, shuffle)
+        else:
+            epoch_x = fit.train_x
+            if fit.multi_view:
+                rng = np.random.default_rng([settings.seed, epoch])
+                pick = rng.integers(0, len(fit.train_x), size=fit.train_x.shape[1])
+                epoch_x = fit.train_x[pick, np.arange(fit.train_x.shape[1])]
+            train_batches = batches(epoch_x, fit.train_y, settings.batch_size, shuffle=shuffle)
         t0 = time.time()
         h = fit.model.fit(
-            batches(epoch_x, fit.train_y, settings.batch_size, shuffle=(settings.seed, epoch)),
+            train_batches,
             epochs=epoch + 1,
             initial_epoch=epoch,
             validation_data=val,
@@ -241,9 +275,7 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
                   model_input(data.test.images), data.test.y, False, None)  # fmt: skip
         return fit
     recipe = ViewRecipe(settings.cached_views(), settings.shift, settings.flip, settings.seed)
-    index = lake.dataset(data.dataset_version).index() if data.dataset_version.startswith(
-        "cat-") else None  # fmt: skip
-    by_content = index is not None  # a catalog stored by content: features per pixel shard
+    by_content = stored_by_content(lake, data.dataset_version)  # features per pixel shard
     spec = FeatureSpec(
         dataset_version="by-content" if by_content else data.dataset_version,
         subset={}
@@ -263,23 +295,33 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
     key = spec.key()
     t0 = time.time()
     if by_content:
-        shard_row = zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True)
-        where = dict(zip(index["image_id"].to_pylist(), shard_row, strict=True))
-        dataset = lake.catalog(data.dataset_version)
-        train_x, val_x, facts = load_or_extract_by_content(
-            lake.shard_features(key), dataset.pixels(), frozen,
-            [where[i] for i in data.train.ids], [where[i] for i in data.test.ids], recipe,
-            settings.preprocess, settings.input_size,
-        )  # fmt: skip
-        hit = facts["extracted_shards"] == 0
-    else:
-        train_x, val_x, hit = load_or_extract(
-            lake.features(key), frozen, data.train.images, data.test.images, recipe
-        )
-        facts = {}
+        return _streamed_fit(lake, data, settings, recipe, key, frozen, top, t0)
+    train_x, val_x, hit = load_or_extract(
+        lake.features(key), frozen, data.train.images, data.test.images, recipe
+    )
     info = {"key": key, "hit": hit, "views": recipe.n, "seconds": round(time.time() - t0, 2)}
-    info |= facts
     return Fit(top, frozen, top, train_x, data.train.y, val_x, data.test.y, True, info)
+
+
+def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewRecipe,
+                  key: str, frozen, top, t0: float) -> Fit:  # fmt: skip
+    """A catalog stored by content: features extracted for the pixel shards that have
+    none under this spec, then the top trains from shard streams (bounded memory)."""
+    index = lake.catalog(data.dataset_version).index(["image_id", "shard", "row"])
+    shard_row = zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True)
+    where = dict(zip(index["image_id"].to_pylist(), shard_row, strict=True))
+    train_at, test_at = [where[i] for i in data.train.ids], [where[i] for i in data.test.ids]
+    cache = lake.shard_features(key)
+    shards = sorted({s for s, _ in train_at} | {s for s, _ in test_at})
+    facts = extract_shards(cache, lake.catalog(data.dataset_version).pixels(), frozen, shards,
+                           recipe, settings.preprocess, settings.input_size)  # fmt: skip
+    workdir = tempfile.TemporaryDirectory(prefix="vggprice-features-")
+    streams = (ShardStream(cache, train_at, data.train.y, recipe.n, workdir.name),
+               ShardStream(cache, test_at, data.test.y, 1, workdir.name))  # fmt: skip
+    info = {"key": key, "hit": facts["extracted_shards"] == 0, "views": recipe.n,
+            "seconds": round(time.time() - t0, 2), "streamed": True} | facts  # fmt: skip
+    return Fit(top, frozen, top, None, data.train.y, None, data.test.y, True, info, streams,
+               workdir)  # fmt: skip
 
 
 def train(
@@ -305,8 +347,9 @@ def train(
     started = time.time()
     precision = settings.precision
     limits = {"train": settings.train_limit, "test": settings.test_limit}
+    streamed = settings.uses_cache() and stored_by_content(lake, dataset_version)
     data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
-                     settings.preprocess, settings.input_size)  # fmt: skip
+                     settings.preprocess, settings.input_size, pixels=not streamed)  # fmt: skip
     log.info("training %s: %d images x %d epoch%s at %dx%d, %d of 19 VGG16 layers frozen; "
              "precision %s", mv, len(data.train.y), settings.epochs,
              "" if settings.epochs == 1 else "s", settings.input_size, settings.input_size,
@@ -324,6 +367,9 @@ def train(
                                      on_epoch)  # fmt: skip
         finally:
             writer.close()  # the last finished epoch is stored, even when training failed
+            if fit.workdir is not None:
+                fit.workdir.cleanup()
+    means = fit.streams[0].means() if fit.streams is not None else None  # for drift
     final = export_model(settings, [fit.frozen, fit.top], data.scaling)
     epochs_run = settings.epochs - start_epoch
     facts = {
@@ -340,7 +386,7 @@ def train(
         "seconds": round(time.time() - started, 2),
         "features": fit.features,
     }
-    published = write_model(model, final, settings, data, history, precision, facts)
+    published = write_model(model, final, settings, data, history, precision, facts, means)
     model.checkpoints().delete_all()
     won = published.get("attempt") == facts["attempt"]
     result = facts | {"skipped": False, "settings": settings.model_dump(), "won": won}
@@ -355,7 +401,7 @@ def winner_of(lineage: dict) -> dict:
 
 def write_model(
     model: Model, net, settings: TrainSettings, data: Data, history: dict, precision: str,
-    facts: dict,
+    facts: dict, means: np.ndarray | None = None,
 ) -> dict:  # fmt: skip
     """The model's files under this attempt's own prefix (models/<v>/attempts/<id>/),
     then lineage.json created only if the version has none: the first complete attempt
@@ -381,7 +427,7 @@ def write_model(
             "input": input_description(settings),
             "preprocess": {"mode": settings.preprocess, "size": settings.input_size},
             "output": "price",
-            "train_stats": train_stats(data.train.images, data.train.price),
+            "train_stats": train_stats(data.train.images, data.train.price, means),
         },
     )
     files.write_history(history)

@@ -14,7 +14,8 @@ datasets/catalog/<name>/<dataset>/{index.parquet, rejected.parquet, manifest.jso
                                    catalogs stored before content ids: train/ and test/ shards)
 labels/<dataset>/<labels>/{prices.parquet, [skipped_rows.parquet,] scaling.json}
 features/<key>/{train-view-N.npy, test.npy, manifest.json}   (a dataset's, whole)
-features/<key>/shards/<pixel shard>.npy   (a catalog's, per pixel shard: every view of every row)
+features/<key>/shards/<pixel shard>.{means.npy, npy}   (a catalog's, per pixel shard: every
+                                   view of every row, and each row's pixel mean)
 checkpoints/<model>/{state.json, epoch-N.npz}
 models/<model>/attempts/<attempt>/{model.keras, config.json, history.json, summary.txt, plots/}
 models/<model>/lineage.json        (created once, naming the attempt that won; models stored
@@ -484,14 +485,26 @@ class ShardFeatures(Entry):
 
     cache_key: str = ""
 
-    def read(self, shard: str) -> np.ndarray | None:
-        try:
-            return read_npy(self.get_bytes(f"shards/{shard}.npy"))
-        except ObjectNotFound:
-            return None
+    @staticmethod
+    def name(shard: str) -> str:
+        """The features' object, relative to the entry (written last: the marker)."""
+        return f"shards/{shard}.npy"
 
-    def write(self, shard: str, features: np.ndarray) -> None:
-        self.put_bytes(f"shards/{shard}.npy", npy_bytes(features))
+    def write(self, shard: str, features: np.ndarray, means: np.ndarray) -> None:
+        """The rows' pixel means, then the features (the shard's marker)."""
+        self.put_bytes(f"shards/{shard}.means.npy", npy_bytes(means))
+        self.put_bytes(self.name(shard), npy_bytes(features))
+
+    def means(self, shard: str) -> np.ndarray:
+        return read_npy(self.get_bytes(f"shards/{shard}.means.npy"))
+
+    def open(self, shard: str, directory: str) -> np.ndarray:
+        """The shard's features memory-mapped from a local copy in ``directory`` (fetched
+        once): pages are read as rows are used, never the whole array at once."""
+        path = Path(directory) / f"{shard}.npy"
+        if not path.exists():
+            self.store.get_file(self.key(self.name(shard)), path)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 @dataclass(frozen=True)
