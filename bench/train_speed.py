@@ -2,7 +2,9 @@
 
 Same images, same epochs, same head and frozen layers (the first 15, batch 32,
 horizontal flips, no random shifts), in one run on this machine. Prints images/s
-for each and the ratio, for a cold and a warm feature cache.
+for each and the ratio, for a cold and a warm feature cache; then the frozen-feature
+extraction alone (the forward pass a cold cache pays for) with Keras and with
+OpenVINO, both float32, on the same images, and the ratio.
 
     .venv/bin/python bench/train_speed.py [--images 2000] [--epochs 5]
 """
@@ -44,6 +46,43 @@ def plain_keras_fit(images, y, epochs: int, size: int) -> float:
     return time.time() - t0
 
 
+def extraction_speed(images, settings: TrainSettings) -> None:
+    """Frozen-feature extraction img/s (``features.extract``, batch 128, as training
+    calls it) with each engine on the same images, each warmed up before its clock;
+    Keras also at this machine's training precision when that is not float32."""
+    import numpy as np
+
+    from tasks.model.features import extract
+    from tasks.model.frozen_engine import frozen_runner
+    from tasks.model.graphs import build_graphs
+    from tasks.runtime import keras_precision, seeded
+
+    def frozen_at(precision: str):
+        with keras_precision(precision), seeded(settings.seed):
+            return build_graphs(settings)[0]
+
+    float32 = frozen_at("float32")
+    runners = {"keras float32": frozen_runner(float32, "keras"),
+               "openvino float32": frozen_runner(float32, "openvino")}  # fmt: skip
+    if (auto := resolve_precision("auto")) != "float32":
+        runners[f"keras {auto}"] = frozen_runner(frozen_at(auto), "keras")
+    rates, feats = {}, {}
+    for name, runner in runners.items():
+        extract(runner, images[: 128 + len(images) % 128])  # both batch shapes traced
+        t0 = time.time()
+        feats[name] = extract(runner, images)
+        rates[name] = len(images) / (time.time() - t0)
+    base = rates["keras float32"]
+    print(f"frozen-feature extraction: {len(images)} images, batch 128, "
+          f"{settings.frozen_layers()} layers")  # fmt: skip
+    for name, rate in rates.items():
+        print(f"  {name:<24} {rate:8.1f} images/s  ratio {rate / base:.2f}x")
+    keras_f, ov_f = (feats[k].astype(np.float32) for k in ("keras float32", "openvino float32"))
+    span = float(keras_f.max() - keras_f.min()) or 1.0
+    print(f"  openvino vs keras float32 features: max |diff| {np.abs(ov_f - keras_f).max():.2e}"
+          f" ({np.abs(ov_f - keras_f).max() / span:.2e} of their range)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=2000)
@@ -81,6 +120,7 @@ def main() -> None:
           f"ratio {plain / cold_s:.2f}x")  # fmt: skip
     print(f"vggprice, warm cache       {work / warm_s:8.1f} images/s  ({warm_s:.1f} s)  "
           f"ratio {plain / warm_s:.2f}x")  # fmt: skip
+    extraction_speed(data.train.images, settings)
 
 
 if __name__ == "__main__":
