@@ -51,10 +51,13 @@ class FeatureSpec:
     cut: int
     precision: str
     views: ViewRecipe
+    engine: str = "keras"  # what computed them: caches of different engines never mix
 
     def key(self) -> str:
         spec = asdict(self)
         spec["views"] = {k: spec["views"][k] for k in ("n", "shift", "flip")}
+        if spec["engine"] == "keras":  # the keys as they were before engines
+            del spec["engine"]
         if spec["preprocess"] == GRAY28:  # the demo's keys as they were before modes
             del spec["preprocess"]
         return feature_key(spec)

@@ -62,6 +62,11 @@ class TrainSettings(BaseModel):
     shift: float = Field(0.1, ge=0, lt=0.5, description="max width/height shift fraction")
     flip: bool = Field(True, description="random horizontal flips")
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    extraction_engine: Literal["auto", "keras", "openvino"] = Field(
+        "auto",
+        description="what computes the frozen features: auto = openvino (float32) where "
+        "training runs float32 on a CPU and OpenVINO is installed, else keras",
+    )
     train_limit: int | None = Field(None, ge=1, description="train on a seeded subset")
     test_limit: int | None = Field(None, ge=1, description="validate on a seeded subset")
     seed: int = 0

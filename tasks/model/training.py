@@ -26,6 +26,7 @@ from tasks.model.features import (
     extract_shards,
     load_or_extract,
 )
+from tasks.model.frozen_engine import frozen_runner, openvino_available
 from tasks.model.graphs import augmentation_layers, build_graphs, input_shape
 from tasks.model.kernels import fused_rmsprop
 from tasks.model.train_settings import TrainSettings
@@ -42,16 +43,25 @@ EpochHook = Callable[[int, dict, "Fit"], None]
 def resolved(settings: TrainSettings, auto_precision: str | None = None) -> TrainSettings:
     """The settings with every value that is otherwise decided at run time made concrete:
     ``precision`` (``auto``: ``auto_precision`` when given, else what this machine picks,
-    see ``resolve_precision``) and ``freeze`` (None: the default for the base weights).
+    see ``resolve_precision``), ``freeze`` (None: the default for the base weights) and
+    ``extraction_engine`` (auto: openvino for float32 where it is installed).
     The version is derived from these, and config.json and the train flow show them, so
     one version names one model whichever machine trains it. Resolving twice changes
     nothing; a precision other than ``auto`` is kept as it is."""
     precision = settings.precision
     if precision == "auto":
         precision = auto_precision or resolve_precision("auto")
-    return TrainSettings(
-        **settings.model_dump() | {"precision": precision, "freeze": settings.frozen_layers()}
-    )
+    engine = settings.extraction_engine
+    if not settings.uses_cache():
+        engine = "keras"  # nothing is extracted
+    elif engine == "auto":
+        engine = "openvino" if precision == "float32" and openvino_available() else "keras"
+    elif engine == "openvino" and precision != "float32":
+        raise ValueError(f"extraction_engine=openvino runs float32, not {precision}: set "
+                         "precision=float32, or extraction_engine=keras")  # fmt: skip
+    return TrainSettings(**settings.model_dump() | {
+        "precision": precision, "freeze": settings.frozen_layers(), "extraction_engine": engine,
+    })  # fmt: skip
 
 
 def version_for(dataset_version: str, labels_version: str, settings: TrainSettings) -> str:
@@ -291,20 +301,22 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
         cut=settings.frozen_layers(),
         precision=precision,
         views=recipe,
+        engine=settings.extraction_engine,
     )
     key = spec.key()
     t0 = time.time()
+    runner = frozen_runner(frozen, settings.extraction_engine)  # computes the features
     if by_content:
-        return _streamed_fit(lake, data, settings, recipe, key, frozen, top, t0)
+        return _streamed_fit(lake, data, settings, recipe, key, frozen, runner, top, t0)
     train_x, val_x, hit = load_or_extract(
-        lake.features(key), frozen, data.train.images, data.test.images, recipe
+        lake.features(key), runner, data.train.images, data.test.images, recipe
     )
     info = {"key": key, "hit": hit, "views": recipe.n, "seconds": round(time.time() - t0, 2)}
     return Fit(top, frozen, top, train_x, data.train.y, val_x, data.test.y, True, info)
 
 
 def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewRecipe,
-                  key: str, frozen, top, t0: float) -> Fit:  # fmt: skip
+                  key: str, frozen, runner, top, t0: float) -> Fit:  # fmt: skip
     """A catalog stored by content: features extracted for the pixel shards that have
     none under this spec, then the top trains from shard streams (bounded memory)."""
     index = lake.catalog(data.dataset_version).index(["image_id", "shard", "row"])
@@ -313,7 +325,7 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
     train_at, test_at = [where[i] for i in data.train.ids], [where[i] for i in data.test.ids]
     cache = lake.shard_features(key)
     shards = sorted({s for s, _ in train_at} | {s for s, _ in test_at})
-    facts = extract_shards(cache, lake.catalog(data.dataset_version).pixels(), frozen, shards,
+    facts = extract_shards(cache, lake.catalog(data.dataset_version).pixels(), runner, shards,
                            recipe, settings.preprocess, settings.input_size)  # fmt: skip
     workdir = tempfile.TemporaryDirectory(prefix="vggprice-features-")
     streams = (ShardStream(cache, train_at, data.train.y, recipe.n, workdir.name),
