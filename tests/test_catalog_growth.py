@@ -320,3 +320,81 @@ def test_grown_catalog_extracts_features_only_for_its_new_images(tmp_path):
     np.testing.assert_allclose(a_test.astype(np.float32), b_test.astype(np.float32),
                                rtol=2e-3, atol=1e-3 * span)  # fmt: skip
     assert not np.array_equal(a_train[0], a_train[2]), "view 2 is shifted"
+
+
+def test_a_killed_extraction_keeps_its_shards_and_the_rerun_extracts_the_rest(tmp_path):
+    import json
+
+    from tasks.model.train_settings import TrainSettings
+    from tasks.model.training import resolved, train
+    from tests.conftest import TINY
+
+    catalog = Catalog(tmp_path, 120)
+    lake = Lake(LocalStore(tmp_path / "lake"))
+    out = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1, shard_rows=8)
+    n_shards = len(lake.catalog(out["dataset_version"]).manifest()["pixel_shards"])
+    # input 64 and 4 views: slow enough that the kill lands between shards
+    settings = TINY | {"preprocess": "rgb", "input_size": 64, "views": 4}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.programs.train", str(tmp_path / "lake"),
+         out["dataset_version"], out["labels_version"], json.dumps(settings)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+
+    def extracted() -> list[str]:
+        return [k for k in lake.store.keys("features/") if k.endswith(".npy")
+                and not k.endswith(".means.npy")]  # fmt: skip
+
+    while len(extracted()) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done = len(extracted())
+    assert 2 <= done < n_shards, "killed mid-extraction"
+    result = train(lake, out["dataset_version"], out["labels_version"], TrainSettings(**settings))
+    assert result["features"]["extracted_shards"] == n_shards - done
+    assert len(extracted()) == n_shards, "each shard's features stored once"
+    assert lake.model(result["model_version"]).complete
+    assert resolved(TrainSettings(**settings)).extraction_engine in ("keras", "openvino")
+
+
+def test_a_shard_stream_holds_a_few_shards_whatever_the_catalog_size(tmp_path):
+    """Peak memory of streaming a split, traced (numpy reports its allocations), against
+    a budget from the shard size, for 8 and for 40 shards: the same."""
+    import tracemalloc
+
+    from tasks.model.features import ShardStream
+
+    rows, views, feature = 64, 3, (2, 2, 512)
+    shard_bytes = rows * int(np.prod(feature)) * 2  # one view of one shard, float16
+    rng = np.random.default_rng(0)
+
+    def peak(n_shards: int) -> tuple[int, int]:
+        lake = Lake(LocalStore(tmp_path / f"lake{n_shards}"))
+        cache = lake.shard_features("ft-test")
+        at = []
+        for s in range(n_shards):
+            name = f"px-{s:04d}"
+            cache.write(name, rng.standard_normal((views, rows, *feature)).astype(np.float16),
+                        np.zeros(rows))  # fmt: skip
+            at += [(name, r) for r in range(rows)]
+        y = rng.random(len(at)).astype(np.float32)
+        (tmp_path / f"copies{n_shards}").mkdir()
+        stream = ShardStream(cache, at, y, views, str(tmp_path / f"copies{n_shards}"))
+        tracemalloc.start()
+        seen = 0
+        for x, _ in stream.batches(32, seed=1, epoch=2, shuffle=True):
+            seen += len(x)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert seen == len(at)
+        return top, n_shards * views * shard_bytes
+
+    small, _ = peak(8)  # two windows: the carry between windows is there too
+    large, total = peak(40)
+    # a window of four shards' rows (one view) at most five times over: the parts, their
+    # concatenation, the shuffled copy, the rows carried joined to the next window's
+    budget = 5 * 4 * shard_bytes
+    assert large <= budget, f"{large} bytes traced, budget {budget} (8 shards: {small})"
+    assert large < total / 5 and large <= 1.25 * small + shard_bytes

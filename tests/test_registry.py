@@ -47,12 +47,14 @@ def add_model(lake: Lake, mv: str, rmse: float, baseline_rmse: float = 100.0) ->
             "model_version": mv,
         },
     )
+    model.put_json("config.json", {"settings": {}})  # the default settings
     model.write_lineage({"model_version": mv, "dataset_version": "fm-x", "labels_version": "px-x"})
 
 
 def assert_models_untouched(lake: Lake, mvs: list[str]) -> None:
     """Nothing evaluated or written under models/: promote only read the metrics."""
-    expected = sorted(f"models/{mv}/{n}" for mv in mvs for n in ("lineage.json", "metrics.json"))
+    names = ("config.json", "lineage.json", "metrics.json")
+    expected = sorted(f"models/{mv}/{n}" for mv in mvs for n in names)
     assert lake.store.keys("models/") == expected
 
 
