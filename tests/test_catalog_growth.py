@@ -90,8 +90,9 @@ def rows_of(lake: Lake, dv: str) -> dict[str, list]:
 def test_grown_catalog_decodes_only_what_changed_and_equals_a_fresh_build(store_uri, tmp_path):
     catalog = Catalog(tmp_path, 48, store_uri)
     lake = Lake(open_store(store_uri))
-    first = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=2,
-                           shard_rows=16)  # fmt: skip
+    first = ingest_catalog(
+        lake, catalog.source, catalog.prices, "shop", workers=2, shard_rows=16, pool_min=1
+    )  # fmt: skip (decoded on a process pool)
     assert (first["decoded"], first["reused"]) == (48, 0)
     old_dv = first["dataset_version"]
     old_test = set(lake.catalog(old_dv).split_ids("test"))
@@ -200,7 +201,7 @@ def test_a_killed_ingest_keeps_its_shards_and_the_rerun_finishes_once(tmp_path):
     out = ingest_catalog(lake, source, prices, "big", shard_rows=6, workers=1)
     assert out["reused"] >= 6 * written and out["decoded"] == 60 - out["reused"]
     fresh = Lake(LocalStore(tmp_path / "fresh"))
-    scratch = ingest_catalog(fresh, source, prices, "big", shard_rows=6, workers=2)
+    scratch = ingest_catalog(fresh, source, prices, "big", shard_rows=6, workers=2, pool_min=1)
     assert scratch["dataset_version"] == out["dataset_version"]
     assert rows_of(fresh, scratch["dataset_version"]) == rows_of(lake, out["dataset_version"])
     ids = [i for s in pixels.shards() for i in pixels.shard(s)["ids"]]

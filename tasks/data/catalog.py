@@ -56,6 +56,7 @@ TEST_FRACTION = 0.15
 SPLIT_SEED = 0
 SHARD_ROWS = 2000  # images per pixel shard
 CHUNK = 64  # images per unit of decode work
+POOL_MIN = 2000  # new images below this decode in-process (a pool's start costs seconds)
 REQUIRED = ("image", "price")
 SPLITS = ("train", "test")
 SHOWN_BAD_ROWS = 3  # how many offending rows the one-line error names
@@ -301,10 +302,11 @@ def _in_order(results, window: int):
 
 def decode_catalog(
     lake: Lake, plan: CatalogPlan, name: str, workers: int | None = None,
-    shard_rows: int = SHARD_ROWS,
+    shard_rows: int = SHARD_ROWS, pool_min: int = POOL_MIN,
 ) -> Decoded:  # fmt: skip
     """Every priced image's pixels: found by content id, or decoded (on ``workers``
-    processes, default every core) and written to new pixel shards as they fill."""
+    processes, default every core, once there are ``pool_min`` new images) and written to
+    new pixel shards as they fill."""
     known = known_pixels(lake, name)
     writer = ShardWriter(lake.catalog_pixels(name), known, shard_rows)
     keys = sorted(str(r["image"]).strip() for r in plan.good)
@@ -322,7 +324,7 @@ def decode_catalog(
     workers = max(1, workers or os.cpu_count() or 1)
     chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
     with progress(len(todo), "decode", "image") as bar:
-        if workers == 1 or len(chunks) <= 1:
+        if workers == 1 or len(chunks) <= 1 or len(todo) < pool_min:
             results = (decode_chunk(plan.source.uri, [k for k, _ in c], [i for _, i in c])
                        for c in chunks)  # fmt: skip
             pool = None
@@ -463,7 +465,7 @@ def write_labels(
 
 def ingest_catalog(
     lake: Lake, source_uri: str, prices_uri: str, name: str, skip_bad_rows: bool = False,
-    shard_rows: int = SHARD_ROWS, workers: int | None = None,
+    shard_rows: int = SHARD_ROWS, workers: int | None = None, pool_min: int = POOL_MIN,
 ) -> dict:  # fmt: skip
     """Check everything (once), find or decode the priced images, assign splits, then
     write the version (manifest last) and its labels (scaling last). Returns dataset and
@@ -471,7 +473,7 @@ def ingest_catalog(
     versions existed."""
     log = get_logger()
     plan = check_catalog(source_uri, prices_uri, name, skip_bad_rows)
-    decoded = decode_catalog(lake, plan, name, workers, shard_rows)
+    decoded = decode_catalog(lake, plan, name, workers, shard_rows, pool_min)
     assigned = assign_splits(decoded, plan, prices_uri)
     dv = dataset_version_of(name, decoded, assigned, plan.spec)
     prices = prices_of(plan, assigned.keys)
