@@ -90,9 +90,10 @@ def rows_of(lake: Lake, dv: str) -> dict[str, list]:
 def test_grown_catalog_decodes_only_what_changed_and_equals_a_fresh_build(store_uri, tmp_path):
     catalog = Catalog(tmp_path, 48, store_uri)
     lake = Lake(open_store(store_uri))
+    # pool_min=1: decoded on a process pool, small as the catalog is
     first = ingest_catalog(
         lake, catalog.source, catalog.prices, "shop", workers=2, shard_rows=16, pool_min=1
-    )  # fmt: skip (decoded on a process pool)
+    )
     assert (first["decoded"], first["reused"]) == (48, 0)
     old_dv = first["dataset_version"]
     old_test = set(lake.catalog(old_dv).split_ids("test"))
