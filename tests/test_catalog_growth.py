@@ -150,7 +150,7 @@ def test_touching_a_file_rehashes_it_but_decodes_nothing_new(tmp_path):
     first = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1)
     path = catalog.dir / catalog.rows[0]["image"]
     os.utime(path, ns=(time.time_ns(), time.time_ns()))  # same bytes, new identity
-    # a same-size rewrite with other pixels: a new content id
+    # a rewrite with other pixels: a new content id
     other = catalog.dir / catalog.rows[1]["image"]
     with Image.open(other) as im:
         pixels = np.asarray(im.convert("RGB")).copy()
