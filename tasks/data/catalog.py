@@ -281,10 +281,7 @@ class ShardWriter:
         table = pa.table({"content_id": [p[2] for p in rows], "image": [p[3] for p in rows],
                           "reason": [p[4] for p in rows]}, schema=PIXELS_SCHEMA)  # fmt: skip
         sources = [(p[0], p[1]) for p in rows]
-        shard = self.pixels.write(table, sources)
-        self.known.add_shard(shard, {"ids": table["content_id"].to_pylist(), "sources": sources,
-                                     "reasons": {i: p[4] for i, p in enumerate(rows)
-                                                 if p[4] is not None}})  # fmt: skip
+        self.known.add_shard(*self.pixels.write(table, sources))
         self.written += len(rows)
         self.pending, self.waiting = [], set()
 

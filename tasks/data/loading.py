@@ -83,26 +83,28 @@ def load_data(
     return data
 
 
+def group_by_shard(at: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """shard -> (positions in ``at``, rows in the shard)."""
+    found: dict[str, tuple[list[int], list[int]]] = {}
+    for i, (s, r) in enumerate(at):
+        found.setdefault(s, ([], []))[0].append(i)
+        found[s][1].append(r)
+    return {s: (np.asarray(i), np.asarray(r)) for s, (i, r) in found.items()}
+
+
 def iter_pixels(
     lake: Lake, dataset_version: str, ids: list[str], mode: str, size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(positions in ``ids``, their prepared images) of a catalog stored by content, one
     pixel shard at a time: memory holds one shard, whatever the catalog's size."""
     dataset = lake.catalog(dataset_version)
-    index = dataset.index(["image_id", "shard", "row"])
-    where = dict(zip(index["image_id"].to_pylist(),
-                     zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True),
-                     strict=True))  # fmt: skip
-    by_shard: dict[str, tuple[list[int], list[int]]] = {}
-    for i, key in enumerate(ids):
-        shard, row = where[key]
-        by_shard.setdefault(shard, ([], []))[0].append(i)
-        by_shard[shard][1].append(row)
+    where = dataset.locations()
+    by_shard = group_by_shard([where[key] for key in ids])
     pixels = dataset.pixels()
     for shard in sorted(by_shard):
         positions, rows = by_shard[shard]
-        blobs = pixels.images([shard] * len(rows), rows).to_pylist()
-        yield np.asarray(positions), prepare_batch(blobs, mode, size)
+        blobs = pixels.images([shard] * len(rows), rows.tolist()).to_pylist()
+        yield positions, prepare_batch(blobs, mode, size)
 
 
 def pixel_means(images: np.ndarray) -> np.ndarray:

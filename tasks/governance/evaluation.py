@@ -271,8 +271,7 @@ def evaluate(
     dataset_version = images.dataset_version if images else lineage["dataset_version"]
     limit, seed = (images.limit, images.seed) if images else (settings.test_limit, settings.seed)
     left_out = leave_out(lake, images)
-    streamed = dataset_version.startswith("cat-") and "index" in lake.catalog(
-        dataset_version).manifest()  # fmt: skip
+    streamed = lake.by_content(dataset_version)
     data = load_data(lake, dataset_version, evaluation.labels_version, {"test": limit}, seed,
                      *preprocess_of(config), leave_out=left_out, pixels=not streamed)  # fmt: skip
     test = data.test

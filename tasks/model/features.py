@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tasks.data.images import GRAY28, model_input, prepare_batch
-from tasks.data.loading import pixel_means
+from tasks.data.loading import group_by_shard, pixel_means
 from tasks.runtime import ProgressLog, get_logger, progress
 from tasks.store.lake import CatalogPixels, FeatureCache, ShardFeatures, feature_key
 
@@ -211,15 +211,6 @@ def extract_shards(
             "extracted_images": sum(rows.values())}  # fmt: skip
 
 
-def _by_shard(at: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """shard -> (positions in ``at``, rows in the shard)."""
-    found: dict[str, tuple[list[int], list[int]]] = {}
-    for i, (s, r) in enumerate(at):
-        found.setdefault(s, ([], []))[0].append(i)
-        found[s][1].append(r)
-    return {s: (np.asarray(i), np.asarray(r)) for s, (i, r) in found.items()}
-
-
 class ShardStream:
     """Batches of (features, scaled price) of one split, read from its pixel shards'
     feature arrays (memory-mapped local copies), in bounded memory: at most ``window``
@@ -233,7 +224,7 @@ class ShardStream:
     def __init__(self, cache: ShardFeatures, at: list[tuple[str, int]], y: np.ndarray,
                  views: int, directory: str, window: int = 4):  # fmt: skip
         self.cache, self.y, self.views, self.directory = cache, y, views, directory
-        self.groups = _by_shard(at)
+        self.groups = group_by_shard(at)
         self.shards = sorted(self.groups)
         self.window = window
         self.shape = self._open(self.shards[0]).shape[2:] if self.shards else ()

@@ -200,12 +200,6 @@ def stream_batches(stream: ShardStream, batch_size: int, shuffle: tuple | None =
     )
 
 
-def stored_by_content(lake: Lake, dataset_version: str) -> bool:
-    """Whether a dataset is a catalog stored by content (its features are per shard)."""
-    return dataset_version.startswith("cat-") and "index" in lake.catalog(
-        dataset_version).manifest()  # fmt: skip
-
-
 def fit_epochs(
     fit: Fit,
     settings: TrainSettings,
@@ -285,7 +279,7 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
                   model_input(data.test.images), data.test.y, False, None)  # fmt: skip
         return fit
     recipe = ViewRecipe(settings.cached_views(), settings.shift, settings.flip, settings.seed)
-    by_content = stored_by_content(lake, data.dataset_version)  # features per pixel shard
+    by_content = lake.by_content(data.dataset_version)  # features per pixel shard
     spec = FeatureSpec(
         dataset_version="by-content" if by_content else data.dataset_version,
         subset={}
@@ -319,9 +313,7 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
                   key: str, frozen, runner, top, t0: float) -> Fit:  # fmt: skip
     """A catalog stored by content: features extracted for the pixel shards that have
     none under this spec, then the top trains from shard streams (bounded memory)."""
-    index = lake.catalog(data.dataset_version).index(["image_id", "shard", "row"])
-    shard_row = zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True)
-    where = dict(zip(index["image_id"].to_pylist(), shard_row, strict=True))
+    where = lake.catalog(data.dataset_version).locations()
     train_at, test_at = [where[i] for i in data.train.ids], [where[i] for i in data.test.ids]
     cache = lake.shard_features(key)
     shards = sorted({s for s, _ in train_at} | {s for s, _ in test_at})
@@ -359,7 +351,7 @@ def train(
     started = time.time()
     precision = settings.precision
     limits = {"train": settings.train_limit, "test": settings.test_limit}
-    streamed = settings.uses_cache() and stored_by_content(lake, dataset_version)
+    streamed = settings.uses_cache() and lake.by_content(dataset_version)
     data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
                      settings.preprocess, settings.input_size, pixels=not streamed)  # fmt: skip
     log.info("training %s: %d images x %d epoch%s at %dx%d, %d of 19 VGG16 layers frozen; "

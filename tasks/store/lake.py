@@ -366,6 +366,12 @@ class CatalogDataset(Dataset):
                                                 index["row"].to_pylist())  # fmt: skip
         return pa.table({c: out[c] for c in columns})
 
+    def locations(self) -> dict[str, tuple[str, int]]:
+        """image key -> (pixel shard, row) of every image of the version."""
+        index = self.index(["image_id", "shard", "row"])
+        shard_row = zip(index["shard"].to_pylist(), index["row"].to_pylist(), strict=True)
+        return dict(zip(index["image_id"].to_pylist(), shard_row, strict=True))
+
     def split_ids(self, split: str) -> list[str]:
         """The image keys of one split (no pixels read)."""
         return self.read_split(split, ["image_id"])["image_id"].to_pylist()
@@ -384,14 +390,15 @@ class CatalogPixels(Entry):
     then ``<shard>.json`` (its content ids and the source keys and identities they were
     read from: the marker; a shard without one is ignored and written again)."""
 
-    def write(self, table: pa.Table, sources: list[tuple[str, str]]) -> str:
+    def write(self, table: pa.Table, sources: list[tuple[str, str]]) -> tuple[str, dict]:
+        """The shard, then its marker; returns (shard, marker)."""
         ids = table["content_id"].to_pylist()
         shard = pixel_shard_name(ids)
         self.put_bytes(f"{shard}.parquet", parquet_bytes(table))
         reasons = {i: r for i, r in enumerate(table["reason"].to_pylist()) if r is not None}
-        self.put_json(f"{shard}.json", {"ids": ids, "sources": sources,
-                                        "reasons": reasons})  # fmt: skip
-        return shard
+        marker = {"ids": ids, "sources": sources, "reasons": reasons}
+        self.put_json(f"{shard}.json", marker)
+        return shard, marker
 
     def shards(self) -> list[str]:
         """The shards whose marker exists."""
@@ -1076,6 +1083,11 @@ class Lake:
         found = [v for n in names for v in self._children(f"{self.CATALOGS}{n}/")
                  if not v.startswith("_")]  # fmt: skip
         return [v for v in found if self.catalog(v).complete]
+
+    def by_content(self, dataset_version: str) -> bool:
+        """Whether a dataset is a catalog stored by content (an index over pixel shards)."""
+        return dataset_version.startswith("cat-") and "index" in self.catalog(
+            dataset_version).manifest()  # fmt: skip
 
     def newest_catalog(self, name: str) -> CatalogDataset | None:
         """The catalog's most recently made version that has an index, or None."""
