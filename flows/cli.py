@@ -714,7 +714,10 @@ def _quiet_tracebacks() -> None:
 
 
 def _error(message: str) -> None:
-    lines = str(message).strip().strip("'\"").splitlines() or ["unknown error"]
+    text = str(message).strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # a KeyError's message comes quoted
+    lines = text.splitlines() or ["unknown error"]
     print(f"vggprice: error: {lines[0]}", file=sys.stderr)
 
 

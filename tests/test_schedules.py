@@ -158,7 +158,8 @@ BAD = [
     (("--catalog", "shoes", "--source", SOURCE, "--prices", PRICES, "--cron", "61 3 * * *"),
      "--cron '61 3 * * *' is not a cron expression"),
     (("--catalog", "shoes", "--source", SOURCE, "--prices", PRICES, "--cron", "0 3 * *"),
-     "--cron '0 3 * *' is not a cron expression"),
+     "--cron '0 3 * *' is not a cron expression: five fields, minute hour day-of-month month "
+     'day-of-week, e.g. "0 3 * * *"'),  # the message whole, its closing quote too
     (("--catalog", "shoes", "--source", SOURCE, "--prices", PRICES, "--timezone", "Mars/Base"),
      "--timezone 'Mars/Base' is not a time zone"),
     (("--catalog", "Shoes!", "--source", SOURCE, "--prices", PRICES),
