@@ -162,6 +162,10 @@ def _cmd_run(args: argparse.Namespace) -> dict:
     if args.skip_bad_rows:
         raise ValueError("--skip-bad-rows is for a catalog run (--source, --prices, --name)")
     _lake(args)
+    if args.source:  # a wrong directory stops here, before any run starts
+        from tasks.data.fashion_mnist import find_source
+
+        find_source(args.source)
     return retrain_flow(
         store=args.store,
         source=args.source,
@@ -185,7 +189,7 @@ def _run_catalog(args: argparse.Namespace) -> dict:
                          "--prices CSV_OR_PARQUET, --name NAME)")  # fmt: skip
     if args.means is not None or args.sigma is not None:
         raise ValueError("--means and --sigma draw the demo's prices; a catalog has its own")
-    check_inputs(args.prices, args.name)  # what was typed, before any run starts
+    check_inputs(args.source, args.prices, args.name)  # what was typed, before any run
     settings = _train_settings(args, catalog=True)
     _lake(args)
     return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,

@@ -97,7 +97,14 @@ def test_empty_store_and_missing_source(tmp_path):
     store = str(tmp_path / "lake")
     Path(store).mkdir()  # there and empty (a missing one: tests/test_prices.py)
     no_prices = ("--prices", str(tmp_path / "none.csv"), "--name", "shop")
+    (tmp_path / "p.csv").write_text("image,price\na.png,10\n")
+    (tmp_path / "empty").mkdir()
+    prices = ("--prices", str(tmp_path / "p.csv"), "--name", "shop")
     cases = [
+        # a source with nothing to learn from stops before any server or run starts
+        (("run", "--source", str(tmp_path / "nowhere")), "nowhere: missing train-images"),
+        (("run", "--source", str(tmp_path / "empty"), *prices), "empty: no images found"),
+        (("run", "--source", str(tmp_path / "x.parquet"), *prices), "x.parquet: no such file"),
         (("ingest", "--source", str(tmp_path / "nowhere")), "nowhere: missing train-images"),
         (("champion",), "no champion in"),
         (("score-new",), "train and promote a model (vggprice run)"),

@@ -197,12 +197,16 @@ def check_catalog(
     return CatalogPlan(source, listing, rows, bad, spec)
 
 
-def check_inputs(prices_uri: str, name: str) -> None:
-    """What a user typed, checked before any run starts: the line name and a readable
-    prices table with its columns (the whole check, against the images, is
-    ``check_catalog``, once, in the ingest)."""
+def check_inputs(source_uri: str, prices_uri: str, name: str) -> None:
+    """What a user typed, checked before any run starts: the line name, a readable
+    prices table with its columns and a source with an image in it (the whole check,
+    against the images, is ``check_catalog``, once, in the ingest)."""
     check_line_name(name)
     read_prices(prices_uri)
+    source = open_source(source_uri)
+    if not source.has_images():
+        raise CatalogError(f"{source_uri}: " + ("no such file" if source.parquet else
+                                                "no images found"))  # fmt: skip
 
 
 # --- decoding, once per content ------------------------------------------------------

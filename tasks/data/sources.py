@@ -49,6 +49,13 @@ class ImageSource:
             return {i: hashlib.sha256(b).hexdigest() for i, b in self.rows.items()}
         return {o.key: o.etag for o in self.store.list() if is_image_key(o.key)}
 
+    def has_images(self) -> bool:
+        """Whether the source holds at least one image file, from the start of its listing
+        (on S3, up to the first page that has one); a Parquet source: whether it is there."""
+        if self.parquet is not None:
+            return self.store.exists(self.parquet)
+        return any(is_image_key(o.key) for o in self.store.list())
+
     def content_id(self, identity: str) -> str | None:
         """The content id that a listing identity alone gives (None: hash the bytes)."""
         if self.parquet is not None:
