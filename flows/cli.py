@@ -236,19 +236,26 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _share_local_api() -> None:
+@contextlib.contextmanager
+def _share_local_api():
     """Where no PREFECT_API_URL is set, start the temporary local server now and hand its
-    address to the processes started below (local Dask workers): one server for the run,
-    instead of one more server and database connection per worker."""
+    address to the processes started inside (local Dask workers): one server for the run,
+    instead of one more server and database connection per worker. The address is this
+    command's only: the environment is as it was afterwards."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
         return
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the one this process's flow run will use too
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def engine_arguments(p: argparse.ArgumentParser, SCORE) -> None:  # noqa: N803 - as in build_parser
@@ -275,7 +282,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
     lake = _lake(args, existing=True)
     resolve_model(lake, args.model, args.line)
     list_drop(lake, locate_drop(lake, args.drop))
-    flow, scorers = score_flow, 2
+    flow, scorers, api = score_flow, 2, contextlib.nullcontext()
     if args.workers or args.dask_address:
         from prefect_dask import DaskTaskRunner
 
@@ -286,28 +293,28 @@ def _cmd_score(args: argparse.Namespace) -> dict:
                 scorers = args.workers or len(client.scheduler_info()["workers"])
             runner = DaskTaskRunner(address=args.dask_address)
         else:  # N local scorer processes, one thread each, sharing the cores between them
-            scorers = args.workers
-            _share_local_api()
+            scorers, api = args.workers, _share_local_api()
             os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, _cores() // scorers)))
             runner = DaskTaskRunner(
                 cluster_kwargs={"n_workers": scorers, "threads_per_worker": 1, "processes": True}
             )
         flow = score_flow.with_options(task_runner=runner)
-    return flow(
-        drop=args.drop,
-        store=args.store,
-        model=args.model,
-        shard_size=args.shard_size,
-        max_pixels=args.max_pixels,
-        max_bytes=args.max_bytes,
-        max_rows_per_object=args.max_rows_per_object,
-        scorers=scorers,
-        engine=args.engine,
-        precision=args.precision,
-        claim_seconds=args.claim_seconds,
-        wait=not args.no_wait,
-        line=args.line,
-    )
+    with api:
+        return flow(
+            drop=args.drop,
+            store=args.store,
+            model=args.model,
+            shard_size=args.shard_size,
+            max_pixels=args.max_pixels,
+            max_bytes=args.max_bytes,
+            max_rows_per_object=args.max_rows_per_object,
+            scorers=scorers,
+            engine=args.engine,
+            precision=args.precision,
+            claim_seconds=args.claim_seconds,
+            wait=not args.no_wait,
+            line=args.line,
+        )
 
 
 def _cmd_score_new(args: argparse.Namespace) -> dict:

@@ -116,3 +116,26 @@ def test_empty_store_and_missing_source(tmp_path):
         assert code == 2 and len(err) == 1, (args, err)
         assert err[0].startswith("vggprice: error: ") and expected in err[0], (args, err)
     assert not any(p.is_file() for p in Path(store).rglob("*")), "nothing written"
+
+
+def test_the_shared_local_api_is_the_commands_only(monkeypatch, tmp_path):
+    """`score --workers N` hands its temporary server's address to its Dask workers
+    through the environment, and takes it back afterwards."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from flows.cli import _share_local_api
+
+    home = prefect_home(tmp_path / "ph")  # migrated already: the server starts in seconds
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", home)
+    with temporary_settings({PREFECT_HOME: home}, restore_defaults={PREFECT_API_URL}):
+        try:
+            with _share_local_api():
+                url = os.environ["PREFECT_API_URL"]
+                assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            assert "PREFECT_API_URL" not in os.environ
+        finally:  # a command's process would exit here; this one goes on
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().stop()
