@@ -508,3 +508,26 @@ def test_fused_rmsprop_matches_keras_rmsprop():
     assert not np.allclose(weights[0][0], initial[0][0]), "training moved the weights"
     for ours, theirs in zip(weights[1], weights[0], strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_the_quick_preset_anneals_its_learning_rate_to_zero_by_its_last_step():
+    """--quick trains every layer from random weights for one epoch: its last weights
+    must not be a full-size step's (on a bf16 CPU, test RMSE 75 vs 47 at seed 0)."""
+    import keras
+
+    from tasks.model.train_settings import QUICK, TrainSettings
+    from tasks.model.training import compile_top
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    quick, recipe = TrainSettings(**QUICK), TrainSettings()
+    assert quick.lr_schedule == "cosine" and recipe.lr_schedule == "inverse_time"
+    rates = {}
+    for settings in (quick, recipe):
+        compile_top(model, settings, steps=125)
+        schedule = model.optimizer._learning_rate
+        rates[settings.lr_schedule] = [float(schedule(s)) for s in (0, 62, 125)]
+    cos = rates["cosine"]
+    assert cos[0] == pytest.approx(quick.learning_rate)
+    assert cos[1] == pytest.approx(quick.learning_rate / 2, rel=0.05)
+    assert cos[2] == pytest.approx(0.0, abs=1e-12)
+    assert rates["inverse_time"][2] == pytest.approx(1e-4 / (1 + 125e-6)), "the recipe's decay"
