@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         None, description="names this worker in scoring manifests (default: host and pid)"
     )
+    extract_claim_seconds: float = Field(
+        90.0,
+        gt=0,
+        description="a frozen-feature extractor's claim on a shard unchanged this long is "
+        "taken over by another (its extractor died)",
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -329,9 +329,26 @@ def test_grown_catalog_extracts_features_only_for_its_new_images(tmp_path):
     assert not np.array_equal(a_train[0], a_train[2]), "view 2 is shifted"
 
 
-def test_a_killed_extraction_keeps_its_shards_and_the_rerun_extracts_the_rest(tmp_path):
+def _extracted(lake: Lake) -> list[str]:
+    """The feature shards stored (their arrays: each one's marker)."""
+    return [k for k in lake.store.keys("features/") if k.endswith(".npy")
+            and not k.endswith(".means.npy")]  # fmt: skip
+
+
+def _train_child(lake_dir: Path, out: dict, settings: dict, **env: str) -> subprocess.Popen:
     import json
 
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.programs.train", str(lake_dir),
+         out["dataset_version"], out["labels_version"], json.dumps(settings)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=os.environ | env,
+    )  # fmt: skip
+
+
+def test_a_killed_extraction_keeps_its_shards_and_the_rerun_extracts_the_rest(
+    tmp_path, monkeypatch
+):
     from tasks.model.train_settings import TrainSettings
     from tasks.model.training import resolved, train
     from tests.conftest import TINY
@@ -342,28 +359,52 @@ def test_a_killed_extraction_keeps_its_shards_and_the_rerun_extracts_the_rest(tm
     n_shards = len(lake.catalog(out["dataset_version"]).manifest()["pixel_shards"])
     # input 64 and 4 views: slow enough that the kill lands between shards
     settings = TINY | {"preprocess": "rgb", "input_size": 64, "views": 4}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "tests.programs.train", str(tmp_path / "lake"),
-         out["dataset_version"], out["labels_version"], json.dumps(settings)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    monkeypatch.setenv("VGGPRICE_EXTRACT_CLAIM_SECONDS", "2")  # the dead one's claim lapses
+    child = _train_child(tmp_path / "lake", out, settings)
     deadline = time.monotonic() + 300
-
-    def extracted() -> list[str]:
-        return [k for k in lake.store.keys("features/") if k.endswith(".npy")
-                and not k.endswith(".means.npy")]  # fmt: skip
-
-    while len(extracted()) < 2 and child.poll() is None and time.monotonic() < deadline:
+    while len(_extracted(lake)) < 2 and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
-    child.wait()
-    done = len(extracted())
+    child.communicate()
+    done = len(_extracted(lake))
     assert 2 <= done < n_shards, "killed mid-extraction"
+    held = lake.shard_features(lake.store.keys("features/")[0].split("/")[1]).claims()
+    assert len(held) <= 1, "the dead extractor held at most the shard it was on"
     result = train(lake, out["dataset_version"], out["labels_version"], TrainSettings(**settings))
     assert result["features"]["extracted_shards"] == n_shards - done
-    assert len(extracted()) == n_shards, "each shard's features stored once"
+    assert result["features"]["extracted_here"] == n_shards - done, "the dead claim taken over"
+    assert len(_extracted(lake)) == n_shards, "each shard's features stored once"
+    assert not lake.shard_features(result["features"]["key"]).claims(), "every claim released"
     assert lake.model(result["model_version"]).complete
     assert resolved(TrainSettings(**settings)).extraction_engine in ("keras", "openvino")
+
+
+def test_two_trainings_at_once_extract_each_feature_shard_once(tmp_path):
+    """Two trainings of the same line at once (a nightly run beside a manual one): the
+    extractors claim shards from one another through the ledger, so every shard is
+    computed once, and both finish with the same model."""
+    import json
+
+    from tests.conftest import TINY
+
+    catalog = Catalog(tmp_path, 120)
+    lake = Lake(LocalStore(tmp_path / "lake"))
+    out = ingest_catalog(lake, catalog.source, catalog.prices, "shop", workers=1, shard_rows=8)
+    n_shards = len(lake.catalog(out["dataset_version"]).manifest()["pixel_shards"])
+    settings = TINY | {"preprocess": "rgb", "input_size": 64, "views": 4}
+    one_core = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                "OMP_NUM_THREADS": "1"}  # fmt: skip
+    children = [_train_child(tmp_path / "lake", out, settings, **one_core) for _ in range(2)]
+    results = [child.communicate() for child in children]
+    for child, (_, err) in zip(children, results, strict=True):
+        assert child.returncode == 0, err[-4000:]
+    facts = [json.loads(stdout.splitlines()[-2]) for stdout, _ in results]
+    versions = {stdout.split()[-1] for stdout, _ in results}
+    assert len(versions) == 1, "one model version for one set of inputs"
+    assert sum(f["extracted_here"] for f in facts) == n_shards, f"each shard once: {facts}"
+    assert not any("stored by another extractor first" in err for _, err in results)
+    assert len(_extracted(lake)) == n_shards
+    assert not lake.shard_features(facts[0]["key"]).claims(), "every claim released"
 
 
 def test_a_shard_stream_holds_a_few_shards_whatever_the_catalog_size(tmp_path):

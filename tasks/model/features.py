@@ -17,6 +17,7 @@ built incrementally gets the same features as one built from scratch.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,6 +25,15 @@ import numpy as np
 from tasks.data.images import GRAY28, model_input, prepare_batch
 from tasks.data.loading import group_by_shard, pixel_means
 from tasks.runtime import ProgressLog, get_logger, progress
+from tasks.scoring.ledger import (
+    WATCH,
+    ClaimWatch,
+    Heartbeat,
+    ShardGivenUp,
+    scorer_name,
+    take_claim,
+)
+from tasks.settings import load_settings
 from tasks.store.lake import CatalogPixels, FeatureCache, ShardFeatures, feature_key
 
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
@@ -192,23 +202,83 @@ def shard_views(
     return out, means
 
 
+def extract_work(
+    cache: ShardFeatures, pixels: CatalogPixels, frozen, shards: list[str], views: ViewRecipe,
+    mode: str, size: int, *, claim_seconds: float, start: int = 0,
+    log: ProgressLog | None = None, watch: ClaimWatch | None = None,
+) -> list[str]:  # fmt: skip
+    """One extractor, the scorers' loop (``tasks.scoring.shard.work``) over feature
+    shards: claim each named shard that has no features yet, extract it, store it by a
+    conditional create and release it, until none is left unclaimed; returns the shards
+    it stored. A shard another extractor holds is left to it. ``start`` spreads
+    extractors over the list; ``watch``: what this process saw of other claims (tests)."""
+    worker, logger = scorer_name(), get_logger()
+    watch = watch or WATCH
+    done = cache.done(shards)
+    todo = [s for s in shards if s not in done]
+    todo = todo[start % len(todo) :] + todo[: start % len(todo)] if todo else []
+    stored = []
+    with Heartbeat(cache, claim_seconds, watch.clock) as heartbeat:
+        for shard in todo:
+            since = watch.clock()
+            claim_id = take_claim(cache, shard, worker, claim_seconds, watch)
+            if claim_id is None:
+                continue
+            lease = heartbeat.hold(shard, claim_id, since)
+            try:
+                if cache.exists(cache.name(shard)):
+                    continue  # stored by another extractor since the list was read
+                features, means = shard_views(pixels, shard, frozen, views, mode, size, log)
+                lease.check()
+                if cache.write(shard, features, means):
+                    stored.append(shard)
+                else:
+                    logger.warning("%s: features of shard %s were stored by another "
+                                   "extractor first; ours are dropped", worker, shard)  # fmt: skip
+            except ShardGivenUp as why:
+                logger.warning("%s: gave up feature shard %s for another extractor: %s",
+                               worker, shard, why)  # fmt: skip
+            finally:
+                heartbeat.release(shard)
+    return stored
+
+
 def extract_shards(
     cache: ShardFeatures, pixels: CatalogPixels, frozen, shards: list[str], views: ViewRecipe,
-    mode: str, size: int,
+    mode: str, size: int, claim_seconds: float | None = None,
 ) -> dict:  # fmt: skip
     """Features for every shard named that has none yet under this spec, one shard in
-    memory at a time; returns how many shards and images were extracted."""
-    stored = set(cache.names("shards/"))
-    missing = [s for s in shards if cache.name(s) not in stored]
+    memory at a time, through claims: other trainings or extractors of the same line may
+    work on the same shards at once, and each shard is computed once. Waits for shards
+    that live extractors hold, and takes over a shard whose claim has not changed for
+    ``claim_seconds`` (default: settings ``extract_claim_seconds``: a dead extractor's).
+    Returns how many shards and images were new under this spec, and how many of those
+    shards this call extracted."""
+    claim_seconds = claim_seconds or load_settings().extract_claim_seconds
+    logger = get_logger()
+    done = cache.done(shards)
+    missing = [s for s in shards if s not in done]
     rows = {s: len(pixels.shard(s)["ids"]) for s in missing}
     lines = ProgressLog("frozen features", views.n * sum(rows.values()), "images")
     if missing:
-        get_logger().info("frozen features: %d of %d pixel shards new (%d images x %d views)",
-                          len(missing), len(shards), sum(rows.values()), views.n)  # fmt: skip
-    for shard in missing:
-        cache.write(shard, *shard_views(pixels, shard, frozen, views, mode, size, lines))
+        logger.info("frozen features: %d of %d pixel shards new (%d images x %d views)",
+                    len(missing), len(shards), sum(rows.values()), views.n)  # fmt: skip
+    here, waiting = [], False
+    while True:
+        here += extract_work(cache, pixels, frozen, missing, views, mode, size,
+                             claim_seconds=claim_seconds, log=lines)  # fmt: skip
+        left = [s for s in missing if s not in cache.done(missing)]
+        if not left:
+            break
+        if not waiting:
+            held = sorted({c["owner"] for n, c in cache.claims().items() if n in left})
+            logger.info("frozen features: %d shards held by other extractors (%s); waiting "
+                        "for them (a claim unchanged for %g s is taken over)", len(left),
+                        ", ".join(held) or "just released", claim_seconds)  # fmt: skip
+            waiting = True
+        time.sleep(min(claim_seconds / 3, 2.0))
     return {"shards": len(shards), "extracted_shards": len(missing),
-            "extracted_images": sum(rows.values())}  # fmt: skip
+            "extracted_images": sum(rows.values()), "extracted_here": len(here)}  # fmt: skip
 
 
 class ShardStream:

@@ -300,6 +300,39 @@ class Entry:
         return self.store.delete_prefix(self.prefix)
 
 
+class Claims:
+    """``_claims/<name>.json`` under an entry: the work claims of the ledger
+    (``tasks.scoring.ledger``: conditional create, heartbeats, compare-and-swap takeover),
+    for whatever its workers share out (a drop's shards, a catalog's feature shards)."""
+
+    @staticmethod
+    def _claim(name: str) -> str:
+        return f"_claims/{name}.json"
+
+    def create_claim(self, name: str, claim: dict) -> bool:
+        return self.store.put_if_absent(self.key(self._claim(name)), json_bytes(claim))
+
+    def read_claim(self, name: str) -> tuple[dict, str] | None:
+        return self.versioned(self._claim(name))
+
+    def replace_claim(self, name: str, claim: dict, token: str) -> bool:
+        return self.store.put_if_match(self.key(self._claim(name)), json_bytes(claim), token)
+
+    def drop_claim(self, name: str) -> None:
+        self.store.delete(self.key(self._claim(name)))
+
+    def claims(self) -> dict[str, dict]:
+        """The claims held now; one released between the listing and its read is left
+        out (other workers take and release claims all the time)."""
+        held = {}
+        for n in self.names("_claims/"):
+            try:
+                held[n[len("_claims/") : -len(".json")]] = self.get_json(n)
+            except ObjectNotFound:
+                continue
+        return held
+
+
 @dataclass(frozen=True)
 class Dataset(Entry):
     version: str = ""
@@ -485,10 +518,11 @@ class FeatureCache(Entry):
 
 
 @dataclass(frozen=True)
-class ShardFeatures(Entry):
+class ShardFeatures(Claims, Entry):
     """Frozen-layer outputs of a catalog's pixel shards under one feature spec: one
     array (views, rows, ...) per shard, written whole, so a shard's features exist or do
-    not; shared by every version that holds the shard."""
+    not; shared by every version that holds the shard. Extractors claim a shard
+    (``_claims/<shard>.json``) before they compute it: each is computed once."""
 
     cache_key: str = ""
 
@@ -497,10 +531,17 @@ class ShardFeatures(Entry):
         """The features' object, relative to the entry (written last: the marker)."""
         return f"shards/{shard}.npy"
 
-    def write(self, shard: str, features: np.ndarray, means: np.ndarray) -> None:
-        """The rows' pixel means, then the features (the shard's marker)."""
+    def write(self, shard: str, features: np.ndarray, means: np.ndarray) -> bool:
+        """The rows' pixel means, then the features (the shard's marker) by a conditional
+        create: True if these are the shard's, False if another extractor's were there
+        first (the means are the same numbers either way: they are the pixels')."""
         self.put_bytes(f"shards/{shard}.means.npy", npy_bytes(means))
-        self.put_bytes(self.name(shard), npy_bytes(features))
+        return self.store.put_if_absent(self.key(self.name(shard)), npy_bytes(features))
+
+    def done(self, shards: list[str]) -> set[str]:
+        """Those of ``shards`` whose features are stored."""
+        stored = set(self.names("shards/"))
+        return {s for s in shards if self.name(s) in stored}
 
     def means(self, shard: str) -> np.ndarray:
         return read_npy(self.get_bytes(f"shards/{shard}.means.npy"))
@@ -794,7 +835,7 @@ class DropSource:
 
 
 @dataclass(frozen=True)
-class ScoreRun(Entry):
+class ScoreRun(Claims, Entry):
     """scores/<drop>/<model>/: the ledger and work queue of a drop's scoring.
 
     ``_plans/<n>.json`` (numbered, each created once by a conditional write) split
@@ -852,34 +893,6 @@ class ScoreRun(Entry):
     @staticmethod
     def is_finish_name(name: str) -> bool:
         return name.startswith("finish-")
-
-    # claims
-    @staticmethod
-    def _claim(name: str) -> str:
-        return f"_claims/{name}.json"
-
-    def create_claim(self, name: str, claim: dict) -> bool:
-        return self.store.put_if_absent(self.key(self._claim(name)), json_bytes(claim))
-
-    def read_claim(self, name: str) -> tuple[dict, str] | None:
-        return self.versioned(self._claim(name))
-
-    def replace_claim(self, name: str, claim: dict, token: str) -> bool:
-        return self.store.put_if_match(self.key(self._claim(name)), json_bytes(claim), token)
-
-    def drop_claim(self, name: str) -> None:
-        self.store.delete(self.key(self._claim(name)))
-
-    def claims(self) -> dict[str, dict]:
-        """The claims held now; one released between the listing and its read is left
-        out (other scorers take and release claims all the time)."""
-        held = {}
-        for n in self.names("_claims/"):
-            try:
-                held[n[len("_claims/") : -len(".json")]] = self.get_json(n)
-            except ObjectNotFound:
-                continue
-        return held
 
     # a shard: its attempt's rejections and facts, then its part (the completion marker)
     ATTEMPT = b"vggprice.attempt"  # the part's Parquet metadata: the attempt that wrote it

@@ -1,4 +1,5 @@
-"""`train` on a local lake; prints the model version.
+"""`train` on a local lake; prints its frozen-feature facts as JSON (when it extracted
+any), then the model version last.
 
 python -m tests.programs.train LAKE_DIR DATASET_VERSION LABELS_VERSION SETTINGS_JSON
 """
@@ -16,6 +17,8 @@ from tasks.store.storage import LocalStore
 
 def main(lake_dir: str, dv: str, lv: str, settings: str) -> None:
     result = train(Lake(LocalStore(lake_dir)), dv, lv, TrainSettings(**json.loads(settings)))
+    if result.get("features"):
+        print(json.dumps(result["features"], separators=(",", ":")))
     print(result["model_version"])
 
 
