@@ -25,14 +25,7 @@ import numpy as np
 from tasks.data.images import GRAY28, model_input, prepare_batch
 from tasks.data.loading import group_by_shard, pixel_means
 from tasks.runtime import ProgressLog, get_logger, progress
-from tasks.scoring.ledger import (
-    WATCH,
-    ClaimWatch,
-    Heartbeat,
-    ShardGivenUp,
-    scorer_name,
-    take_claim,
-)
+from tasks.scoring.ledger import ClaimWatch, Lease, scorer_name, work_in_turn
 from tasks.settings import load_settings
 from tasks.store.lake import CatalogPixels, FeatureCache, ShardFeatures, feature_key
 
@@ -212,34 +205,22 @@ def extract_work(
     conditional create and release it, until none is left unclaimed; returns the shards
     it stored. A shard another extractor holds is left to it. ``start`` spreads
     extractors over the list; ``watch``: what this process saw of other claims (tests)."""
-    worker, logger = scorer_name(), get_logger()
-    watch = watch or WATCH
+    worker = scorer_name()
     done = cache.done(shards)
-    todo = [s for s in shards if s not in done]
-    todo = todo[start % len(todo) :] + todo[: start % len(todo)] if todo else []
     stored = []
-    with Heartbeat(cache, claim_seconds, watch.clock) as heartbeat:
-        for shard in todo:
-            since = watch.clock()
-            claim_id = take_claim(cache, shard, worker, claim_seconds, watch)
-            if claim_id is None:
-                continue
-            lease = heartbeat.hold(shard, claim_id, since)
-            try:
-                if cache.exists(cache.name(shard)):
-                    continue  # stored by another extractor since the list was read
-                features, means = shard_views(pixels, shard, frozen, views, mode, size, log)
-                lease.check()
-                if cache.write(shard, features, means):
-                    stored.append(shard)
-                else:
-                    logger.warning("%s: features of shard %s were stored by another "
-                                   "extractor first; ours are dropped", worker, shard)  # fmt: skip
-            except ShardGivenUp as why:
-                logger.warning("%s: gave up feature shard %s for another extractor: %s",
-                               worker, shard, why)  # fmt: skip
-            finally:
-                heartbeat.release(shard)
+
+    def one(shard: str, lease: Lease) -> None:
+        features, means = shard_views(pixels, shard, frozen, views, mode, size, log)
+        lease.check()
+        if cache.write(shard, features, means):
+            stored.append(shard)
+        else:
+            get_logger().warning("%s: features of shard %s were stored by another extractor "
+                                 "first; ours are dropped", worker, shard)  # fmt: skip
+
+    work_in_turn(cache, [s for s in shards if s not in done], worker, claim_seconds,
+                 lambda s: cache.exists(cache.name(s)), one, start, watch, "feature shard",
+                 "extractor")  # fmt: skip
     return stored
 
 

@@ -288,3 +288,34 @@ class Heartbeat:
                         get_logger().warning("%s", lease.lost)
                 except Exception as err:  # a missed beat is retried at the next one
                     get_logger().warning("heartbeat for %s failed: %s", lease.name, err)
+
+
+def work_in_turn(
+    entry, names: list, owner: str, seconds: float, done: Callable[[str], bool],
+    work: Callable[[str, Lease], None], start: int = 0, watch: ClaimWatch | None = None,
+    what: str = "shard", role: str = "scorer",
+) -> None:  # fmt: skip
+    """The loop every worker of a ledger runs (scorers over a drop's shards, extractors
+    over feature shards): claim each of ``names`` in turn, from ``start`` round, for
+    ``owner``, and ``work(name, lease)`` on it while heartbeats keep the claim alive;
+    then release it. A name that another worker holds is skipped, and so is one that is
+    ``done`` once claimed (finished by another since the list was read); ``work``
+    raising ShardGivenUp gives the name up (logged, released, the loop goes on).
+    ``entry``: what holds the claims (``lake.Claims``)."""
+    watch = watch or WATCH
+    names = names[start % len(names) :] + names[: start % len(names)] if names else []
+    with Heartbeat(entry, seconds, watch.clock) as heartbeat:
+        for name in names:
+            since = watch.clock()
+            claim_id = take_claim(entry, name, owner, seconds, watch)
+            if claim_id is None:
+                continue
+            lease = heartbeat.hold(name, claim_id, since)
+            try:
+                if not done(name):
+                    work(name, lease)
+            except ShardGivenUp as why:
+                get_logger().warning("%s: gave up %s %s and released it for another %s: %s",
+                                     owner, what, name, role, why)  # fmt: skip
+            finally:
+                heartbeat.release(name)

@@ -25,15 +25,13 @@ from tasks.model.export import preprocess_of
 from tasks.runtime import get_logger
 from tasks.scoring.engines import get_engine
 from tasks.scoring.ledger import (
-    WATCH,
     ClaimWatch,
-    Heartbeat,
     Lease,
     ScoreOptions,
     ShardGivenUp,
     pending,
     scorer_name,
-    take_claim,
+    work_in_turn,
 )
 from tasks.store.lake import DropSource, Lake, ScoreRun
 from tasks.store.storage import NotRegularFile, ObjectNotFound, TooLarge
@@ -222,31 +220,19 @@ def work(
     ``watch`` holds what this process saw of other claims and its clock (the seam for
     tests; default: the process's, on time.monotonic)."""
     scorer, log = scorer_name(), get_logger()
-    watch = watch or WATCH
-    todo = list(pending(run, run.plans()).items())
-    todo = todo[start % len(todo) :] + todo[: start % len(todo)] if todo else []
+    todo = pending(run, run.plans())
     scored = []
-    with Heartbeat(run, options.claim_seconds, watch.clock) as heartbeat:
-        for shard, entries in todo:
-            since = watch.clock()
-            claim_id = take_claim(run, shard, scorer, options.claim_seconds, watch)
-            if claim_id is None:
-                continue
-            lease = heartbeat.hold(shard, claim_id, since)
-            try:
-                if run.exists(run.part_name(shard)):
-                    continue  # finished by another scorer since the list was read
-                facts = score_shard(run, source, shard, entries, options, scorer, lease)
-                if facts is None:
-                    continue
-                log.info("%s: shard %s priced %d, rejected %d (%.1f s)", scorer, shard,
-                         facts["priced"], facts["rejected"], facts["seconds"])  # fmt: skip
-                scored.append(facts)
-                if on_shard is not None:
-                    on_shard(facts)
-            except ShardGivenUp as why:
-                log.warning("%s: gave up shard %s and released it for another scorer: %s",
-                            scorer, shard, why)  # fmt: skip
-            finally:
-                heartbeat.release(shard)
+
+    def one(shard: str, lease: Lease) -> None:
+        facts = score_shard(run, source, shard, todo[shard], options, scorer, lease)
+        if facts is None:
+            return
+        log.info("%s: shard %s priced %d, rejected %d (%.1f s)", scorer, shard,
+                 facts["priced"], facts["rejected"], facts["seconds"])  # fmt: skip
+        scored.append(facts)
+        if on_shard is not None:
+            on_shard(facts)
+
+    work_in_turn(run, list(todo), scorer, options.claim_seconds,
+                 lambda s: run.exists(run.part_name(s)), one, start, watch)  # fmt: skip
     return scored
