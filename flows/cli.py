@@ -157,10 +157,15 @@ def _mlflow(args: argparse.Namespace) -> str | None:
 def _cmd_run(args: argparse.Namespace) -> dict:
     from flows.pipeline import retrain_flow
 
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give at least 1 extractor process")
     if args.prices or args.name:
         return _run_catalog(args)
     if args.skip_bad_rows:
         raise ValueError("--skip-bad-rows is for a catalog run (--source, --prices, --name)")
+    if args.workers:
+        raise ValueError("--workers spreads a catalog's feature extraction (--source, --prices, "
+                         "--name); the demo's features are one cache, made in the training")  # fmt: skip
     _lake(args)
     if args.source:  # a wrong directory stops here, before any run starts
         from tasks.data.fashion_mnist import find_source
@@ -181,6 +186,7 @@ def _cmd_run(args: argparse.Namespace) -> dict:
 def _run_catalog(args: argparse.Namespace) -> dict:
     """vggprice run --source ... --prices ... --name ...: a catalog's own line."""
     from flows.catalog import catalog_flow
+    from flows.train import Extraction
     from tasks.data.catalog import check_inputs
 
     missing = [f for f in ("source", "prices", "name") if not getattr(args, f)]
@@ -192,9 +198,12 @@ def _run_catalog(args: argparse.Namespace) -> dict:
     check_inputs(args.source, args.prices, args.name)  # what was typed, before any run
     settings = _train_settings(args, catalog=True)
     _lake(args)
-    return catalog_flow(source=args.source, prices=args.prices, name=args.name, store=args.store,
-                        settings=settings, margin=args.margin, skip_bad_rows=args.skip_bad_rows,
-                        force=args.force, mlflow_tracking_uri=_mlflow(args))  # fmt: skip
+    with _share_local_api() if args.workers else contextlib.nullcontext():
+        return catalog_flow(source=args.source, prices=args.prices, name=args.name,
+                            store=args.store, settings=settings, margin=args.margin,
+                            skip_bad_rows=args.skip_bad_rows, force=args.force,
+                            mlflow_tracking_uri=_mlflow(args),
+                            extraction=Extraction(workers=args.workers or 0))  # fmt: skip
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
@@ -578,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="promote the model past the gate (recorded as forced)")  # fmt: skip
     p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="a catalog run: extract the frozen features in N local processes "
+                        "(a Dask LocalCluster) before training")  # fmt: skip
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", parents=[common], help="train the price model")

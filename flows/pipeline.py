@@ -18,7 +18,7 @@ from prefect.deployments import run_deployment
 from flows.evaluate import evaluate_flow, promote_flow
 from flows.ingest import ingest_flow
 from flows.label import label_flow
-from flows.train import train_flow
+from flows.train import Extraction, train_flow
 from tasks.data.prices import PriceRule
 from tasks.governance.registry import MARGIN
 from tasks.model.train_settings import TrainSettings
@@ -59,7 +59,7 @@ def pool_precision(pool: str) -> str:
 
 def train_on_pool(
     pool: str, dataset_version: str, labels_version: str, store: str, settings: TrainSettings,
-    mlflow_tracking_uri: str | None = None,
+    mlflow_tracking_uri: str | None = None, extraction: Extraction | None = None,
 ) -> dict:  # fmt: skip
     """Run the train deployment on ``pool`` (unless the model exists), wait, and find
     the model in the store by its version. ``auto`` is resolved for the pool
@@ -77,7 +77,8 @@ def train_on_pool(
             "store": store,
             "settings": settings.model_dump(),
         }
-        | ({"mlflow_tracking_uri": mlflow_tracking_uri} if mlflow_tracking_uri else {}),
+        | ({"mlflow_tracking_uri": mlflow_tracking_uri} if mlflow_tracking_uri else {})
+        | ({"extraction": extraction.model_dump()} if extraction else {}),
         timeout=None,
         poll_interval=2,
     )
@@ -102,16 +103,20 @@ def train_evaluate_promote(
     train_pool: str | None,
     mlflow_tracking_uri: str | None = None,
     force: bool = False,
+    extraction: Extraction | None = None,
 ) -> tuple[dict, dict, dict]:
-    """The stages after the data: train (here, or on ``train_pool``), evaluate, promote
+    """The stages after the data: train (here, or on ``train_pool``; ``extraction``: who
+    else extracts a catalog's frozen features, flows/train.py), evaluate, promote
     (``force``: past the gate, recorded as forced); each brings MLflow up to date when
     ``mlflow_tracking_uri`` is set."""
     uri = mlflow_tracking_uri
     if train_pool:
-        trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings, uri)
+        trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings, uri,
+                                extraction)  # fmt: skip
     else:  # trains here: ``auto`` resolved on this machine, shown so in the run's parameters
         trained = train_flow(dataset_version=dataset_version, labels_version=labels_version,
-                             store=store, settings=resolved(settings), mlflow_tracking_uri=uri)  # fmt: skip
+                             store=store, settings=resolved(settings), mlflow_tracking_uri=uri,
+                             extraction=extraction)  # fmt: skip
     mv = trained["model_version"]
     evaluated = evaluate_flow(model_version=mv, store=store, mlflow_tracking_uri=uri)
     decision = promote_flow(model_version=mv, store=store, margin=margin, force=force,

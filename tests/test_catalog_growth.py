@@ -4,6 +4,7 @@ line retrained night after night with a fair gate every time."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -446,3 +447,48 @@ def test_a_shard_stream_holds_a_few_shards_whatever_the_catalog_size(tmp_path):
     budget = 5 * 4 * shard_bytes
     assert large <= budget, f"{large} bytes traced, budget {budget} (8 shards: {small})"
     assert large < total / 5 and large <= 1.25 * small + shard_bytes
+
+
+def test_run_workers_extracts_the_features_in_dask_processes(tmp_path):
+    """`vggprice run --source ... --workers 2`: two Dask worker processes extract the
+    catalog's features through the ledger before the training, each shard once; the
+    features are those the training would have made itself, and the model the same."""
+    import json
+
+    from tasks.model.train_settings import TrainSettings
+    from tasks.model.training import train
+    from tests.conftest import TINY, prefect_home
+
+    catalog = Catalog(tmp_path, 120)
+    fields = TINY | {"preprocess": "rgb", "views": 2, "precision": "float32"}
+    sets = [a for k, v in fields.items() for a in ("--set", f"{k}={v}")]
+    store = tmp_path / "lake"
+    # ingested first in shards of 8 (the command's own ingest finds the version)
+    ingest_catalog(Lake(LocalStore(store)), catalog.source, catalog.prices, "shop", workers=1,
+                   shard_rows=8)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--source", catalog.source, "--prices",
+         catalog.prices, "--name", "shop", "--workers", "2", "--force", "--json",
+         "--store", str(store), *sets],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "prefect")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    trained = json.loads(out.stdout)["train"]
+    lake = Lake(LocalStore(store))
+    n_shards = len(_extracted(lake))
+    extracted = trained["extracted"]
+    assert extracted["missing_shards"] == n_shards > 1, extracted
+    assert extracted["processes"]["stored"] == n_shards, "each shard once, by the processes"
+    assert len(extracted["processes"]["by_extractor"]) == 2, "two extractor processes"
+    assert trained["features"]["extracted_here"] == 0, "the training found every shard stored"
+
+    fresh = Lake(LocalStore(tmp_path / "fresh"))
+    made = ingest_catalog(fresh, catalog.source, catalog.prices, "shop", workers=1, shard_rows=8)
+    here = train(fresh, made["dataset_version"], made["labels_version"], TrainSettings(**fields))
+    assert here["model_version"] == trained["model_version"], "the same inputs, the same model"
+    assert here["features"]["extracted_here"] == n_shards
+    for key in _extracted(lake):
+        ours = np.load(io.BytesIO(lake.store.get_bytes(key))).astype(np.float32)
+        theirs = np.load(io.BytesIO(fresh.store.get_bytes(key))).astype(np.float32)
+        np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=1e-3 * float(np.abs(ours).max()))

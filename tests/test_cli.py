@@ -110,6 +110,8 @@ def test_empty_store_and_missing_source(tmp_path):
         (("score-new",), "train and promote a model (vggprice run)"),
         (("deploy", "--gpu-pool", "nosuch"), "unknown work pool 'nosuch': one of cpu, gpu"),
         (("run", "--source", str(tmp_path), *no_prices), "none.csv: no such prices file"),
+        (("run", "--workers", "2"), "--workers spreads a catalog's feature extraction"),
+        (("run", "--source", str(tmp_path), *prices, "--workers", "0"), "--workers 0: give"),
     ]
     for args, expected in cases:
         code, err, _ = vggprice(*args, "--store", store, env=env)

@@ -141,7 +141,8 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             priced = open_store(s3_uri).keys(f"scores/big/{mv}/part-")
             assert len(priced) == 30
 
-            # A catalog line retrained on the pools beside the demo: its own champion.
+            # A catalog line retrained on the pools beside the demo: its own champion; its
+            # training launches an extract partition on the gpu pool beside it.
             from tests.test_catalog import make_catalog
 
             photos, text = make_catalog(tmp_path / "photos")
@@ -150,7 +151,8 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
                 "catalog/retrain-catalog",
                 parameters={"store": s3_uri, "source": str(photos), "name": "shoes",
                             "prices": str(tmp_path / "prices.csv"), "skip_bad_rows": True, "force": True,
-                            "settings": TINY | {"preprocess": "rgb"}},
+                            "settings": TINY | {"preprocess": "rgb"},
+                            "extraction": {"pool": "gpu", "partitions": 1}},
                 timeout=600,
                 poll_interval=2,
             )  # fmt: skip
@@ -163,6 +165,19 @@ def test_retrain_on_pools_and_score_new_drops(prefect_api, s3_uri, idx_source, t
             (catalog_train,) = [r for r in trains
                                 if r.parameters["dataset_version"].startswith("cat-shoes-")]  # fmt: skip
             assert catalog_train.work_pool_name == "gpu" and catalog_train.state.is_completed()
+            assert catalog_train.parameters["extraction"]["pool"] == "gpu"
+            with get_client(sync_client=True) as client:
+                for _ in range(150):  # it runs on the other gpu worker, maybe after the train
+                    (partition,) = client.read_flow_runs(
+                        flow_filter=FlowFilter(name=FlowFilterName(any_=["extract-features"])))  # fmt: skip
+                    if partition.state.is_final():
+                        break
+                    time.sleep(2)
+            assert partition.work_pool_name == "gpu" and partition.state.is_completed(), (
+                partition.state, _logs(tmp_path))  # fmt: skip
+            assert partition.parameters["settings"] == catalog_train.parameters["settings"]
+            features = [k for k in store.keys("features/") if k.endswith(".npy")]
+            assert features and not [k for k in store.keys("features/") if "/_claims/" in k]
             scan = run_deployment(
                 "score-new-drops/score-new-drops",
                 parameters={"store": s3_uri, "line": "shoes"},

@@ -305,8 +305,9 @@ def test_ecs_task_runs_through_the_worker_on_moto(server, rendered, s3_endpoint)
     ecs = boto3.client("ecs", endpoint_url=s3_endpoint, region_name="us-east-1")
     ec2 = boto3.client("ec2", endpoint_url=s3_endpoint, region_name="us-east-1")
     image = ec2.describe_images()["Images"][0]["ImageId"]
-    instances = ec2.run_instances(ImageId=image, InstanceType="g5.xlarge", MinCount=2,
-                                  MaxCount=2)["Instances"]  # fmt: skip
+    n = len(GPU_ROLE)  # one GPU instance per gpu-role deployment: each runs one task here
+    instances = ec2.run_instances(ImageId=image, InstanceType="g5.xlarge", MinCount=n,
+                                  MaxCount=n)["Instances"]  # fmt: skip
     ecs.create_capacity_provider(
         name="vggprice-gpu",
         autoScalingGroupProvider={

@@ -24,6 +24,7 @@ from tasks.model.features import (
     ShardStream,
     ViewRecipe,
     extract_shards,
+    extract_work,
     load_or_extract,
 )
 from tasks.model.frozen_engine import frozen_runner, openvino_available
@@ -33,6 +34,8 @@ from tasks.model.train_settings import TrainSettings
 from tasks.model.weights import build_vgg, weights_identity
 from tasks.reports import TrainingProgress, loss_plot
 from tasks.runtime import TASK_RETRIES, ProgressLog, get_logger, keras_precision, seeded
+from tasks.scoring.ledger import scorer_name
+from tasks.settings import load_settings
 from tasks.store.lake import Lake, Model, attempt_id, code_fingerprint, model_version
 from tasks.store.storage import sha256_file
 
@@ -282,26 +285,9 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
         fit = Fit(model, frozen, top, model_input(data.train.images), data.train.y,
                   model_input(data.test.images), data.test.y, False, None)  # fmt: skip
         return fit
-    recipe = ViewRecipe(settings.cached_views(), settings.shift, settings.flip, settings.seed)
+    recipe = recipe_of(settings)
     by_content = lake.by_content(data.dataset_version)  # features per pixel shard
-    spec = FeatureSpec(
-        dataset_version="by-content" if by_content else data.dataset_version,
-        subset={}
-        if by_content
-        else {
-            "train": settings.train_limit,
-            "test": settings.test_limit,
-            "seed": settings.seed,
-        },  # fmt: skip
-        weights=weights_identity(settings),
-        input_size=settings.input_size,
-        preprocess=settings.preprocess,
-        cut=settings.frozen_layers(),
-        precision=precision,
-        views=recipe,
-        engine=settings.extraction_engine,
-    )
-    key = spec.key()
+    key = feature_spec(data.dataset_version, settings, precision, by_content).key()
     t0 = time.time()
     runner = frozen_runner(frozen, settings.extraction_engine)  # computes the features
     if by_content:
@@ -313,14 +299,43 @@ def prepare_fit(lake: Lake, data: Data, settings: TrainSettings, precision: str)
     return Fit(top, frozen, top, train_x, data.train.y, val_x, data.test.y, True, info)
 
 
+def recipe_of(settings: TrainSettings) -> ViewRecipe:
+    return ViewRecipe(settings.cached_views(), settings.shift, settings.flip, settings.seed)
+
+
+def feature_spec(dataset_version: str, settings: TrainSettings, precision: str,
+                 by_content: bool) -> FeatureSpec:  # fmt: skip
+    """What the frozen features of this training depend on: a catalog stored by content
+    shares them across its versions (``by-content``), the demo keys them by its subset."""
+    subset = {} if by_content else {
+        "train": settings.train_limit, "test": settings.test_limit, "seed": settings.seed,
+    }  # fmt: skip
+    return FeatureSpec(
+        dataset_version="by-content" if by_content else dataset_version,
+        subset=subset,
+        weights=weights_identity(settings),
+        input_size=settings.input_size,
+        preprocess=settings.preprocess,
+        cut=settings.frozen_layers(),
+        precision=precision,
+        views=recipe_of(settings),
+        engine=settings.extraction_engine,
+    )
+
+
+def feature_shards(lake: Lake, data: Data) -> tuple[list, list, list[str]]:
+    """Where each train and test image's pixels are (shard, row), and the shards."""
+    where = lake.catalog(data.dataset_version).locations()
+    train_at, test_at = [where[i] for i in data.train.ids], [where[i] for i in data.test.ids]
+    return train_at, test_at, sorted({s for s, _ in train_at} | {s for s, _ in test_at})
+
+
 def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewRecipe,
                   key: str, frozen, runner, top, t0: float) -> Fit:  # fmt: skip
     """A catalog stored by content: features extracted for the pixel shards that have
     none under this spec, then the top trains from shard streams (bounded memory)."""
-    where = lake.catalog(data.dataset_version).locations()
-    train_at, test_at = [where[i] for i in data.train.ids], [where[i] for i in data.test.ids]
+    train_at, test_at, shards = feature_shards(lake, data)
     cache = lake.shard_features(key)
-    shards = sorted({s for s, _ in train_at} | {s for s, _ in test_at})
     facts = extract_shards(cache, lake.catalog(data.dataset_version).pixels(), runner, shards,
                            recipe, settings.preprocess, settings.input_size)  # fmt: skip
     workdir = tempfile.TemporaryDirectory(prefix="vggprice-features-")
@@ -330,6 +345,58 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
             "seconds": round(time.time() - t0, 2), "streamed": True} | facts  # fmt: skip
     return Fit(top, frozen, top, None, data.train.y, None, data.test.y, True, info, streams,
                workdir)  # fmt: skip
+
+
+def _feature_work(lake: Lake, dataset_version: str, labels_version: str,
+                  settings: TrainSettings) -> tuple[str, list[str]] | None:  # fmt: skip
+    """(feature key, the training's feature shards) of a catalog stored by content with
+    frozen layers, else None (nothing extracted per shard)."""
+    if not (settings.uses_cache() and lake.by_content(dataset_version)):
+        return None
+    limits = {"train": settings.train_limit, "test": settings.test_limit}
+    data = load_data(lake, dataset_version, labels_version, limits, settings.seed,
+                     settings.preprocess, settings.input_size, pixels=False)  # fmt: skip
+    key = feature_spec(dataset_version, settings, settings.precision, True).key()
+    return key, feature_shards(lake, data)[2]
+
+
+def features_missing(lake: Lake, dataset_version: str, labels_version: str,
+                     settings: TrainSettings) -> int:  # fmt: skip
+    """How many of the training's feature shards have no features yet (0 when its
+    model is stored, or nothing is extracted per shard)."""
+    settings = resolved(settings)
+    if lake.model(version_for(dataset_version, labels_version, settings)).complete:
+        return 0
+    work = _feature_work(lake, dataset_version, labels_version, settings)
+    if work is None:
+        return 0
+    key, shards = work
+    return len(shards) - len(lake.shard_features(key).done(shards))
+
+
+def extract_features(
+    lake: Lake, dataset_version: str, labels_version: str, settings: TrainSettings,
+    start: int = 0,
+) -> dict:  # fmt: skip
+    """One extractor of a catalog version's frozen features, wherever it runs (a Dask
+    worker process, a flow run on a pool): the frozen layers built as training builds
+    them, then the ledger's loop over the training's feature shards
+    (``features.extract_work``: each shard once, whoever else works on them). The
+    training then finds them stored. ``settings`` are resolved first (give the
+    training's resolved settings: its precision and engine name the features)."""
+    settings = resolved(settings)
+    work = _feature_work(lake, dataset_version, labels_version, settings)
+    if work is None:
+        return {"extractor": scorer_name(), "stored": []}
+    key, shards = work
+    with keras_precision(settings.precision):
+        frozen, _ = build_graphs(settings, build_vgg(settings))
+    stored = extract_work(lake.shard_features(key), lake.catalog(dataset_version).pixels(),
+                          frozen_runner(frozen, settings.extraction_engine), shards,
+                          recipe_of(settings), settings.preprocess, settings.input_size,
+                          claim_seconds=load_settings().extract_claim_seconds,
+                          start=start)  # fmt: skip
+    return {"extractor": scorer_name(), "key": key, "stored": stored}
 
 
 def train(
@@ -364,7 +431,8 @@ def train(
              settings.frozen_layers(), precision_reason(precision))  # fmt: skip
     with keras_precision(precision), seeded(settings.seed):
         fit = prepare_fit(lake, data, settings, precision)
-        compile_top(fit.model, settings, settings.epochs * -(-len(data.train.y) // settings.batch_size))
+        steps = settings.epochs * -(-len(data.train.y) // settings.batch_size)
+        compile_top(fit.model, settings, steps)
         start_epoch, history = restore_checkpoint(model.checkpoints(), fit.model)
         if start_epoch:
             log.info("resuming %s after epoch %d of %d", mv, start_epoch, settings.epochs)
