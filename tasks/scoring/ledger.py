@@ -240,11 +240,12 @@ class Lease:
 
 
 class Heartbeat:
-    """Renews this scorer's claims every third of their lifetime, in a thread, timing
-    their leases on ``clock``."""
+    """Renews a worker's claims (a scorer's, an extractor's: ``role``, for its messages)
+    every third of their lifetime, in a thread, timing their leases on ``clock``."""
 
-    def __init__(self, run: ScoreRun, seconds: float, clock: Clock = time.monotonic):
-        self.run, self.seconds, self.clock = run, seconds, clock
+    def __init__(self, run: ScoreRun, seconds: float, clock: Clock = time.monotonic,
+                 role: str = "scorer"):  # fmt: skip
+        self.run, self.seconds, self.clock, self.role = run, seconds, clock, role
         self.held: dict[str, Lease] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -284,7 +285,7 @@ class Heartbeat:
                     if renew_claim(self.run, lease.name, lease.claim_id, self.seconds):
                         lease.renewed = began
                     else:
-                        lease.lost = f"lost the claim on {lease.name} (another scorer took it)"
+                        lease.lost = f"lost the claim on {lease.name} (another {self.role} took it)"
                         get_logger().warning("%s", lease.lost)
                 except Exception as err:  # a missed beat is retried at the next one
                     get_logger().warning("heartbeat for %s failed: %s", lease.name, err)
@@ -304,7 +305,7 @@ def work_in_turn(
     ``entry``: what holds the claims (``lake.Claims``)."""
     watch = watch or WATCH
     names = names[start % len(names) :] + names[: start % len(names)] if names else []
-    with Heartbeat(entry, seconds, watch.clock) as heartbeat:
+    with Heartbeat(entry, seconds, watch.clock, role) as heartbeat:
         for name in names:
             since = watch.clock()
             claim_id = take_claim(entry, name, owner, seconds, watch)

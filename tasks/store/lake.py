@@ -73,7 +73,8 @@ LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
 
 # The code that decides what a feature cache or a model holds: every module under
 # these packages (see code_fingerprint). tests/test_lake.py checks that their modules
-# import nothing else of tasks/ but the store, settings, runtime and reports.
+# import nothing else of tasks/ but the store, settings, runtime, reports and the
+# ledger (tasks.scoring.ledger: who computes a shard, never what it holds).
 LEARNING_CODE = ("tasks.data", "tasks.model")
 
 
