@@ -457,6 +457,47 @@ def test_augment_views_are_deterministic():
     assert not (a == images).all()
 
 
+def test_random_base_layers_are_the_same_whatever_other_threads_draw():
+    """weights=none: the random VGG16 and head are a function of the seed alone, also
+    while another thread of the process draws from Python's global random state (as a
+    Dask worker's or a Prefect task runner's threads do): otherwise two extractors of one
+    feature spec would store features of different networks under one key."""
+    import random
+    import threading
+
+    from tasks.model.graphs import build_graphs
+
+    settings = TrainSettings(**TINY | {"preprocess": "rgb"})
+
+    def weights() -> list[np.ndarray]:
+        frozen, top = build_graphs(settings)
+        return frozen.get_weights() + top.get_weights()
+
+    quiet = weights()
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+            stop.wait(0.0005)
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        busy = weights()
+    finally:
+        stop.set()
+        thread.join()
+    assert len(quiet) == len(busy) > 20
+    for a, b in zip(quiet, busy, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = build_graphs(TrainSettings(**TINY | {"preprocess": "rgb", "seed": 1}))[0]
+    assert not np.array_equal(other.get_weights()[-2], quiet[len(other.get_weights()) - 2])
+    kernel = quiet[0] if quiet[0].ndim == 4 else next(w for w in quiet if w.ndim == 4)
+    limit = np.sqrt(6 / (9 * (kernel.shape[2] + kernel.shape[3])))  # Glorot-uniform
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+
+
 @pytest.mark.parametrize("side", [3, 2, 6])
 def test_patch_conv_matches_conv2d(side):
     import keras

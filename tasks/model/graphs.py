@@ -21,7 +21,7 @@ import numpy as np
 from tasks.data.images import GRAY28, pixel_shape
 from tasks.model.kernels import as_patch_conv
 from tasks.model.train_settings import TrainSettings
-from tasks.model.weights import build_vgg
+from tasks.model.weights import build_vgg, seeded_init
 from tasks.runtime import keras_precision, seeded
 
 VGG_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input, "caffe"
@@ -96,6 +96,7 @@ def build_graphs(settings: TrainSettings, vgg=None):
     for layer in top_layers:
         y = layer(y)
     top = keras.Model(feats, head_layers(y, settings), name="top")
+    seeded_init([top.get_layer("head_dense"), top.get_layer("head_out")], settings.seed)
     return frozen, top
 
 

@@ -12,7 +12,10 @@ import functools
 import hashlib
 import shutil
 import warnings
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 from tasks.model.train_settings import TrainSettings
 from tasks.runtime import seeded
@@ -71,6 +74,27 @@ def weights_identity(settings: TrainSettings) -> str:
     return "sha256:" + fetch_weights(settings.weights, settings.weights_sha256)[1]
 
 
+def seeded_init(layers, seed: int) -> None:
+    """Give each Conv2D and Dense layer of ``layers`` Keras's default initial values
+    (Glorot-uniform kernel, zero bias), drawn from a NumPy generator seeded by ``seed``
+    and the layer's name: the same weights in any process or thread. Keras draws each
+    initializer's seed from Python's global random state, which any other thread of the
+    process (a Dask worker's, a Prefect task runner's) may draw from meanwhile, so two
+    extractors of one feature spec could otherwise hold different random layers."""
+    import keras
+
+    for layer in layers:
+        if not isinstance(layer, keras.layers.Conv2D | keras.layers.Dense):
+            continue
+        kernel, *rest = layer.get_weights()
+        receptive = int(np.prod(kernel.shape[:-2]))  # 1 for a Dense kernel
+        fan_in, fan_out = kernel.shape[-2] * receptive, kernel.shape[-1] * receptive
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        rng = np.random.default_rng([seed, zlib.crc32(layer.name.encode())])
+        drawn = rng.uniform(-limit, limit, kernel.shape).astype(kernel.dtype)
+        layer.set_weights([drawn, *(np.zeros_like(w) for w in rest)])
+
+
 def build_vgg(settings: TrainSettings):
     """VGG16 without top, with the configured base weights loaded (random ones seeded)."""
     import keras
@@ -89,6 +113,7 @@ def build_vgg(settings: TrainSettings):
             ) from None
     with seeded(settings.seed):
         vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    seeded_init(vgg.layers, settings.seed)
     path, _ = fetch_weights(settings.weights, settings.weights_sha256)
     if path is not None:
         try:
