@@ -77,18 +77,24 @@ def _figure():
 
 
 def loss_plot(history: dict) -> bytes:
+    return _png(loss_figure(history))
+
+
+def loss_figure(history: dict):
+    """Loss per epoch, train and test, whole epochs on the x axis."""
     fig, ax = _figure()
     epochs = np.arange(1, len(history["loss"]) + 1)
     ax.plot(epochs, history["loss"], "o-", label="loss (train)")
     ax.plot(epochs, history["val_loss"], "s-", label="val_loss (test)")
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, len(epochs) + 0.5)  # whole epochs on the axis, one epoch too
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE on the scaled price")
     ax.set_title("Training curves")
     ax.legend()
-    return _png(fig)
+    return fig
 
 
 def pred_vs_true_plot(true: np.ndarray, pred: np.ndarray) -> bytes:

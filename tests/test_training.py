@@ -572,3 +572,23 @@ def test_the_quick_preset_anneals_its_learning_rate_to_zero_by_its_last_step():
     assert cos[1] == pytest.approx(quick.learning_rate / 2, rel=0.05)
     assert cos[2] == pytest.approx(0.0, abs=1e-12)
     assert rates["inverse_time"][2] == pytest.approx(1e-4 / (1 + 125e-6)), "the recipe's decay"
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_the_training_curves_show_whole_epochs(epochs):
+    """The loss plot's x axis marks whole epochs only, a one-epoch run's too (it showed
+    0.945 ... 1.050)."""
+    import matplotlib.pyplot as plt
+
+    from tasks.reports import loss_figure
+
+    losses = list(np.linspace(0.2, 0.05, epochs))
+    fig = loss_figure({"loss": losses, "val_loss": losses})
+    try:
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        shown = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert shown and all(float(t).is_integer() for t in shown), shown
+        assert 1 in shown and epochs in shown, shown
+    finally:
+        plt.close(fig)
