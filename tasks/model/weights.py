@@ -113,9 +113,10 @@ def build_vgg(settings: TrainSettings):
             ) from None
     with seeded(settings.seed):
         vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
-    seeded_init(vgg.layers, settings.seed)
     path, _ = fetch_weights(settings.weights, settings.weights_sha256)
-    if path is not None:
+    if path is None:  # weights=none; a file's weights replace every layer's below
+        seeded_init(vgg.layers, settings.seed)
+    else:
         try:
             with warnings.catch_warnings():
                 # Keras only warns when a file's layers do not match; a half-loaded
