@@ -111,10 +111,18 @@ def run_stage(argv: list[str]) -> None:
         from tasks.model.training import train
 
         dv, lv = argv[4], argv[5]
+        warm = argv[6] if len(argv) > 6 else "off"
         t0 = time.perf_counter()
-        out = train(lake, dv, lv, TrainSettings(**SETTINGS | {"views": int(views)}))
+        out = train(
+            lake, dv, lv, TrainSettings(**SETTINGS | {"views": int(views), "warm_start": warm})
+        )
+        seconds = time.perf_counter() - t0
+        scaling = lake.labels(dv, lv).scaling()
+        val_mse = lake.model(out["model_version"]).history()["val_loss"][-1]
         result = {"model_version": out["model_version"], "features": out.get("features"),
-                  "train_images": out.get("train_images"), "seconds": time.perf_counter() - t0}  # fmt: skip
+                  "train_images": out.get("train_images"), "fit_images": out.get("fit_images"),
+                  "warm_start": out.get("warm_start"), "seconds": seconds,
+                  "rmse": val_mse**0.5 * (scaling["max"] - scaling["min"])}  # fmt: skip
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps(result | {"rss": own, "rss_workers": kids}))
@@ -129,6 +137,14 @@ def main() -> int:
     p.add_argument("--sizes", default="4000,16000,64000")
     p.add_argument("--views", type=int, default=SETTINGS["views"], help="cached views (default 4)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train the +1 %% version from the start (default: warm start from the "
+        "first model: its top, fit on what changed plus 4x that many others)",
+    )
+    p.add_argument("--compare", action="store_true",
+                   help="also train the +1 %% version from the start: its share and test RMSE")  # fmt: skip
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(cpu_line())
@@ -154,8 +170,11 @@ def main() -> int:
                 r["price"] = f"{float(r['price']) + 10:.2f}"
             write_prices(root, rows + new_rows)
             again = stage(["ingest", str(root / "lake2"), source, prices, "2"], args.views)
-            refit = stage(["train", str(root / "lake2"), source, prices, again["dataset_version"],
-                           again["labels_version"]], args.views)  # fmt: skip
+            grown = ["train", str(root / "lake2"), source, prices, again["dataset_version"],
+                     again["labels_version"]]  # fmt: skip
+            refit = stage(grown + ([] if args.from_scratch else [fit["model_version"]]),
+                          args.views)  # fmt: skip
+            scratch = stage(grown, args.views) if args.compare else None
             first_wall, second_wall = two["wall"] + fit["wall"], again["wall"] + refit["wall"]
             feats = fit["features"] or {}
             row = {
@@ -170,6 +189,10 @@ def main() -> int:
                 "extracted_again": (refit["features"] or {}).get("extracted_images"),
                 "first_wall": first_wall, "second_wall": second_wall,
                 "share": second_wall / first_wall,
+                "fit_again": refit["fit_images"], "rmse_first": fit["rmse"],
+                "rmse_again": refit["rmse"],
+                "rmse_scratch": scratch["rmse"] if scratch else None,
+                "scratch_share": (again["wall"] + scratch["wall"]) / first_wall if scratch else None,
             }  # fmt: skip
             table.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
@@ -181,15 +204,20 @@ def main() -> int:
     print(
         "| images | ingest 1 worker | ingest 2 workers | speed-up | ingest peak RSS (parent / "
         "worker) | train peak RSS | extraction img/s | +1 %: decoded / extracted | +1 % wall "
-        "share |"
+        "share | +1 %: images fit | test RMSE: first / +1 % |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
         print(f"| {r['n']:,} | {r['ingest_1w_s']:.1f} s ({r['ingest_1w_ips']:.0f}/s) | "
               f"{r['ingest_2w_s']:.1f} s ({r['ingest_2w_ips']:.0f}/s) | {r['ingest_speedup']:.2f}x"
               f" | {mb(r['ingest_rss'])} / {mb(r['ingest_rss_workers'])} | {mb(r['train_rss'])} | "
               f"{r['extract_ips']:.0f} | {r['decoded_again']} / {r['extracted_again']} of "
-              f"{r['added']} new | {r['share']:.1%} |")  # fmt: skip
+              f"{r['added']} new | {r['share']:.1%} | {r['fit_again']:,} | {r['rmse_first']:.2f} / "
+              f"{r['rmse_again']:.2f} |")  # fmt: skip
+    for r in table:
+        if r["rmse_scratch"] is not None:
+            print(f"{r['n']:,} images, +1 % trained from the start instead: share "
+                  f"{r['scratch_share']:.1%}, test RMSE {r['rmse_scratch']:.2f}")  # fmt: skip
     small, large = table[0], table[-1]
     print()
     checks = [

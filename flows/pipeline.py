@@ -22,7 +22,7 @@ from flows.train import Extraction, train_flow
 from tasks.data.prices import PriceRule
 from tasks.governance.registry import MARGIN
 from tasks.model.train_settings import TrainSettings
-from tasks.model.training import resolved, version_for
+from tasks.model.training import resolved, version_for, warm_resolved
 from tasks.runtime import get_logger
 from tasks.settings import load_settings
 from tasks.store.lake import Lake
@@ -64,8 +64,10 @@ def train_on_pool(
     """Run the train deployment on ``pool`` (unless the model exists), wait, and find
     the model in the store by its version. ``auto`` is resolved for the pool
     (``pool_precision``), and the run gets the resolved settings."""
-    settings = resolved(settings, auto_precision=pool_precision(pool))
-    model = Lake(open_store(store)).model(version_for(dataset_version, labels_version, settings))
+    lake = Lake(open_store(store))
+    settings = warm_resolved(lake, dataset_version, labels_version,
+                             resolved(settings, auto_precision=pool_precision(pool)))  # fmt: skip
+    model = lake.model(version_for(dataset_version, labels_version, settings))
     result = {"model_version": model.version, "settings": settings.model_dump()}
     if model.complete:
         return result | {"model_uri": model.file_uri(), "skipped": True, "pool": pool}

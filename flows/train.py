@@ -18,7 +18,13 @@ from pydantic import BaseModel, Field
 
 from tasks.governance.tracking import record_model
 from tasks.model.train_settings import TrainSettings
-from tasks.model.training import extract_features, features_missing, resolved, train_model
+from tasks.model.training import (
+    extract_features,
+    features_missing,
+    resolved,
+    train_model,
+    warm_resolved,
+)
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.settings import load_settings
 from tasks.store.lake import Lake
@@ -151,7 +157,8 @@ def train_flow(
     ``extraction``: who else extracts a catalog's missing frozen features (the module)."""
     configured = load_settings(store=store, mlflow_tracking_uri=mlflow_tracking_uri)
     uri = configured.store
-    settings = resolved(settings or TrainSettings())
+    settings = warm_resolved(Lake(open_store(uri)), dataset_version, labels_version,
+                             settings or TrainSettings())  # fmt: skip
     extracted = extract_beside(uri, dataset_version, labels_version, settings,
                                extraction or Extraction())  # fmt: skip
     result = train_model(uri, dataset_version, labels_version, settings)

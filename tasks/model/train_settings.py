@@ -76,6 +76,17 @@ class TrainSettings(BaseModel):
         description="what computes the frozen features: auto = openvino (float32) where "
         "training runs float32 on a CPU and OpenVINO is installed, else keras",
     )
+    warm_start: str = Field(
+        "off",
+        pattern=r"^(off|champion|m-[0-9a-f]{16})$",
+        description="off: train the top from its initial weights on every train image; "
+        "champion (the line's) or a model version: start from that model's top and fit on "
+        "the train images that are new or repriced since it, plus a sample of the rest "
+        "(catalogs with frozen layers; docs/catalog.md)",
+    )
+    replay: float = Field(
+        4.0, ge=0, description="with warm_start: unchanged train images sampled per changed one"
+    )
     train_limit: int | None = Field(None, ge=1, description="train on a seeded subset")
     test_limit: int | None = Field(None, ge=1, description="validate on a seeded subset")
     seed: int = 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from tasks.reports import TrainingProgress, loss_plot
 from tasks.runtime import TASK_RETRIES, ProgressLog, get_logger, keras_precision, seeded
 from tasks.scoring.ledger import scorer_name
 from tasks.settings import load_settings
-from tasks.store.lake import Lake, Model, attempt_id, code_fingerprint, model_version
+from tasks.store.lake import Lake, Model, attempt_id, code_fingerprint, line_of, model_version
 from tasks.store.storage import sha256_file
 
 # Called after every epoch with (epoch, history, fit): progress, tests, crash drills.
@@ -69,8 +70,12 @@ def resolved(settings: TrainSettings, auto_precision: str | None = None) -> Trai
 
 def version_for(dataset_version: str, labels_version: str, settings: TrainSettings) -> str:
     """The model version these inputs, settings (resolved first: ``auto`` is decided on
-    this machine unless already resolved), base weights and code make."""
+    this machine unless already resolved), base weights and code make. A warm start's
+    parent is one of the settings, so ``warm_start=champion`` must be made concrete first
+    (``warm_resolved``)."""
     settings = resolved(settings)
+    if settings.warm_start == "champion":
+        raise ValueError("warm_start=champion names no model yet: resolve it (warm_resolved)")
     return model_version(
         {
             "dataset": dataset_version,
@@ -79,6 +84,110 @@ def version_for(dataset_version: str, labels_version: str, settings: TrainSettin
             "weights": weights_identity(settings),
         }
     )
+
+
+def warm_resolved(lake: Lake, dataset_version: str, labels_version: str,
+                  settings: TrainSettings) -> TrainSettings:  # fmt: skip
+    """The settings, resolved, with ``warm_start=champion`` made concrete: the line's
+    champion when its top fits this training, else ``off`` (one log line says why).
+    When the champion was trained on exactly these inputs nothing changed: the
+    ``warm_start`` it was trained with is kept, so its version is found again and
+    nothing retrains. A model version named outright must fit (ValueError says why)."""
+    settings = resolved(settings)
+    asked = settings.warm_start
+    if asked == "off":
+        return settings
+    streamed = settings.uses_cache() and lake.by_content(dataset_version)
+    parent = asked
+    if asked == "champion":
+        champion = lake.registry(line_of(dataset_version)).champion()
+        why = ("it applies to catalogs with frozen layers" if not streamed
+               else "the line has no champion yet" if champion is None else None)  # fmt: skip
+        if why is None:
+            parent = champion["model_version"]
+            lineage = lake.model(parent).lineage()
+            if (lineage["dataset_version"], lineage["labels_version"]) == (
+                dataset_version, labels_version,
+            ):  # fmt: skip
+                kept = lake.model(parent).config()["settings"].get("warm_start", "off")
+                return _with(settings, warm_start=kept)
+            why = warm_mismatch(lake, parent, dataset_version, settings)
+        if why is not None:
+            get_logger().info("warm_start=champion: training from the start (%s)", why)
+            return _with(settings, warm_start="off")
+        get_logger().info("warm start from the champion %s", parent)
+        return _with(settings, warm_start=parent)
+    why = ("it applies to catalogs with frozen layers" if not streamed
+           else warm_mismatch(lake, parent, dataset_version, settings))  # fmt: skip
+    if why is not None:
+        raise ValueError(f"warm_start={parent}: cannot start from that model: {why}")
+    return settings
+
+
+def _with(settings: TrainSettings, **fields) -> TrainSettings:
+    return TrainSettings(**settings.model_dump() | fields)
+
+
+def warm_mismatch(lake: Lake, parent: str, dataset_version: str,
+                  settings: TrainSettings) -> str | None:  # fmt: skip
+    """Why the model ``parent``'s top cannot start this training's, or None: it must
+    have trained on the same frozen features (base weights, input, cut, precision, views
+    and code: the feature key) with a head of the same size."""
+    lineage = lake.model(parent).lineage()  # NotInLake lists the models there are
+    key = feature_spec(dataset_version, settings, settings.precision, True).key()
+    if lineage.get("feature_cache_key") != key:
+        return (f"{parent} trained on other frozen features (base weights, input size, "
+                "frozen layers, precision, views or code differ)")  # fmt: skip
+    units = lake.model(parent).config()["settings"]["head_units"]
+    if units != settings.head_units:
+        return f"{parent} has a head of {units} units, this training {settings.head_units}"
+    return None
+
+
+def warm_rows(lake: Lake, data: Data, settings: TrainSettings) -> tuple[np.ndarray, dict]:
+    """The train rows a warm start fits, sorted: every image that is new or changed
+    since the parent trained (other pixels, other price, or not in its train split), and
+    ``replay`` unchanged ones per changed one, a sample seeded by (seed, parent), at
+    least one batch in all where there are that many; and their counts."""
+    parent = lake.model(settings.warm_start).lineage()
+    before = lake.labels(parent["dataset_version"], parent["labels_version"]).prices()
+    was = {key: price for key, price, split in zip(before["image_id"].to_pylist(),
+           before["price"].to_pylist(), before["split"].to_pylist(), strict=True)
+           if split == "train"}  # fmt: skip
+    then = lake.catalog(parent["dataset_version"]).locations()
+    now = lake.catalog(data.dataset_version).locations()
+    changed = np.array([key not in was or was[key] != price or then.get(key) != now[key]
+                        for key, price in zip(data.train.ids, data.train.price, strict=True)],
+                       dtype=bool)  # fmt: skip
+    n_changed = int(changed.sum())
+    unchanged = np.flatnonzero(~changed)
+    n_replay = min(len(unchanged),
+                   max(round(settings.replay * n_changed), settings.batch_size - n_changed))  # fmt: skip
+    rng = np.random.default_rng([settings.seed, zlib.crc32(settings.warm_start.encode())])
+    rows = np.sort(np.concatenate([np.flatnonzero(changed),
+                                   rng.choice(unchanged, n_replay, replace=False)]))  # fmt: skip
+    return rows, {"parent": settings.warm_start, "changed": n_changed, "replayed": n_replay}
+
+
+def warm_top(lake: Lake, top, parent: str, scaling: dict) -> None:
+    """The parent model's weights into every layer of ``top`` (by name), its output
+    layer rescaled from the parent's price scaling to this training's, so the warm top
+    predicts the parent's prices exactly."""
+    import keras
+
+    with tempfile.TemporaryDirectory() as tmp, keras_precision("float32"):
+        path = Path(tmp) / "model.keras"
+        lake.model(parent).download(path)
+        net = keras.models.load_model(path, safe_mode=True)
+    for layer in top.layers:
+        if layer.weights:
+            layer.set_weights(net.get_layer(layer.name).get_weights())
+    then = lake.model(parent).config()["scaling"]
+    span, span_then = scaling["max"] - scaling["min"], then["max"] - then["min"]
+    a, c = span_then / span, (then["min"] - scaling["min"]) / span
+    out = top.get_layer("head_out")
+    kernel, bias = out.get_weights()
+    out.set_weights([kernel * a, bias * a + c])
 
 
 def git_commit() -> str | None:
@@ -188,6 +297,8 @@ class Fit:
     features: dict | None  # the feature cache used: key, hit, views, seconds
     streams: tuple[ShardStream, ShardStream] | None = None  # a catalog's (train, val) by shard
     workdir: tempfile.TemporaryDirectory | None = None  # the streams' local feature copies
+    means: np.ndarray | None = None  # a catalog's train images' pixel means (drift)
+    warm: dict | None = None  # a warm start's parent and counts (warm_rows)
 
 
 def stream_batches(stream: ShardStream, batch_size: int, shuffle: tuple | None = None):
@@ -339,12 +450,18 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
     facts = extract_shards(cache, lake.catalog(data.dataset_version).pixels(), runner, shards,
                            recipe, settings.preprocess, settings.input_size)  # fmt: skip
     workdir = tempfile.TemporaryDirectory(prefix="vggprice-features-")
-    streams = (ShardStream(cache, train_at, data.train.y, recipe.n, workdir.name),
+    means = ShardStream(cache, train_at, data.train.y, recipe.n, workdir.name).means()
+    rows, warm = np.arange(len(train_at)), None
+    if settings.warm_start != "off":  # a parent's top, fit on what changed since it
+        rows, warm = warm_rows(lake, data, settings)
+        warm_top(lake, top, settings.warm_start, data.scaling)
+    train_y = data.train.y[rows]
+    streams = (ShardStream(cache, [train_at[i] for i in rows], train_y, recipe.n, workdir.name),
                ShardStream(cache, test_at, data.test.y, 1, workdir.name))  # fmt: skip
     info = {"key": key, "hit": facts["extracted_shards"] == 0, "views": recipe.n,
             "seconds": round(time.time() - t0, 2), "streamed": True} | facts  # fmt: skip
-    return Fit(top, frozen, top, None, data.train.y, None, data.test.y, True, info, streams,
-               workdir)  # fmt: skip
+    return Fit(top, frozen, top, None, train_y, None, data.test.y, True, info, streams,
+               workdir, means, warm)  # fmt: skip
 
 
 def _feature_work(lake: Lake, dataset_version: str, labels_version: str,
@@ -364,7 +481,7 @@ def features_missing(lake: Lake, dataset_version: str, labels_version: str,
                      settings: TrainSettings) -> int:  # fmt: skip
     """How many of the training's feature shards have no features yet (0 when its
     model is stored, or nothing is extracted per shard)."""
-    settings = resolved(settings)
+    settings = warm_resolved(lake, dataset_version, labels_version, settings)
     if lake.model(version_for(dataset_version, labels_version, settings)).complete:
         return 0
     work = _feature_work(lake, dataset_version, labels_version, settings)
@@ -412,7 +529,7 @@ def train(
     if settings.weights == "none" and settings.freeze is None:
         log.warning("weights=none: random VGG16 layers are not worth freezing, so all layers "
                     "train (set freeze=N to override)")  # fmt: skip
-    settings = resolved(settings)
+    settings = warm_resolved(lake, dataset_version, labels_version, settings)
     mv = version_for(dataset_version, labels_version, settings)
     model = lake.model(mv)
     if model.complete:
@@ -431,7 +548,7 @@ def train(
              settings.frozen_layers(), precision_reason(precision))  # fmt: skip
     with keras_precision(precision), seeded(settings.seed):
         fit = prepare_fit(lake, data, settings, precision)
-        steps = settings.epochs * -(-len(data.train.y) // settings.batch_size)
+        steps = settings.epochs * -(-len(fit.train_y) // settings.batch_size)
         compile_top(fit.model, settings, steps)
         start_epoch, history = restore_checkpoint(model.checkpoints(), fit.model)
         if start_epoch:
@@ -445,7 +562,6 @@ def train(
             writer.close()  # the last finished epoch is stored, even when training failed
             if fit.workdir is not None:
                 fit.workdir.cleanup()
-    means = fit.streams[0].means() if fit.streams is not None else None  # for drift
     final = export_model(settings, [fit.frozen, fit.top], data.scaling)
     epochs_run = settings.epochs - start_epoch
     facts = {
@@ -453,16 +569,18 @@ def train(
         "attempt": attempt_id(),
         "precision": precision,
         "train_images": len(data.train.y),
+        "fit_images": len(fit.train_y),  # fewer with a warm start
+        "warm_start": fit.warm,
         "epochs_run": epochs_run,
         "resumed_from_epoch": start_epoch,
         "fit_seconds": round(fit_seconds, 2),
-        "images_per_second": round(len(data.train.y) * epochs_run / fit_seconds, 1)
+        "images_per_second": round(len(fit.train_y) * epochs_run / fit_seconds, 1)
         if fit_seconds
         else None,
         "seconds": round(time.time() - started, 2),
         "features": fit.features,
     }
-    published = write_model(model, final, settings, data, history, precision, facts, means)
+    published = write_model(model, final, settings, data, history, precision, facts, fit.means)
     model.checkpoints().delete_all()
     won = published.get("attempt") == facts["attempt"]
     result = facts | {"skipped": False, "settings": settings.model_dump(), "won": won}
