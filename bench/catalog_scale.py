@@ -93,11 +93,14 @@ def stage(args: list[str], views: int) -> dict:
 
 
 def run_stage(argv: list[str]) -> None:
+    import numpy as np
+
     from tasks.store.lake import Lake
     from tasks.store.storage import LocalStore
 
     what, store, source, prices, views = argv[:5]
     argv = argv[:4] + argv[5:]
+    SETTINGS.update(json.loads(os.environ.get("CATALOG_SCALE_SETTINGS", "{}")))
     lake = Lake(LocalStore(store))
     if what == "ingest":
         from tasks.data.catalog import ingest_catalog
@@ -117,12 +120,17 @@ def run_stage(argv: list[str]) -> None:
             lake, dv, lv, TrainSettings(**SETTINGS | {"views": int(views), "warm_start": warm})
         )
         seconds = time.perf_counter() - t0
+        from tasks.data.loading import load_data
+
         scaling = lake.labels(dv, lv).scaling()
         val_mse = lake.model(out["model_version"]).history()["val_loss"][-1]
+        data = load_data(lake, dv, lv, {"test": None}, 0, pixels=False)
+        baseline = float(np.sqrt(np.mean((data.test.price - data.train_prices.mean()) ** 2)))
         result = {"model_version": out["model_version"], "features": out.get("features"),
                   "train_images": out.get("train_images"), "fit_images": out.get("fit_images"),
                   "warm_start": out.get("warm_start"), "seconds": seconds,
-                  "rmse": val_mse**0.5 * (scaling["max"] - scaling["min"])}  # fmt: skip
+                  "rmse": val_mse**0.5 * (scaling["max"] - scaling["min"]),
+                  "baseline_rmse": baseline}  # fmt: skip
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps(result | {"rss": own, "rss_workers": kids}))
@@ -137,6 +145,8 @@ def main() -> int:
     p.add_argument("--sizes", default="4000,16000,64000")
     p.add_argument("--views", type=int, default=SETTINGS["views"], help="cached views (default 4)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
+    p.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="epochs (default 1)")
+    p.add_argument("--lr-schedule", default="inverse_time", choices=["inverse_time", "cosine"])
     p.add_argument(
         "--from-scratch",
         action="store_true",
@@ -148,7 +158,9 @@ def main() -> int:
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(cpu_line())
-    settings = SETTINGS | {"views": args.views}
+    settings = SETTINGS | {"views": args.views, "epochs": args.epochs,
+                           "lr_schedule": args.lr_schedule}  # fmt: skip
+    os.environ["CATALOG_SCALE_SETTINGS"] = json.dumps(settings)
     print(f"settings: {settings}; catalogs 64x64 JPEG, sizes {sizes} ({sizes[-1] // sizes[0]}x)")
     work = Path(tempfile.mkdtemp(prefix="vggprice-catalog-scale-"))
     table = []
@@ -190,7 +202,7 @@ def main() -> int:
                 "first_wall": first_wall, "second_wall": second_wall,
                 "share": second_wall / first_wall,
                 "fit_again": refit["fit_images"], "rmse_first": fit["rmse"],
-                "rmse_again": refit["rmse"],
+                "rmse_again": refit["rmse"], "baseline_rmse": refit["baseline_rmse"],
                 "rmse_scratch": scratch["rmse"] if scratch else None,
                 "scratch_share": (again["wall"] + scratch["wall"]) / first_wall if scratch else None,
             }  # fmt: skip
@@ -204,7 +216,7 @@ def main() -> int:
     print(
         "| images | ingest 1 worker | ingest 2 workers | speed-up | ingest peak RSS (parent / "
         "worker) | train peak RSS | extraction img/s | +1 %: decoded / extracted | +1 % wall "
-        "share | +1 %: images fit | test RMSE: first / +1 % |"
+        "share | +1 %: images fit | test RMSE: first / +1 % (mean-price baseline) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
@@ -213,7 +225,7 @@ def main() -> int:
               f" | {mb(r['ingest_rss'])} / {mb(r['ingest_rss_workers'])} | {mb(r['train_rss'])} | "
               f"{r['extract_ips']:.0f} | {r['decoded_again']} / {r['extracted_again']} of "
               f"{r['added']} new | {r['share']:.1%} | {r['fit_again']:,} | {r['rmse_first']:.2f} / "
-              f"{r['rmse_again']:.2f} |")  # fmt: skip
+              f"{r['rmse_again']:.2f} ({r['baseline_rmse']:.2f}) |")  # fmt: skip
     for r in table:
         if r["rmse_scratch"] is not None:
             print(f"{r['n']:,} images, +1 % trained from the start instead: share "

@@ -172,6 +172,7 @@ def train_flow(
         "settings": result["settings"],
         "features": result.get("features"),
         "extracted": extracted,
+        "warm_start": result.get("warm_start"),  # the parent, images changed and replayed
         "images_per_second": result.get("images_per_second"),
         "winner": result.get("winner"),  # another attempt published this version first
     }

@@ -233,17 +233,25 @@ def test_nightly_retrains_each_end_in_a_fair_recorded_decision(tmp_path):
     catalog = Catalog(tmp_path, 60)
     store = str(tmp_path / "lake")
     lake = Lake(LocalStore(store))
-    settings = TrainSettings(**TINY | {"preprocess": "rgb"})
+    settings = TrainSettings(**TINY | {"preprocess": "rgb", "warm_start": "champion"})
 
     def night(**kw) -> dict:
-        return catalog_flow(source=catalog.source, prices=catalog.prices, name="shop",
-                            store=store, settings=settings, **kw)  # fmt: skip
+        champion = lake.registry("shop").champion()
+        out = catalog_flow(source=catalog.source, prices=catalog.prices, name="shop",
+                           store=store, settings=settings, **kw)  # fmt: skip
+        warm = out["train"]["warm_start"]
+        if champion is None:
+            assert warm is None, "no champion yet: the first night trains from the start"
+        else:  # each night starts from the champion of that moment
+            assert warm["parent"] == champion["model_version"]
+        return out
 
     first = night(force=True)
     assert first["promote"]["promoted"]
     nights = []
     catalog.add(6, seed=21)
     nights.append(night())
+    assert nights[-1]["train"]["warm_start"]["changed"] > 0, "new train images were fit"
     catalog.reprice(5)
     nights.append(night())
     assert nights[-1]["ingest"]["counts"]["decoded"] == 0
@@ -256,6 +264,9 @@ def test_nightly_retrains_each_end_in_a_fair_recorded_decision(tmp_path):
         test, champion_train, n_challenger, n_champion = _gate_facts(lake, d)
         assert d["champion"] is not None and not test & champion_train
         assert n_challenger == n_champion == len(test), "both scored on the same images"
+    unchanged = catalog_flow(source=catalog.source, prices=catalog.prices, name="shop",
+                             store=store, settings=settings)  # fmt: skip
+    assert set(unchanged["skipped"]) == {"ingest", "train", "evaluate"}, "nothing retrained"
 
     # A split column that moves some of the champion's train images to test: they are
     # left out for both models.

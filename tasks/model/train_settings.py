@@ -26,7 +26,8 @@ QUICK = {
     "test_limit": 1000,
 }
 CATALOG_INPUT_SIZE = 96  # catalogs' default input side (the demo keeps 48)
-CATALOG_DEFAULTS = {"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE}  # RGB at 96
+# RGB at 96; each night starts from the line's champion and fits what changed since it
+CATALOG_DEFAULTS = {"preprocess": "rgb", "input_size": CATALOG_INPUT_SIZE, "warm_start": "champion"}
 
 
 class TrainSettings(BaseModel):
@@ -87,6 +88,11 @@ class TrainSettings(BaseModel):
     replay: float = Field(
         4.0, ge=0, description="with warm_start: unchanged train images sampled per changed one"
     )
+    warm_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="with warm_start: the fit's learning rate (default learning_rate / 10)",
+    )
     train_limit: int | None = Field(None, ge=1, description="train on a seeded subset")
     test_limit: int | None = Field(None, ge=1, description="validate on a seeded subset")
     seed: int = 0
@@ -101,6 +107,14 @@ class TrainSettings(BaseModel):
         if self.freeze is not None:
             return self.freeze
         return 0 if self.weights == "none" else RECIPE_FREEZE
+
+    def fit_learning_rate(self) -> float:
+        """The learning rate the fit starts at: a warm start's is lower (default a tenth):
+        at the full rate RMSprop's first steps undo part of what the parent learnt
+        (docs/catalog.md has the measurement)."""
+        if self.warm_start == "off":
+            return self.learning_rate
+        return self.warm_learning_rate or self.learning_rate / 10
 
     def uses_cache(self) -> bool:
         return self.frozen_layers() > 1 and self.augment != "online"

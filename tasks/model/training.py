@@ -232,10 +232,10 @@ def compile_top(model, settings: TrainSettings, steps: int) -> None:
     import tensorflow as tf
 
     if settings.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(settings.learning_rate, max(steps, 1))
+        lr = keras.optimizers.schedules.CosineDecay(settings.fit_learning_rate(), max(steps, 1))
     else:
         lr = keras.optimizers.schedules.InverseTimeDecay(
-            settings.learning_rate, decay_steps=1, decay_rate=settings.decay
+            settings.fit_learning_rate(), decay_steps=1, decay_rate=settings.decay
         )
     # XLA measured 2.5x slower on this CPU (a bf16 block5 + head epoch: 3.9 vs 1.5 s); GPUs use it.
     jit = "auto" if tf.config.list_physical_devices("GPU") else False
