@@ -2,6 +2,7 @@
 1 % new photos and 1 % of its prices changed.
 
     .venv/bin/python bench/catalog_scale.py [--sizes 4000,16000,64000] [--views 4]
+        [--from-scratch | --compare] [--epochs 1] [--lr-schedule inverse_time]
 
 Synthetic catalogs: Fashion-MNIST garments (the Debian package's, else generated ones)
 tinted with a seeded colour, 64x64 JPEG in nested folders, priced by class and colour,
@@ -9,11 +10,13 @@ with a prices CSV. For each size, each stage runs in a fresh process (its own pe
 workers included): ingest with 1 and with 2 decode workers (fresh stores), training of
 the top on frozen features (input 32, blocks 1-4 frozen, four cached views, one epoch:
 the issue's catalog command), then +1 % photos and 1 % prices changed and both stages
-again. Prints images decoded and features extracted (counts), the wall times and the
-+1 % run's share of the first, and peak RSS against the smallest size. Targets (issue): peak RSS at the largest size at
-most 1.25x the smallest; ingest at least 1.6x faster with 2 workers than with 1; the
-+1 % run decodes and extracts only the new images and takes at most 15 % of the first
-run's wall time.
+again, the training warm-started from the first model (``--from-scratch``: not;
+``--compare``: both). Prints images decoded and features extracted (counts), the images
+the +1 % training fit, the wall times and the +1 % run's share of the first, each
+model's test RMSE next to the mean-price baseline, and peak RSS against the smallest
+size. Targets (issue): peak RSS at the largest size at most 1.25x the smallest; ingest
+at least 1.6x faster with 2 workers than with 1; the +1 % run decodes and extracts only
+the new images and takes at most 15 % of the first run's wall time.
 """
 
 from __future__ import annotations
