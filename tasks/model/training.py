@@ -176,7 +176,7 @@ def warm_top(lake: Lake, top, parent: str, scaling: dict) -> None:
     import keras
 
     with tempfile.TemporaryDirectory() as tmp, keras_precision("float32"):
-        path = Path(tmp) / "model.keras"
+        path = Path(tmp) / Model.FILE
         lake.model(parent).download(path)
         net = keras.models.load_model(path, safe_mode=True)
     for layer in top.layers:
@@ -455,6 +455,9 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
     if settings.warm_start != "off":  # a parent's top, fit on what changed since it
         rows, warm = warm_rows(lake, data, settings)
         warm_top(lake, top, settings.warm_start, data.scaling)
+        get_logger().info("warm start from %s: fitting the %d train images changed since it and "
+                          "%d others, of %d", warm["parent"], warm["changed"], warm["replayed"],
+                          len(train_at))  # fmt: skip
     train_y = data.train.y[rows]
     streams = (ShardStream(cache, [train_at[i] for i in rows], train_y, recipe.n, workdir.name),
                ShardStream(cache, test_at, data.test.y, 1, workdir.name))  # fmt: skip
