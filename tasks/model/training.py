@@ -63,9 +63,8 @@ def resolved(settings: TrainSettings, auto_precision: str | None = None) -> Trai
     elif engine == "openvino" and precision != "float32":
         raise ValueError(f"extraction_engine=openvino runs float32, not {precision}: set "
                          "precision=float32, or extraction_engine=keras")  # fmt: skip
-    return TrainSettings(**settings.model_dump() | {
-        "precision": precision, "freeze": settings.frozen_layers(), "extraction_engine": engine,
-    })  # fmt: skip
+    return _with(settings, precision=precision, freeze=settings.frozen_layers(),
+                 extraction_engine=engine)  # fmt: skip
 
 
 def version_for(dataset_version: str, labels_version: str, settings: TrainSettings) -> str:
@@ -98,30 +97,28 @@ def warm_resolved(lake: Lake, dataset_version: str, labels_version: str,
     if asked == "off":
         return settings
     streamed = settings.uses_cache() and lake.by_content(dataset_version)
-    parent = asked
-    if asked == "champion":
-        champion = lake.registry(line_of(dataset_version)).champion()
-        why = ("it applies to catalogs with frozen layers" if not streamed
-               else "the line has no champion yet" if champion is None else None)  # fmt: skip
-        if why is None:
-            parent = champion["model_version"]
-            lineage = lake.model(parent).lineage()
-            if (lineage["dataset_version"], lineage["labels_version"]) == (
-                dataset_version, labels_version,
-            ):  # fmt: skip
-                kept = lake.model(parent).config()["settings"].get("warm_start", "off")
-                return _with(settings, warm_start=kept)
-            why = warm_mismatch(lake, parent, dataset_version, settings)
+    why = None if streamed else "it applies to catalogs with frozen layers"
+    if asked != "champion":  # a model version named outright must fit
+        why = why or warm_mismatch(lake, asked, dataset_version, settings)
         if why is not None:
-            get_logger().info("warm_start=champion: training from the start (%s)", why)
-            return _with(settings, warm_start="off")
-        get_logger().info("warm start from the champion %s", parent)
-        return _with(settings, warm_start=parent)
-    why = ("it applies to catalogs with frozen layers" if not streamed
-           else warm_mismatch(lake, parent, dataset_version, settings))  # fmt: skip
+            raise ValueError(f"warm_start={asked}: cannot start from that model: {why}")
+        return settings
+    champion = lake.registry(line_of(dataset_version)).champion() if streamed else None
+    if why is None and champion is None:
+        why = "the line has no champion yet"
+    if why is None:
+        parent = lake.model(champion["model_version"])
+        lineage = parent.lineage()
+        if (lineage["dataset_version"], lineage["labels_version"]) == (
+            dataset_version, labels_version,
+        ):  # fmt: skip
+            return _with(settings, warm_start=parent.config()["settings"].get("warm_start", "off"))
+        why = warm_mismatch(lake, parent.version, dataset_version, settings)
     if why is not None:
-        raise ValueError(f"warm_start={parent}: cannot start from that model: {why}")
-    return settings
+        get_logger().info("warm_start=champion: training from the start (%s)", why)
+        return _with(settings, warm_start="off")
+    get_logger().info("warm start from the champion %s", parent.version)
+    return _with(settings, warm_start=parent.version)
 
 
 def _with(settings: TrainSettings, **fields) -> TrainSettings:
