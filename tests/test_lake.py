@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.data.fashion_mnist import shard_table
+from tasks.data.fashion_mnist import encode_png, pixel_table
+from tasks.data.loading import subset_rank
 from tasks.data.prices import PriceRule, draw_prices, fit_scaling
 from tasks.store import lake
 from tasks.store.lake import Lake, NotInLake, code_fingerprint
@@ -25,7 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 # A change that makes ingest or the price draw produce other content fails here: bump
 # the format constant in tasks/store/lake.py (new versions, nothing stale is found) and add
 # its digest.
-GOLDEN_DATASET = {"vggprice-fashion-mnist-v1": "a9fbd2f205230460"}
+GOLDEN_DATASET = {
+    "vggprice-fashion-mnist-v1": "a9fbd2f205230460",
+    "vggprice-fashion-mnist-v2": "0c91eb7a47144f1d",
+}
 GOLDEN_LABELS = {1: "5f1404d6ba88f575"}
 GOLDEN_CATALOG = {
     "vggprice-catalog-v1": "9cf1decde19c4c87",
@@ -44,15 +48,21 @@ NOT_THE_LAKE = {"tasks/deploy/pools.py", "tasks/deploy/local_ui.py"}
 
 
 def dataset_digest() -> str:
+    """What the demo's ingest stores for fixed images: its pixel shard's rows (id, label,
+    content id, pixels read back from the PNG) in the order it writes them."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
-    table = shard_table("train", 0, images, np.arange(12) % 10)
+    ids = [f"train-{i:05d}" for i in range(12)]
+    order = np.argsort([subset_rank(i) for i in ids], kind="stable")
+    table = pixel_table([ids[i] for i in order], (np.arange(12) % 10)[order],
+                        [encode_png(images[i]) for i in order])  # fmt: skip
     from tasks.data.images import to_pixels
 
     h = hashlib.sha256()
-    for image_id, label, png in zip(*(table[c].to_pylist() for c in table.column_names),
-                                    strict=True):  # fmt: skip
-        h.update(f"{image_id}:{label}:".encode() + to_pixels(png).tobytes())
+    for image_id, label, cid, png in zip(
+        *(table[c].to_pylist() for c in ("image_id", "label", "content_id", "image")), strict=True
+    ):
+        h.update(f"{image_id}:{label}:{cid}:".encode() + to_pixels(png).tobytes())
     return h.hexdigest()[:16]
 
 

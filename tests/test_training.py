@@ -72,7 +72,7 @@ def local_versions(tmp_path, idx_source):
 
 @pytest.mark.own_process
 @pytest.mark.usefixtures("prefect_server")
-def test_train_evaluate_promote(versions, store_uri):
+def test_train_evaluate_promote(versions, store_uri, tmp_path):
     lake, dv, lv = versions
     store = lake.store
     first = train_flow(dv, lv, store=store_uri, settings=TrainSettings(**TINY))
@@ -85,8 +85,12 @@ def test_train_evaluate_promote(versions, store_uri):
         assert store.exists(f"models/{mv}/attempts/{lineage['attempt']}/{name}"), name
     assert (lineage["dataset_version"], lineage["labels_version"]) == (dv, lv)
     assert lineage["feature_cache_key"] == first["features"]["key"]
-    manifest = store.get_json(f"features/{first['features']['key']}/manifest.json")
-    assert manifest["key"] == first["features"]["key"] and len(manifest["views"]) == 2
+    # The demo streams as a catalog does: features per pixel shard, every view in each.
+    shards = lake.dataset(dv).manifest()["pixel_shards"]
+    cache = lake.shard_features(first["features"]["key"])
+    assert first["features"]["streamed"] and cache.done(shards) == set(shards)
+    assert first["features"]["extracted_images"] == 80, "60 train and 20 test images, once"
+    assert all(cache.open(s, str(tmp_path)).shape[0] == 2 for s in shards), "2 views each"
 
     metrics = evaluate_flow(mv, store=store_uri)
     assert metrics["n"] == 20 and metrics["rmse"] > 0 and metrics["noise_floor_rmse"] > 0

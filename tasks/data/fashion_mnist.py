@@ -1,8 +1,10 @@
-"""Fashion-MNIST: find the IDX files, parse them strictly, write Parquet shards.
+"""Fashion-MNIST: find the IDX files, parse them strictly, store them as a catalog is
+stored (an index over pixel shards named by content), a catalog that never changes.
 
-Shards hold ``image_id`` (stable: ``train-00000``), ``label`` and ``image``:
-each image as lossless PNG bytes, so the dataset's own shards are valid input
-for scoring and any tool that reads Parquet + PNG can open them.
+Pixel shards hold a catalog's columns (``content_id``, ``image``: lossless PNG bytes,
+``reason``) and the image's ``image_id`` (stable: ``train-00000``) and ``label``, so the
+dataset's own shards are valid input for scoring and any tool that reads Parquet + PNG
+can open them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image
 from prefect import task
 
 from tasks import __version__
+from tasks.data.loading import subset_rank
 from tasks.runtime import TASK_RETRIES, get_logger, progress
 from tasks.settings import load_settings
 from tasks.store.lake import DATASET_FORMAT, Lake
@@ -44,9 +47,19 @@ MIRRORS = (
 )
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 KERAS_DIR = Path.home() / ".keras" / "datasets" / "fashion-mnist"
-SHARD_ROWS = 10_000
+SHARD_ROWS = 1_000  # images per pixel shard: the quick subsets (4,000 / 1,000) are whole shards
 N_CLASSES = 10
-SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int8()), ("image", pa.binary())])
+GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+            "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+PIXELS_SCHEMA = pa.schema(
+    [("content_id", pa.string()), ("image", pa.binary()), ("reason", pa.string()),
+     ("image_id", pa.string()), ("label", pa.int8())]
+)  # fmt: skip
+INDEX_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("content_id", pa.string()), ("identity", pa.string()),
+     ("split", pa.string()), ("label", pa.int32()), ("category", pa.string()),
+     ("shard", pa.string()), ("row", pa.int32())]
+)  # fmt: skip
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -211,16 +224,24 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def shard_table(split: str, start: int, images: np.ndarray, labels: np.ndarray) -> pa.Table:
-    ids = [f"{split}-{start + i:05d}" for i in range(len(images))]
-    pngs = [encode_png(img) for img in images]
+def images_name(split: str) -> str:
+    return SPLITS[split][0]
+
+
+def pixel_table(ids: list[str], labels: np.ndarray, pngs: list[bytes]) -> pa.Table:
+    """A demo pixel shard: a catalog's columns (content id, PNG, no rejection reason),
+    then the image's id and label, so the shard is a valid Parquet drop as well."""
     return pa.table(
-        {"image_id": ids, "label": labels.astype(np.int8), "image": pngs}, schema=SCHEMA
-    )
+        {"content_id": [hashlib.sha256(b).hexdigest() for b in pngs], "image": pngs,
+         "reason": pa.nulls(len(pngs), pa.string()), "image_id": ids,
+         "label": labels.astype(np.int8)}, schema=PIXELS_SCHEMA)  # fmt: skip
 
 
 def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
-    """Write the dataset's shards and, last, its manifest. Idempotent by version."""
+    """Write the dataset as a catalog is stored: pixel shards, the index, the manifest
+    last (it marks the version complete). Each split's shards hold its images in
+    ``subset_rank`` order, so a subset of N (``train_limit``) is the first shards and a
+    training computes the frozen features of those alone. Idempotent by version."""
     dataset = lake.dataset(dataset_version(source))
     log = get_logger()
     if dataset.complete:
@@ -229,15 +250,28 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
 
     # Parse and check everything before the first write.
     splits = {split: read_split(source.directory, split) for split in SPLITS}
-    manifest_splits = {}
+    pixels = dataset.pixels()
+    manifest_splits, index = {}, {c: [] for c in INDEX_SCHEMA.names}
     bar = progress(sum(-(-len(i) // shard_rows) for i, _ in splits.values()), "ingest", "shard")
     for split, (images, labels) in splits.items():
+        ids = [f"{split}-{i:05d}" for i in range(len(images))]
+        order = np.argsort([subset_rank(i) for i in ids], kind="stable")
         shards = []
-        for i, start in enumerate(range(0, len(images), shard_rows)):
-            rows = slice(start, start + shard_rows)
-            shards.append(
-                dataset.write_shard(split, i, shard_table(split, start, images[rows], labels[rows]))
-            )
+        for start in range(0, len(order), shard_rows):
+            rows = order[start : start + shard_rows]
+            chunk = [ids[r] for r in rows]
+            table = pixel_table(chunk, labels[rows], [encode_png(images[r]) for r in rows])
+            shard, _ = pixels.write(table, [(i, f"{images_name(split)}#{r}")
+                                            for i, r in zip(chunk, rows, strict=True)])  # fmt: skip
+            shards.append({"name": dataset.shard_name(shard), "rows": len(rows)})
+            index["image_id"] += chunk
+            index["content_id"] += table["content_id"].to_pylist()
+            index["identity"] += [f"{images_name(split)}#{r}" for r in rows]
+            index["split"] += [split] * len(rows)
+            index["label"] += labels[rows].tolist()
+            index["category"] += [GARMENTS[c] for c in labels[rows]]
+            index["shard"] += [shard] * len(rows)
+            index["row"] += list(range(len(rows)))
             bar.update()
         manifest_splits[split] = {
             "rows": len(images),
@@ -245,7 +279,8 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
             "label_counts": np.bincount(labels, minlength=N_CLASSES).tolist(),
             "shards": shards,
         }
-        log.info("wrote %s: %d rows in %d shards", split, len(images), len(shards))
+        log.info("wrote %s: %d rows in %d pixel shards", split, len(images), len(shards))
+    dataset.write_index(pa.table(index, schema=INDEX_SCHEMA))
 
     manifest = {
         "dataset": "fashion-mnist",
@@ -261,7 +296,9 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
             },
         },
         "splits": manifest_splits,
-        "schema": {f.name: str(f.type) for f in SCHEMA},
+        "index": dataset.INDEX,
+        "pixel_shards": sorted(set(index["shard"])),
+        "schema": {f.name: str(f.type) for f in PIXELS_SCHEMA},
         "image_encoding": "png",
         "created_by": {"package": "vggprice", "version": __version__},
     }

@@ -3,6 +3,7 @@ labels version, shared by training and evaluation (neither imports the other).""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,11 +32,20 @@ class Data:
     test: Split | None = None
 
 
-def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """A seeded random subset, in row order (all rows without a limit)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+def subset_rank(image_id: str) -> int:
+    """Where an image comes in every subset of its split: a hash of its key, so a
+    subset of N is the N images of lowest rank, the same for every seed and every
+    version that holds them (the demo stores each split in this order, so a subset is
+    its first pixel shards and the frozen features of no other shard are computed)."""
+    return int.from_bytes(hashlib.sha256(f"subset:{image_id}".encode()).digest()[:8], "big")
+
+
+def subset_indices(ids: list[str], limit: int | None) -> np.ndarray:
+    """The rows of the ``limit`` lowest-ranked images (``subset_rank``), in row order;
+    all rows without a limit."""
+    if limit is None or limit >= len(ids):
+        return np.arange(len(ids))
+    return np.sort(np.argsort([subset_rank(i) for i in ids], kind="stable")[:limit])
 
 
 def load_data(
@@ -49,10 +59,11 @@ def load_data(
     leave_out: frozenset[str] = frozenset(),
     pixels: bool = True,
 ) -> Data:
-    """The splits named in ``limits`` (split -> row limit or None), seeded subsets, each
-    image prepared as the model of this preprocessing ``mode`` and ``size`` takes it;
-    images named in ``leave_out`` are dropped before the subset is drawn. Without
-    ``pixels``, ids, classes and prices only (``iter_pixels`` streams the images)."""
+    """The splits named in ``limits`` (split -> row limit or None; ``subset_indices``),
+    each image prepared as the model of this preprocessing ``mode`` and ``size`` takes
+    it; images named in ``leave_out`` are dropped before the subset is drawn. Without
+    ``pixels``, ids, classes and prices only (``iter_pixels`` streams the images).
+    ``seed`` is kept for callers; subsets no longer depend on it."""
     labels = lake.labels(dataset_version, labels_version)
     scaling = labels.scaling()
     prices = labels.prices()
@@ -60,13 +71,13 @@ def load_data(
     is_train = np.asarray(prices["split"].to_pylist()) == "train"
     data = Data(dataset_version, labels_version, scaling, prices["price"].to_numpy()[is_train])
     span = scaling["max"] - scaling["min"]
+    dataset = lake.dataset(dataset_version)
     for split, limit in limits.items():
-        columns = None if pixels else ["image_id", "label"]
-        table = lake.dataset(dataset_version).read_split(split, columns)
+        table = dataset.read_split(split, ["image_id", "label"])
         if leave_out:
             keep = [i for i, k in enumerate(table["image_id"].to_pylist()) if k not in leave_out]
             table = table.take(keep)
-        table = table.take(subset_indices(table.num_rows, limit, seed))
+        table = table.take(subset_indices(table["image_id"].to_pylist(), limit))
         ids = table["image_id"].to_pylist()
         price = np.array([price_of[i] for i in ids], dtype=np.float64)
         setattr(
@@ -74,7 +85,9 @@ def load_data(
             split,
             Split(
                 ids=ids,
-                images=prepare_batch(table["image"].to_pylist(), mode, size) if pixels else None,
+                images=prepare_batch(dataset.images(ids).to_pylist(), mode, size)
+                if pixels
+                else None,
                 classes=table["label"].to_numpy().astype(np.int64),
                 price=price,
                 y=((price - scaling["min"]) / span).astype(np.float32),
@@ -95,9 +108,9 @@ def group_by_shard(at: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.
 def iter_pixels(
     lake: Lake, dataset_version: str, ids: list[str], mode: str, size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(positions in ``ids``, their prepared images) of a catalog stored by content, one
-    pixel shard at a time: memory holds one shard, whatever the catalog's size."""
-    dataset = lake.catalog(dataset_version)
+    """(positions in ``ids``, their prepared images) of a dataset stored by content, one
+    pixel shard at a time: memory holds one shard, whatever the dataset's size."""
+    dataset = lake.dataset(dataset_version)
     where = dataset.locations()
     by_shard = group_by_shard([where[key] for key in ids])
     pixels = dataset.pixels()

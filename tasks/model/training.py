@@ -151,8 +151,8 @@ def warm_rows(lake: Lake, data: Data, settings: TrainSettings) -> tuple[np.ndarr
     was = {key: price for key, price, split in zip(before["image_id"].to_pylist(),
            before["price"].to_pylist(), before["split"].to_pylist(), strict=True)
            if split == "train"}  # fmt: skip
-    then = lake.catalog(parent["dataset_version"]).locations()
-    now = lake.catalog(data.dataset_version).locations()
+    then = lake.dataset(parent["dataset_version"]).locations()
+    now = lake.dataset(data.dataset_version).locations()
     changed = np.array([key not in was or was[key] != price or then.get(key) != now[key]
                         for key, price in zip(data.train.ids, data.train.price, strict=True)],
                        dtype=bool)  # fmt: skip
@@ -292,9 +292,9 @@ class Fit:
     val_y: np.ndarray
     multi_view: bool
     features: dict | None  # the feature cache used: key, hit, views, seconds
-    streams: tuple[ShardStream, ShardStream] | None = None  # a catalog's (train, val) by shard
+    streams: tuple[ShardStream, ShardStream] | None = None  # (train, val) by pixel shard
     workdir: tempfile.TemporaryDirectory | None = None  # the streams' local feature copies
-    means: np.ndarray | None = None  # a catalog's train images' pixel means (drift)
+    means: np.ndarray | None = None  # the streamed train images' pixel means (drift)
     warm: dict | None = None  # a warm start's parent and counts (warm_rows)
 
 
@@ -413,11 +413,10 @@ def recipe_of(settings: TrainSettings) -> ViewRecipe:
 
 def feature_spec(dataset_version: str, settings: TrainSettings, precision: str,
                  by_content: bool) -> FeatureSpec:  # fmt: skip
-    """What the frozen features of this training depend on: a catalog stored by content
-    shares them across its versions (``by-content``), the demo keys them by its subset."""
-    subset = {} if by_content else {
-        "train": settings.train_limit, "test": settings.test_limit, "seed": settings.seed,
-    }  # fmt: skip
+    """What the frozen features of this training depend on: a dataset stored by content
+    shares them per pixel shard across its versions (``by-content``); one stored before
+    (whole) keys them by its version and subset."""
+    subset = {} if by_content else {"train": settings.train_limit, "test": settings.test_limit}
     return FeatureSpec(
         dataset_version="by-content" if by_content else dataset_version,
         subset=subset,
@@ -433,18 +432,18 @@ def feature_spec(dataset_version: str, settings: TrainSettings, precision: str,
 
 def feature_shards(lake: Lake, data: Data) -> tuple[list, list, list[str]]:
     """Where each train and test image's pixels are (shard, row), and the shards."""
-    where = lake.catalog(data.dataset_version).locations()
+    where = lake.dataset(data.dataset_version).locations()
     train_at, test_at = [where[i] for i in data.train.ids], [where[i] for i in data.test.ids]
     return train_at, test_at, sorted({s for s, _ in train_at} | {s for s, _ in test_at})
 
 
 def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewRecipe,
                   key: str, frozen, runner, top, t0: float) -> Fit:  # fmt: skip
-    """A catalog stored by content: features extracted for the pixel shards that have
+    """A dataset stored by content: features extracted for the pixel shards that have
     none under this spec, then the top trains from shard streams (bounded memory)."""
     train_at, test_at, shards = feature_shards(lake, data)
     cache = lake.shard_features(key)
-    facts = extract_shards(cache, lake.catalog(data.dataset_version).pixels(), runner, shards,
+    facts = extract_shards(cache, lake.dataset(data.dataset_version).pixels(), runner, shards,
                            recipe, settings.preprocess, settings.input_size)  # fmt: skip
     workdir = tempfile.TemporaryDirectory(prefix="vggprice-features-")
     means = ShardStream(cache, train_at, data.train.y, recipe.n, workdir.name).means()
@@ -466,7 +465,7 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
 
 def _feature_work(lake: Lake, dataset_version: str, labels_version: str,
                   settings: TrainSettings) -> tuple[str, list[str]] | None:  # fmt: skip
-    """(feature key, the training's feature shards) of a catalog stored by content with
+    """(feature key, the training's feature shards) of a dataset stored by content with
     frozen layers, else None (nothing extracted per shard)."""
     if not (settings.uses_cache() and lake.by_content(dataset_version)):
         return None
@@ -495,7 +494,7 @@ def extract_features(
     lake: Lake, dataset_version: str, labels_version: str, settings: TrainSettings,
     start: int = 0,
 ) -> dict:  # fmt: skip
-    """One extractor of a catalog version's frozen features, wherever it runs (a Dask
+    """One extractor of a dataset version's frozen features, wherever it runs (a Dask
     worker process, a flow run on a pool): the frozen layers built as training builds
     them, then the ledger's loop over the training's feature shards
     (``features.extract_work``: each shard once, whoever else works on them). The
@@ -508,7 +507,7 @@ def extract_features(
     key, shards = work
     with keras_precision(settings.precision):
         frozen, _ = build_graphs(settings, build_vgg(settings))
-    stored = extract_work(lake.shard_features(key), lake.catalog(dataset_version).pixels(),
+    stored = extract_work(lake.shard_features(key), lake.dataset(dataset_version).pixels(),
                           frozen_runner(frozen, settings.extraction_engine), shards,
                           recipe_of(settings), settings.preprocess, settings.input_size,
                           claim_seconds=load_settings().extract_claim_seconds,

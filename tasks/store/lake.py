@@ -6,7 +6,10 @@ moves bytes). Flows and tasks pass versions and these entries, never key
 strings. Compare Kedro's data catalog and Dagster's IO managers.
 
 ```
-datasets/fashion-mnist/<dataset>/{manifest.json, train/part-*.parquet, test/part-*.parquet}
+datasets/fashion-mnist/<dataset>/{index.parquet, manifest.json}   (the demo, stored by content:
+                                   its pixel shards under pixels/; versions stored before
+                                   format v2: train/ and test/ shards)
+datasets/fashion-mnist/<dataset>/pixels/<shard>.{parquet, json}   (as a catalog's _pixels/)
 datasets/catalog/<name>/_pixels/<shard>.{parquet, json}  (decoded images by content id, shared by
                                    every version of the catalog; the .json, its ids, written last)
 datasets/catalog/<name>/<dataset>/{index.parquet, rejected.parquet, manifest.json}
@@ -14,7 +17,7 @@ datasets/catalog/<name>/<dataset>/{index.parquet, rejected.parquet, manifest.jso
                                    catalogs stored before content ids: train/ and test/ shards)
 labels/<dataset>/<labels>/{prices.parquet, [skipped_rows.parquet,] scaling.json}
 features/<key>/{train-view-N.npy, test.npy, manifest.json}   (a dataset's, whole)
-features/<key>/shards/<pixel shard>.{means.npy, npy}   (a catalog's, per pixel shard: every
+features/<key>/shards/<pixel shard>.{means.npy, npy}   (per pixel shard: every
                                    view of every row, and each row's pixel mean)
 checkpoints/<model>/{state.json, epoch-N.npz}
 models/<model>/attempts/<attempt>/{model.keras, config.json, history.json, summary.txt, plots/}
@@ -65,7 +68,7 @@ import pyarrow.parquet as pq
 
 from tasks.store.storage import ObjectInfo, ObjectNotFound, Store, json_bytes
 
-DATASET_FORMAT = "vggprice-fashion-mnist-v1"  # bump when ingest writes other bytes
+DATASET_FORMAT = "vggprice-fashion-mnist-v2"  # bump when ingest writes other bytes
 CATALOG_FORMAT = "vggprice-catalog-v2"  # bump when catalog ingest writes other bytes
 DEMO_LINE = "demo"  # the Fashion-MNIST model line: registry/ as before lines existed
 LINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
@@ -377,6 +380,19 @@ class CatalogDataset(Dataset):
     def pixels(self) -> CatalogPixels:
         return Lake(self.store).catalog_pixels(line_of(self.version))
 
+    def images(self, ids: list[str]) -> pa.Array:
+        """The PNGs of these image keys, in the order asked (one pixel shard read at a
+        time; a version stored before content ids reads its split shards)."""
+        if "index" not in self.manifest():
+            found = {}
+            for split in self.manifest()["splits"]:
+                table = super().read_split(split, ["image_id", "image"])
+                found |= dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist(),
+                                  strict=True))  # fmt: skip
+            return pa.array([found[i] for i in ids], pa.binary())
+        where = self.locations()
+        return self.pixels().images([where[i][0] for i in ids], [where[i][1] for i in ids])
+
     def write_index(self, table: pa.Table) -> None:
         self.put_bytes(self.INDEX, parquet_bytes(table))
 
@@ -455,6 +471,23 @@ class CatalogPixels(Entry):
             for i in positions:
                 out[i] = column[rows[i]].as_py()
         return pa.array(out, pa.binary())
+
+
+@dataclass(frozen=True)
+class DemoDataset(CatalogDataset):
+    """A Fashion-MNIST version: stored as a catalog is (an index over pixel shards), the
+    shards its own (``pixels/``: the demo never changes, so no version shares them), each
+    with ``image_id`` and ``label`` beside the catalog's columns, so a shard is a valid
+    Parquet drop too. Versions stored before format v2 hold train/ and test/ shards."""
+
+    PIXELS = "pixels/"
+
+    def pixels(self) -> CatalogPixels:
+        return CatalogPixels(self.store, f"{self.prefix}{self.PIXELS}")
+
+    def shard_name(self, shard: str) -> str:
+        """A pixel shard's object, relative to the version (as its manifest lists it)."""
+        return f"{self.PIXELS}{shard}.parquet"
 
 
 def _shard_name(dataset: Dataset, row: dict) -> str:
@@ -1014,11 +1047,11 @@ class Lake:
     def uri(self) -> str:
         return self.store.uri
 
-    def dataset(self, version: str) -> Dataset:
+    def dataset(self, version: str) -> CatalogDataset:
         """A Fashion-MNIST dataset version, or a catalog's (``cat-<name>-<hash>``)."""
         if version.startswith("cat-"):
             return self.catalog(version)
-        return Dataset(self.store, f"{self.DATASETS}{version}/", version)
+        return DemoDataset(self.store, f"{self.DATASETS}{version}/", version)
 
     def catalog(self, version: str) -> CatalogDataset:
         name = line_of(version)
@@ -1099,9 +1132,9 @@ class Lake:
         return [v for v in found if self.catalog(v).complete]
 
     def by_content(self, dataset_version: str) -> bool:
-        """Whether a dataset is a catalog stored by content (an index over pixel shards)."""
-        return dataset_version.startswith("cat-") and "index" in self.catalog(
-            dataset_version).manifest()  # fmt: skip
+        """Whether a dataset is stored by content (an index over pixel shards): every
+        catalog and demo version but those stored before."""
+        return "index" in self.dataset(dataset_version).manifest()
 
     def newest_catalog(self, name: str) -> CatalogDataset | None:
         """The catalog's most recently made version that has an index, or None."""
