@@ -14,6 +14,7 @@ from flows.train import train_flow
 from tasks.data.fashion_mnist import find_source, ingest
 from tasks.data.loading import load_data
 from tasks.data.prices import PriceRule, make_labels
+from tasks.governance.evaluation import evaluate
 from tasks.governance.registry import decide, resolve_champion
 from tasks.model.export import (
     ExportError,
@@ -284,6 +285,37 @@ def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
     assert lake.model(mv).history()["loss"] == other.model(mv).history()["loss"]
     wa, wb = (load_stored_model(x.model(mv)).get_weights() for x in (lake, other))
     assert all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
+
+
+@pytest.mark.own_process
+def test_the_demo_streams_and_a_subset_extracts_its_own_shards_alone(tmp_path, idx_source):
+    """The demo is stored as a catalog is: each split in ``subset_rank`` order, so a
+    subset of N is the leading shards, and a training extracts the frozen features of
+    those shards alone, streams them, and evaluation reads the same images."""
+    lake = Lake(open_store(str(tmp_path / "lake")))
+    dv = ingest(lake, find_source(idx_source), shard_rows=10)["version"]
+    lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
+    dataset = lake.dataset(dv)
+    manifest = dataset.manifest()
+    assert lake.by_content(dv) and [len(manifest["splits"][s]["shards"]) for s in
+                                    ("train", "test")] == [6, 2]  # fmt: skip
+    settings = TrainSettings(**TINY | {"train_limit": 20, "test_limit": 10})
+    data = load_data(lake, dv, lv, {"train": 20, "test": 10}, seed=0, pixels=False)
+    where = dataset.locations()
+    leading = {s["name"] for split in ("train", "test") for s in
+               manifest["splits"][split]["shards"][: {"train": 2, "test": 1}[split]]}  # fmt: skip
+    assert {dataset.shard_name(where[i][0]) for i in data.train.ids + data.test.ids} == leading
+    other_seed = load_data(lake, dv, lv, {"train": 20, "test": 10}, seed=7, pixels=False)
+    assert other_seed.train.ids == data.train.ids, "a subset does not depend on the seed"
+
+    result = train(lake, dv, lv, settings)
+    facts = result["features"]
+    assert facts["streamed"] and (facts["shards"], facts["extracted_images"]) == (3, 30)
+    cache = lake.shard_features(facts["key"])
+    assert len(cache.done(manifest["pixel_shards"])) == 3, "no other shard's features"
+    assert evaluate(lake, result["model_version"])["n"] == 10, "the test subset, streamed"
+    # The same images through the in-memory path (no frozen layers) as through streams.
+    assert load_data(lake, dv, lv, {"train": 20}, seed=0).train.images.shape == (20, 28, 28)
 
 
 @pytest.mark.own_process
