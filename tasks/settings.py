@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="a frozen-feature extractor's claim on a shard unchanged this long is "
         "taken over by another (its extractor died)",
     )
+    train_memory_mb: float = Field(
+        256.0,
+        ge=0,
+        description="a training's frozen features up to this size are gathered in memory and "
+        "batched from there (fastest); larger ones stream from their shards (bounded memory)",
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

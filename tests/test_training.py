@@ -90,6 +90,7 @@ def test_train_evaluate_promote(versions, store_uri, tmp_path):
     shards = lake.dataset(dv).manifest()["pixel_shards"]
     cache = lake.shard_features(first["features"]["key"])
     assert first["features"]["streamed"] and cache.done(shards) == set(shards)
+    assert first["features"]["in_memory"], "this small, its features are batched from memory"
     assert first["features"]["extracted_images"] == 80, "60 train and 20 test images, once"
     assert all(cache.open(s, str(tmp_path)).shape[0] == 2 for s in shards), "2 views each"
 
@@ -288,10 +289,13 @@ def test_same_inputs_same_model(local_versions, tmp_path, idx_source):
 
 
 @pytest.mark.own_process
-def test_the_demo_streams_and_a_subset_extracts_its_own_shards_alone(tmp_path, idx_source):
+def test_the_demo_streams_and_a_subset_extracts_its_own_shards_alone(tmp_path, idx_source,
+                                                                     monkeypatch):  # fmt: skip
     """The demo is stored as a catalog is: each split in ``subset_rank`` order, so a
     subset of N is the leading shards, and a training extracts the frozen features of
-    those shards alone, streams them, and evaluation reads the same images."""
+    those shards alone and streams them (features over ``train_memory_mb``, here 0);
+    evaluation reads the same test images, a shard at a time."""
+    monkeypatch.setenv("VGGPRICE_TRAIN_MEMORY_MB", "0")
     lake = Lake(open_store(str(tmp_path / "lake")))
     dv = ingest(lake, find_source(idx_source), shard_rows=10)["version"]
     lv = make_labels(lake, dv, PriceRule(), seed=0)["labels_version"]
@@ -311,6 +315,7 @@ def test_the_demo_streams_and_a_subset_extracts_its_own_shards_alone(tmp_path, i
     result = train(lake, dv, lv, settings)
     facts = result["features"]
     assert facts["streamed"] and (facts["shards"], facts["extracted_images"]) == (3, 30)
+    assert facts["in_memory"] is False, "streamed from the shards, not gathered"
     cache = lake.shard_features(facts["key"])
     assert len(cache.done(manifest["pixel_shards"])) == 3, "no other shard's features"
     assert evaluate(lake, result["model_version"])["n"] == 10, "the test subset, streamed"

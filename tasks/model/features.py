@@ -315,6 +315,19 @@ class ShardStream:
         if carry_x is not None and len(carry_y):
             yield carry_x, carry_y
 
+    def nbytes(self) -> int:
+        """What the split's rows of every view take gathered in memory."""
+        return self.views * len(self.y) * int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
+
+    def gather(self) -> np.ndarray:
+        """Every view of the split's rows, (views, rows, ...) in the split's order: for a
+        split small enough to batch from memory (``nbytes``)."""
+        out = np.zeros((self.views, len(self.y), *self.shape), DTYPE)
+        for shard in self.shards:
+            positions, rows = self.groups[shard]
+            out[:, positions] = self._open(shard)[: self.views][:, rows]
+        return out
+
     def means(self) -> np.ndarray:
         """Each image's pixel mean, in the split's order (for the drift statistics)."""
         out = np.zeros(len(self.y), np.float64)

@@ -457,8 +457,16 @@ def _streamed_fit(lake: Lake, data: Data, settings: TrainSettings, recipe: ViewR
     train_y = data.train.y[rows]
     streams = (ShardStream(cache, [train_at[i] for i in rows], train_y, recipe.n, workdir.name),
                ShardStream(cache, test_at, data.test.y, 1, workdir.name))  # fmt: skip
+    # Small enough: batched from memory, as fast as ever; larger: streamed from the shards.
+    in_memory = sum(s.nbytes() for s in streams) <= load_settings().train_memory_mb * 2**20
     info = {"key": key, "hit": facts["extracted_shards"] == 0, "views": recipe.n,
-            "seconds": round(time.time() - t0, 2), "streamed": True} | facts  # fmt: skip
+            "seconds": round(time.time() - t0, 2), "streamed": True,
+            "in_memory": in_memory} | facts  # fmt: skip
+    if in_memory:
+        train_x, val_x = streams[0].gather(), streams[1].gather()[0]
+        workdir.cleanup()
+        return Fit(top, frozen, top, train_x, train_y, val_x, data.test.y, True, info,
+                   means=means, warm=warm)  # fmt: skip
     return Fit(top, frozen, top, None, train_y, None, data.test.y, True, info, streams,
                workdir, means, warm)  # fmt: skip
 
