@@ -52,6 +52,12 @@ class Versions(NamedTuple):
     labels_version: str
 
 
+def dataset_shards(lake: Lake, dv: str, split: str) -> list[str]:
+    """The pixel shards of one split of a demo version."""
+    index = lake.dataset(dv).index(["split", "shard"]).to_pylist()
+    return sorted({r["shard"] for r in index if r["split"] == split})
+
+
 def make_versions(store_uri, idx_source) -> Versions:
     lake = Lake(open_store(store_uri))
     dv = ingest(lake, find_source(idx_source))["version"]
@@ -92,7 +98,10 @@ def test_train_evaluate_promote(versions, store_uri, tmp_path):
     assert first["features"]["streamed"] and cache.done(shards) == set(shards)
     assert first["features"]["in_memory"], "this small, its features are batched from memory"
     assert first["features"]["extracted_images"] == 80, "60 train and 20 test images, once"
-    assert all(cache.open(s, str(tmp_path)).shape[0] == 2 for s in shards), "2 views each"
+    split_of = {s: split for split in ("train", "test") for s in dataset_shards(lake, dv, split)}
+    assert {s: cache.open(s, str(tmp_path)).shape[0] for s in shards} == {
+        s: 2 if split_of[s] == "train" else 1 for s in shards
+    }, "a train shard holds both views, a test shard (validation reads it) the image alone"
 
     metrics = evaluate_flow(mv, store=store_uri)
     assert metrics["n"] == 20 and metrics["rmse"] > 0 and metrics["noise_floor_rmse"] > 0

@@ -262,7 +262,8 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
             chunk = [ids[r] for r in rows]
             table = pixel_table(chunk, labels[rows], [encode_png(images[r]) for r in rows])
             shard, _ = pixels.write(table, [(i, f"{images_name(split)}#{r}")
-                                            for i, r in zip(chunk, rows, strict=True)])  # fmt: skip
+                                            for i, r in zip(chunk, rows, strict=True)],
+                                    split)  # fmt: skip
             shards.append({"name": dataset.shard_name(shard), "rows": len(rows)})
             index["image_id"] += chunk
             index["content_id"] += table["content_id"].to_pylist()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -178,8 +178,12 @@ def shard_views(
     log: ProgressLog | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Every view of every row of one pixel shard, (views, rows, ...) float16 (zeros for
-    a row whose file was rejected: no version reads it), and each row's pixel mean."""
+    a row whose file was rejected: no version reads it), and each row's pixel mean. A
+    shard that is test images for good (its marker says so: the demo's) gets view 0
+    alone: only validation reads it."""
     table = pixels.table(shard)
+    if pixels.shard(shard).get("split") == "test":
+        views = replace(views, n=1)
     blobs, seeds = table["image"].to_pylist(), content_seeds(table["content_id"].to_pylist())
     ok = [i for i, b in enumerate(blobs) if b is not None]
     images = prepare_batch([blobs[i] for i in ok], mode, size)
@@ -239,11 +243,15 @@ def extract_shards(
     logger = get_logger()
     done = cache.done(shards)
     missing = [s for s in shards if s not in done]
-    rows = {s: len(pixels.shard(s)["ids"]) for s in missing}
-    lines = ProgressLog("frozen features", views.n * sum(rows.values()), "images")
+    markers = {s: pixels.shard(s) for s in missing}
+    rows = {s: len(m["ids"]) for s, m in markers.items()}
+    forwards = sum(n * (1 if markers[s].get("split") == "test" else views.n)
+                   for s, n in rows.items())  # fmt: skip
+    lines = ProgressLog("frozen features", forwards, "images")
     if missing:
-        logger.info("frozen features: %d of %d pixel shards new (%d images x %d views)",
-                    len(missing), len(shards), sum(rows.values()), views.n)  # fmt: skip
+        logger.info("frozen features: %d of %d pixel shards new (%d images; %d views of a "
+                    "train image: %d passes)", len(missing), len(shards), sum(rows.values()),
+                    views.n, forwards)  # fmt: skip
     here, waiting = [], False
     while True:
         here += extract_work(cache, pixels, frozen, missing, views, mode, size,

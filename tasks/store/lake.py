@@ -440,13 +440,18 @@ class CatalogPixels(Entry):
     then ``<shard>.json`` (its content ids and the source keys and identities they were
     read from: the marker; a shard without one is ignored and written again)."""
 
-    def write(self, table: pa.Table, sources: list[tuple[str, str]]) -> tuple[str, dict]:
-        """The shard, then its marker; returns (shard, marker)."""
+    def write(self, table: pa.Table, sources: list[tuple[str, str]], split: str | None = None
+              ) -> tuple[str, dict]:  # fmt: skip
+        """The shard, then its marker; returns (shard, marker). ``split``: the one split
+        of every row, for shards that never change split (the demo's): the frozen
+        features of a test shard need no views but the image itself."""
         ids = table["content_id"].to_pylist()
         shard = pixel_shard_name(ids)
         self.put_bytes(f"{shard}.parquet", parquet_bytes(table))
         reasons = {i: r for i, r in enumerate(table["reason"].to_pylist()) if r is not None}
         marker = {"ids": ids, "sources": sources, "reasons": reasons}
+        if split is not None:
+            marker["split"] = split
         self.put_json(f"{shard}.json", marker)
         return shard, marker
 
