@@ -3,8 +3,8 @@
 The recipe's shifts are random per batch, which a feature cache cannot hold; the
 `cached` mode trains on a fixed number of pre-augmented views instead. This runs
 the recipe's settings (48x48, first 15 layers frozen, 5 epochs, shift 0.1 and
-flips) in each mode, once per seed (the seed picks the subset, the random base
-weights and the order), and prints the mean time and the test RMSE:
+flips) in each mode, once per seed (the seed picks the random base weights and
+the order; the subset is fixed), and prints the mean time and the test RMSE:
 
 - online: the recipe exactly: the full model with fresh random shifts every batch;
 - cached-4 (the default, views=4): image, flip, and two seeded shifted views;

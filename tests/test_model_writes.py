@@ -15,7 +15,7 @@ import pytest
 
 from tasks.model.export import cached_model_file
 from tasks.model.train_settings import TrainSettings
-from tasks.model.training import version_for
+from tasks.model.training import extract_features, version_for
 from tests.conftest import REPO, TINY
 from tests.test_training import make_versions
 
@@ -60,15 +60,24 @@ def assert_one_published_attempt(lake, mv: str, attempts: set[str]) -> dict:
     return lineage
 
 
+def with_features(versions):
+    """The versions, their frozen features extracted first: the attempts then start their
+    epochs together. (Extracting, one would wait for the shards the other claimed, start
+    later, find the other's checkpoint of the last epoch and train none.)"""
+    lake, dv, lv = versions
+    extract_features(lake, dv, lv, TrainSettings(**TINY))
+    return versions
+
+
 @pytest.fixture
 def local_versions(tmp_path, idx_source):
-    return make_versions(str(tmp_path / "lake"), idx_source)
+    return with_features(make_versions(str(tmp_path / "lake"), idx_source))
 
 
 def test_two_trainings_of_one_version_publish_one_model(store_uri, idx_source, tmp_path):
     """Both attempts train and write their files at once (they meet after the last
     epoch): one marker, the winner's file matching its hash, the loser naming the winner."""
-    versions = make_versions(store_uri, idx_source)
+    versions = with_features(make_versions(store_uri, idx_source))
     a, b = tmp_path / "a-ready", tmp_path / "b-ready"
     procs = [start(store_uri, versions, a, a, b), start(store_uri, versions, b, a, b)]
     (ra, ea), (rb, eb) = (finish(p) for p in procs)
