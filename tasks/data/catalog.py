@@ -48,7 +48,15 @@ from tasks.data.images import MAX_SIDE
 from tasks.data.prices import fit_scaling
 from tasks.data.sources import CatalogError, ImageSource, decode_chunk, open_source, parent_of
 from tasks.runtime import TASK_RETRIES, get_logger, progress
-from tasks.store.lake import CATALOG_FORMAT, CatalogPixels, Lake, catalog_version, check_line_name
+from tasks.store.lake import (
+    CATALOG_FORMAT,
+    INDEX_SCHEMA,
+    PIXELS_SCHEMA,
+    CatalogPixels,
+    Lake,
+    catalog_version,
+    check_line_name,
+)
 from tasks.store.lake import labels_version as make_labels_version
 from tasks.store.storage import open_store
 
@@ -60,14 +68,6 @@ POOL_MIN = 2000  # new images below this decode in-process (a pool's start costs
 REQUIRED = ("image", "price")
 SPLITS = ("train", "test")
 SHOWN_BAD_ROWS = 3  # how many offending rows the one-line error names
-PIXELS_SCHEMA = pa.schema(
-    [("content_id", pa.string()), ("image", pa.binary()), ("reason", pa.string())]
-)
-INDEX_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("content_id", pa.string()), ("identity", pa.string()),
-     ("split", pa.string()), ("label", pa.int32()), ("category", pa.string()),
-     ("shard", pa.string()), ("row", pa.int32())]
-)  # fmt: skip
 REJECTED_SCHEMA = pa.schema([("image", pa.string()), ("reason", pa.string())])
 SKIPPED_SCHEMA = pa.schema(
     [("row", pa.int64()), ("image", pa.string()), ("price", pa.string()), ("reason", pa.string())]

@@ -25,9 +25,11 @@ from prefect import task
 
 from tasks import __version__
 from tasks.data.loading import subset_rank
+from tasks.reports import GARMENTS
 from tasks.runtime import TASK_RETRIES, get_logger, progress
 from tasks.settings import load_settings
-from tasks.store.lake import DATASET_FORMAT, Lake
+from tasks.store.lake import DATASET_FORMAT, INDEX_SCHEMA, Lake
+from tasks.store.lake import PIXELS_SCHEMA as CATALOG_PIXELS
 from tasks.store.lake import dataset_version as version_of
 from tasks.store.storage import sha256_file
 
@@ -49,17 +51,10 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 KERAS_DIR = Path.home() / ".keras" / "datasets" / "fashion-mnist"
 SHARD_ROWS = 1_000  # images per pixel shard: the quick subsets (4,000 / 1,000) are whole shards
 N_CLASSES = 10
-GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-            "Sneaker", "Bag", "Ankle boot")  # fmt: skip
-PIXELS_SCHEMA = pa.schema(
-    [("content_id", pa.string()), ("image", pa.binary()), ("reason", pa.string()),
-     ("image_id", pa.string()), ("label", pa.int8())]
-)  # fmt: skip
-INDEX_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("content_id", pa.string()), ("identity", pa.string()),
-     ("split", pa.string()), ("label", pa.int32()), ("category", pa.string()),
-     ("shard", pa.string()), ("row", pa.int32())]
-)  # fmt: skip
+# A demo pixel shard: a catalog's columns, then the image's id and label (a Parquet drop too)
+PIXELS_SCHEMA = CATALOG_PIXELS.append(pa.field("image_id", pa.string())).append(
+    pa.field("label", pa.int8())
+)
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -260,14 +255,13 @@ def ingest(lake: Lake, source: Source, shard_rows: int = SHARD_ROWS) -> dict:
         for start in range(0, len(order), shard_rows):
             rows = order[start : start + shard_rows]
             chunk = [ids[r] for r in rows]
+            identities = [f"{images_name(split)}#{r}" for r in rows]  # where in the IDX file
             table = pixel_table(chunk, labels[rows], [encode_png(images[r]) for r in rows])
-            shard, _ = pixels.write(table, [(i, f"{images_name(split)}#{r}")
-                                            for i, r in zip(chunk, rows, strict=True)],
-                                    split)  # fmt: skip
+            shard, _ = pixels.write(table, list(zip(chunk, identities, strict=True)), split)
             shards.append({"name": dataset.shard_name(shard), "rows": len(rows)})
             index["image_id"] += chunk
             index["content_id"] += table["content_id"].to_pylist()
-            index["identity"] += [f"{images_name(split)}#{r}" for r in rows]
+            index["identity"] += identities
             index["split"] += [split] * len(rows)
             index["label"] += labels[rows].tolist()
             index["category"] += [GARMENTS[c] for c in labels[rows]]

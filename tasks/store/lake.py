@@ -71,6 +71,15 @@ from tasks.store.storage import ObjectInfo, ObjectNotFound, Store, json_bytes
 DATASET_FORMAT = "vggprice-fashion-mnist-v2"  # bump when ingest writes other bytes
 CATALOG_FORMAT = "vggprice-catalog-v2"  # bump when catalog ingest writes other bytes
 DEMO_LINE = "demo"  # the Fashion-MNIST model line: registry/ as before lines existed
+# The tables of a version stored by content: its pixel shards' rows and its index.
+PIXELS_SCHEMA = pa.schema(
+    [("content_id", pa.string()), ("image", pa.binary()), ("reason", pa.string())]
+)
+INDEX_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("content_id", pa.string()), ("identity", pa.string()),
+     ("split", pa.string()), ("label", pa.int32()), ("category", pa.string()),
+     ("shard", pa.string()), ("row", pa.int32())]
+)  # fmt: skip
 LINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
 LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
 
