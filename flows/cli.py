@@ -776,7 +776,12 @@ def _main(argv: list[str] | None) -> int:
     from tasks.settings import load_settings
 
     args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False) or load_settings().debug
+    try:
+        debug = getattr(args, "debug", False) or load_settings().debug
+    except ValidationError as err:  # a VGGPRICE_* variable that is not a valid value
+        first = err.errors()[0]
+        _error(f"VGGPRICE_{str(first['loc'][0]).upper()}: {first['msg']} (in the environment)")
+        return 2
     if not debug:
         import prefect  # noqa: F401 - its log handlers exist once it is imported
 

@@ -92,6 +92,14 @@ def test_tracebacks_only_when_asked(lake, tmp_path):
     assert code != 0 and any(ln.startswith("Traceback") for ln in err)
 
 
+def test_a_bad_setting_in_the_environment_is_one_line(tmp_path):
+    env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph"),
+                        "VGGPRICE_TRAIN_MEMORY_MB": "-1"}  # fmt: skip
+    code, err, _ = vggprice("champion", "--store", str(tmp_path / "lake"), env=env)
+    assert (code, err) == (2, ["vggprice: error: VGGPRICE_TRAIN_MEMORY_MB: Input should be "
+                               "greater than or equal to 0 (in the environment)"])  # fmt: skip
+
+
 def test_empty_store_and_missing_source(tmp_path):
     env = os.environ | {"PREFECT_HOME": prefect_home(tmp_path / "ph")}
     store = str(tmp_path / "lake")
