@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from PIL import Image
 
 from tasks.scoring.arrivals import (
     DROP_READY,
+    BadMessage,
     Bridge,
     SqsQueue,
     drop_resource,
@@ -86,8 +88,8 @@ class Clock:
 
 def test_s3_notifications_name_their_drops(s3_endpoint, s3_uri):
     """What moto's S3 really delivers to SQS (a test event, then one message per object,
-    keys URL-encoded) maps to this store's drops; keys outside drops/ and other buckets
-    name none."""
+    keys URL-encoded) maps to this store's drops; keys outside drops/ name none, another
+    bucket's are a message the bridge cannot use."""
     import boto3
 
     url = notified_queue(s3_endpoint, s3_uri)
@@ -110,7 +112,8 @@ def test_s3_notifications_name_their_drops(s3_endpoint, s3_uri):
     )
     other = json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {
         "bucket": {"name": "another-bucket"}, "object": {"key": "lake/drops/x/a.png"}}}]})  # fmt: skip
-    assert drops_in_message(lake, other) == {}
+    with pytest.raises(BadMessage, match="another-bucket"):  # deleted, with its reason
+        drops_in_message(lake, other)
     removed = other.replace("another-bucket", store.bucket).replace("Created:Put", "Removed:Delete")
     assert drops_in_message(lake, removed) == {}
     via_sns = json.dumps({"Type": "Notification", "Message": other.replace("another-bucket",
@@ -161,6 +164,91 @@ def test_bridge_emits_once_per_drop_and_deletes_only_after(s3_endpoint, s3_uri):
     stop.set()
     assert bridge.run(stop) == {"events": 2, "drops": ["marked", "slow"], "handed_back": 1}
     assert queue_counts(url) == (1, 0), "handed back for the next bridge"
+
+
+def _record(bucket: str, key: object, event: str = "ObjectCreated:Put") -> dict:
+    return {"eventName": event, "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}
+
+
+def hostile_bodies(bucket: str, prefix: str) -> dict[str, str]:
+    """Queue messages the bridge cannot use, by what is wrong with them."""
+    good = _record(bucket, f"{prefix}drops/ok/a.png")
+    return {
+        "records not a list": json.dumps({"Records": "x"}),
+        "numeric key": json.dumps({"Records": [_record(bucket, 123)]}),
+        "record not an object": json.dumps({"Records": [7]}),
+        "SNS message an object": json.dumps({"Type": "Notification", "Message": {"Records": [good]}}),
+        "nested too deep": '{"Records": ' + "[" * 30000 + "]" * 30000 + "}",
+        "huge": json.dumps({"Records": [good] * 2000}),
+        "not JSON": "{nope",
+        "dot-dot drop": json.dumps({"Records": [_record(bucket, f"{prefix}drops/../x.png")]}),
+        "encoded dot-dot": json.dumps({"Records": [_record(bucket, f"{prefix}drops/%2E%2E/x.png")]}),
+        "dot drop": json.dumps({"Records": [_record(bucket, f"{prefix}drops/./x.png")]}),
+        "control character": json.dumps({"Records": [_record(bucket, f"{prefix}drops/a%0Ab/x.png")]}),
+        "another bucket": json.dumps({"Records": [_record("another-bucket", f"{prefix}drops/b/x.png")]}),
+    }  # fmt: skip
+
+
+def test_bridge_deletes_what_it_cannot_use_and_handles_the_rest(s3_endpoint, s3_uri, caplog):
+    """Hostile or malformed messages between two good ones: each is deleted with one log
+    line, both good drops get their events, nothing is left on the queue or held."""
+    import boto3
+
+    caplog.set_level(logging.INFO, logger="vggprice")
+    url = notified_queue(s3_endpoint, s3_uri)
+    store = open_store(s3_uri)
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    store.put_bytes("drops/first/img-0.png", _png())
+    bad = hostile_bodies(store.bucket, store.prefix)
+    for body in bad.values():
+        sqs.send_message(QueueUrl=url, MessageBody=body)
+    store.put_bytes("drops/second/img-0.png", _png())
+    clock, sent = Clock(), []
+    bridge = Bridge(SqsQueue(url, "us-east-1"), Lake(store), quiet_seconds=30, emit=sent.append,
+                    clock=clock, poll_seconds=1)  # fmt: skip
+    received = 0
+    while got := bridge.receive(1):
+        received += got
+    assert received == len(bad) + 3, "the test event, two good ones and every bad one"
+    clock.now += 31
+    assert bridge.flush() == ["first", "second"] and sent == ["first", "second"]
+    assert queue_counts(url) == (0, 0), "the bad messages deleted, the good ones once sent"
+    assert not bridge.held and not bridge.messages
+    deleted = [r.getMessage() for r in caplog.records if "deleted:" in r.getMessage()]
+    assert len(deleted) == len(bad), deleted
+    assert all(len(line) < 300 and "\n" not in line for line in deleted), deleted
+    for why in ("'..'", "'.'", "control characters", "another-bucket", "not JSON", "at most"):
+        assert sum(why in line for line in deleted) >= 1, (why, deleted)
+
+
+def test_a_message_that_cannot_be_held_is_logged_and_let_go(s3_endpoint, s3_uri, caplog):
+    """A hold that SQS refuses (here a receipt made invalid by deleting its message) is
+    logged; the bridge stops holding that message and still sends its drop's event."""
+    import boto3
+
+    caplog.set_level(logging.INFO, logger="vggprice")
+    url = notified_queue(s3_endpoint, s3_uri)
+    store = open_store(s3_uri)
+    for i in range(2):
+        store.put_bytes(f"drops/slow/img-{i}.png", _png(i))
+    clock, sent = Clock(), []
+    bridge = Bridge(SqsQueue(url, "us-east-1"), Lake(store), quiet_seconds=100, emit=sent.append,
+                    clock=clock, poll_seconds=1)  # fmt: skip
+    while bridge.receive(1):
+        pass
+    assert len(bridge.messages) == 2
+    gone, kept = sorted(bridge.messages)
+    boto3.client("sqs", region_name="us-east-1").delete_message(
+        QueueUrl=url, ReceiptHandle=bridge.messages[gone].receipt
+    )
+    clock.now += bridge.visibility / 2
+    bridge.keep_held()
+    lines = [r.getMessage() for r in caplog.records if "not held" in r.getMessage()]
+    assert len(lines) == 1 and gone in lines[0] and "ReceiptHandleIsInvalid" in lines[0], lines
+    assert set(bridge.messages) == {kept}, "the other message is still held"
+    clock.now += 100
+    assert bridge.flush() == ["slow"] and sent == ["slow"]
+    assert queue_counts(url) == (0, 0)
 
 
 def test_drop_event_names_drop_and_store_never_credentials(s3_endpoint):

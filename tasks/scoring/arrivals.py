@@ -29,7 +29,7 @@ from urllib.parse import unquote_plus
 
 from tasks.runtime import get_logger
 from tasks.store.lake import Lake
-from tasks.store.storage import S3Store, open_store
+from tasks.store.storage import S3Store, open_store, validate_key
 
 DROP_READY = "vggprice.drop.ready"
 RESOURCE_PREFIX = "vggprice.drop."
@@ -51,7 +51,7 @@ def drop_resource(store_uri: str, drop: str) -> dict[str, str]:
 def check_drop_id(drop: str) -> str:
     """A drop id: one name under the store's drops/ (ValueError otherwise)."""
     drop_id = drop.strip("/")
-    if not drop_id or "/" in drop_id or drop_id in (".", ".."):
+    if drop_name_problem(drop_id):
         raise ValueError(f"invalid drop id {drop!r}: use the drop's folder name under drops/")
     return drop_id
 
@@ -95,37 +95,84 @@ def notify_drop(store_uri: str, drop: str, line: str | None = None) -> dict:
 # --- S3 notifications on SQS -----------------------------------------------------------
 
 
+MAX_BODY = 64 * 1024  # an S3 notification names one object: a few kB
+
+
+class BadMessage(ValueError):
+    """A queue message the bridge cannot use: deleted with one log line saying why."""
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def drop_name_problem(drop: str) -> str | None:
+    """Why ``drop`` cannot be a drop's name (a store name, never a path), or None."""
+    if drop in ("", ".", ".."):
+        return f"drop {drop!r} is not a name"
+    if "/" in drop or "\\" in drop:
+        return f"drop {_shown(drop)} holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in drop):
+        return f"drop {_shown(drop)} holds control characters"
+    return None
+
+
+def _field(obj: object, name: str, kind: type, what: str) -> object:
+    value = obj.get(name) if isinstance(obj, dict) else None
+    if not isinstance(value, kind):
+        raise BadMessage(f"{what}.{name} is {_shown(value)}, not a {kind.__name__}")
+    return value
+
+
 def s3_objects(body: str) -> Iterator[tuple[str, str]]:
     """(bucket, key) of each ObjectCreated record in an S3 notification message (S3's
     event JSON, also inside an SNS envelope), keys URL-decoded. Test events and other
-    records give nothing; a body that is not JSON gives nothing."""
+    records give nothing; BadMessage for a body that is not such JSON (not JSON, too
+    large or deep, a field of the wrong type)."""
+    if not isinstance(body, str) or len(body) > MAX_BODY:
+        raise BadMessage(f"body of {len(body or '')} characters (at most {MAX_BODY})")
     try:
         message = json.loads(body)
-    except ValueError:
-        return
+    except (ValueError, RecursionError):
+        raise BadMessage("body is not JSON (or nested too deep)") from None
     if isinstance(message, dict) and message.get("Type") == "Notification":  # via SNS
-        yield from s3_objects(message.get("Message", ""))
+        yield from s3_objects(_field(message, "Message", str, "SNS"))
         return
-    records = message.get("Records") if isinstance(message, dict) else None
-    for record in records or []:
-        if not str(record.get("eventName", "")).startswith("ObjectCreated:"):
+    if not isinstance(message, dict):
+        raise BadMessage(f"body is a JSON {type(message).__name__}, not an object")
+    if "Records" not in message:  # S3's test event, or another service's message
+        return
+    for record in _field(message, "Records", list, "body"):
+        event = _field(record, "eventName", str, "record")
+        if not event.startswith("ObjectCreated:"):
             continue
-        s3 = record.get("s3") or {}
-        bucket, key = (s3.get("bucket") or {}).get("name"), (s3.get("object") or {}).get("key")
-        if bucket and key:
-            yield bucket, unquote_plus(key)
+        s3 = _field(record, "s3", dict, "record")
+        bucket = _field(_field(s3, "bucket", dict, "s3"), "name", str, "bucket")
+        key = _field(_field(s3, "object", dict, "s3"), "key", str, "object")
+        yield bucket, unquote_plus(key)
 
 
 def drops_in_message(lake: Lake, body: str) -> dict[str, bool]:
     """The drops of this store that a notification message names: drop -> whether the
-    message holds the drop's ready marker."""
+    message holds the drop's ready marker. BadMessage for a message that cannot be used:
+    malformed, about another bucket, or a key no drop can have (``drops/../x``)."""
     store = lake.store
     found: dict[str, bool] = {}
     for bucket, key in s3_objects(body):
+        if bucket != store.bucket:
+            raise BadMessage(f"names an object of bucket {_shown(bucket)}, not {store.bucket}")
         relative = store.key_in_store(bucket, key)
         hit = lake.drop_of_key(relative) if relative else None
-        if hit:
-            found[hit[0]] = found.get(hit[0], False) or hit[1]
+        if not hit:
+            continue
+        if problem := drop_name_problem(hit[0]):
+            raise BadMessage(problem)
+        try:
+            validate_key(relative)
+        except ValueError:
+            raise BadMessage(f"key {_shown(key)} is no key of the store") from None
+        found[hit[0]] = found.get(hit[0], False) or hit[1]
     return found
 
 
@@ -165,12 +212,19 @@ class SqsQueue:
             if failed:  # the message comes back and its drop is notified again: harmless
                 get_logger().warning("SQS kept %d messages: %s", len(failed), failed[0])
 
-    def hold(self, receipts: list[str], visibility: int) -> None:
-        """Keep messages invisible for ``visibility`` more seconds (0: hand them back)."""
+    def hold(self, receipts: list[str], visibility: int) -> list[tuple[str, str]]:
+        """Keep messages invisible for ``visibility`` more seconds (0: hand them back).
+        Returns (receipt, why) of each message SQS did not hold (a receipt no longer valid,
+        or past SQS's 12 hours of invisibility)."""
+        failed = []
         for i in range(0, len(receipts), 10):
+            part = receipts[i : i + 10]
             batch = [{"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": visibility}
-                     for n, r in enumerate(receipts[i : i + 10])]  # fmt: skip
-            self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=batch)
+                     for n, r in enumerate(part)]  # fmt: skip
+            out = self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=batch)
+            failed += [(part[int(f["Id"])], f"{f.get('Code')}: {f.get('Message', '')}")
+                       for f in out.get("Failed", [])]  # fmt: skip
+        return failed
 
 
 def queue_region(url: str, default: str) -> str:
@@ -232,11 +286,19 @@ class Bridge:
 
     def receive(self, wait_seconds: int) -> int:
         """One receive; the messages' drops marked seen now. Messages that name no drop of
-        this store (test events, other prefixes or buckets) are deleted at once."""
+        this store (test events, other prefixes) are deleted at once, and so are those
+        that cannot be used (malformed, another bucket, an impossible drop), with one log
+        line each; every message is handled on its own."""
         got = self.queue.receive(wait_seconds, self.visibility)
         now, unrelated = self.clock(), []
         for m in got:
-            drops = drops_in_message(self.lake, m.get("Body", ""))
+            try:
+                drops = drops_in_message(self.lake, m.get("Body", ""))
+            except Exception as err:  # BadMessage, or anything else this body provokes
+                get_logger().warning("bridge: message %s deleted: %s", m.get("MessageId"),
+                                     str(err).splitlines()[0] if str(err) else type(err).__name__)  # fmt: skip
+                unrelated.append(m["ReceiptHandle"])
+                continue
             known = self.messages.get(m["MessageId"])
             if known:  # delivered again (SQS is at least once): its newest receipt counts
                 known.receipt, known.held_since = m["ReceiptHandle"], now
@@ -289,12 +351,22 @@ class Bridge:
         return done
 
     def keep_held(self) -> None:
-        """Renew the invisibility of messages held for half their timeout."""
+        """Renew the invisibility of messages held for half their timeout. A message SQS
+        will not hold further is let go: it comes back when its timeout ends (counted
+        towards the dead-letter queue), and its drop's event is still sent."""
         now = self.clock()
         old = [m for m in self.messages.values() if now - m.held_since >= self.visibility / 2]
-        if old:
-            self.queue.hold([m.receipt for m in old], self.visibility)
-            for m in old:
+        if not old:
+            return
+        failed = dict(self.queue.hold([m.receipt for m in old], self.visibility))
+        for mid, m in list(self.messages.items()):
+            if m.receipt in failed:
+                get_logger().warning("bridge: message %s not held (%s); it returns to the "
+                                     "queue", mid, failed[m.receipt])  # fmt: skip
+                del self.messages[mid]
+                for drop in m.drops:
+                    self.held[drop].messages.discard(mid)
+            elif now - m.held_since >= self.visibility / 2:
                 m.held_since = now
 
     def wait_for_next(self) -> int:
@@ -323,7 +395,8 @@ class Bridge:
                 log.warning("bridge: %s", str(err).splitlines()[0] if str(err) else err)
                 stop.wait(5)
         if self.messages:
-            self.queue.hold([m.receipt for m in self.messages.values()], 0)
+            for _, why in self.queue.hold([m.receipt for m in self.messages.values()], 0):
+                log.warning("bridge: a message not handed back (%s)", why)
         return {"events": len(self.emitted), "drops": sorted(set(self.emitted)),
                 "handed_back": len(self.messages)}  # fmt: skip
 
