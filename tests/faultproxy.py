@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 FAULTS = ("503", "500", "reset", "lost")
+DENIED = "403"  # only by fail_next: answer 403 AccessDenied, as an IAM policy refuses
 # Per-connection headers (RFC 9110 7.6.1) are not forwarded, and neither are the ones this proxy
 # sets itself; "expect": the 100 Continue exchange already happened with our client.
 HOP = {
@@ -36,6 +37,8 @@ class FaultProxy:
       "reset"  close the connection without an answer (RST); NOT forwarded
       "lost"   forward it (the upstream APPLIES it), then close the connection without
                an answer: a client retry repeats a write that already happened
+      "403"    (DENIED; only queued with `fail_next`) answer 403 AccessDenied, as an IAM
+               policy refuses; NOT forwarded
 
     Each eligible request gets a fault with probability `rate`, drawn uniformly from
     `faults` by a `random.Random(seed)`; faults queued with `fail_next` come first.
@@ -84,7 +87,7 @@ class FaultProxy:
 
     def fail_next(self, fault: str, match: Match | None = None, count: int = 1) -> None:
         """Give `fault` to the next `count` eligible requests for which `match` is true."""
-        if fault not in FAULTS:
+        if fault not in (*FAULTS, DENIED):
             raise ValueError(f"unknown fault: {fault!r}")
         with self._lock:
             self._queue.append([fault, match, count])
@@ -111,7 +114,7 @@ class FaultProxy:
             if fault is None and self._rng.random() < self.rate and self.faults:
                 fault = self._rng.choice(self.faults)
             if fault is not None:
-                self.stats[fault] += 1
+                self.stats[fault] = self.stats.get(fault, 0) + 1
             return fault
 
     def _count(self, key: str) -> None:
@@ -170,6 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(503, "SlowDown", "Please reduce your request rate.")
         if fault == "500":
             return self._error(500, "InternalError", "We encountered an internal error.")
+        if fault == DENIED:
+            return self._error(403, "AccessDenied", "Access Denied")
         if fault == "reset":
             return self._drop_connection()
         up = proxy.upstream

@@ -467,9 +467,11 @@ class S3Store(Store):
         return self.prefix + validate_key(key)
 
     def check(self, existing: bool = False) -> None:
-        """One HEAD of the bucket, without retries and with short timeouts: missing
-        credentials, an unreachable endpoint, a missing bucket or a refusal do not heal
-        by waiting, so they fail at once with one line that says what to do."""
+        """One listing of at most one key under the store's prefix (ListObjectsV2: the
+        s3:ListBucket right that an IAM policy may limit to the prefix, which HeadBucket
+        cannot use), without retries and with short timeouts: missing credentials, an
+        unreachable endpoint, a missing bucket or a refusal do not heal by waiting, so
+        they fail at once with one line that says what to do."""
         import boto3
         from botocore.config import Config
         from botocore.exceptions import (
@@ -489,7 +491,7 @@ class S3Store(Store):
         )
         where = self.endpoint_url or "AWS S3"
         try:
-            quick.head_bucket(Bucket=self.bucket)
+            quick.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except (NoCredentialsError, PartialCredentialsError):
             raise StoreUnavailable(
                 f"{self.uri}: no AWS credentials — set AWS_ACCESS_KEY_ID and "
@@ -504,8 +506,12 @@ class S3Store(Store):
             code = str(err.response.get("Error", {}).get("Code"))
             if code in ("404", "NoSuchBucket", "NotFound"):
                 why = f"bucket {self.bucket!r} does not exist at {where} — create it or fix --store"
-            elif code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                why = "access denied — check the credentials and their rights on the bucket"
+            elif code in ("403", "AccessDenied"):
+                why = (f"access denied — the credentials lack access to the prefix "
+                       f"{self.prefix or '(the whole bucket)'!r}: allow s3:ListBucket on it "
+                       "and s3:GetObject/PutObject/DeleteObject under it")  # fmt: skip
+            elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                why = f"the credentials were refused ({code}) — check them"
             else:
                 why = f"{where} answered {code}"
             raise StoreUnavailable(f"{self.uri}: {why}") from None
