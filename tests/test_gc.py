@@ -125,6 +125,9 @@ def test_gc_local_removes_old_orphans_keeps_young_and_published(tmp_path):
     fd, crashed = tempfile.mkstemp(dir=old["model"].uri(), prefix=TMP_PREFIX)
     os.write(fd, b"T" * 70)
     os.close(fd)
+    users = Path(lake.drop("d1").uri()) / f"{TMP_PREFIX}the-users-own"  # in a drop: kept
+    users.parent.mkdir(parents=True)
+    users.write_bytes(b"U")
     cache = tmp_path / "cache"
     dead = float_cache_dir(cache) / ("a" * 24 + ".0123abcd")
     done = float_cache_dir(cache) / ("b" * 24)
@@ -136,7 +139,8 @@ def test_gc_local_removes_old_orphans_keeps_young_and_published(tmp_path):
     young = make_state(lake, "young", tmp_path)
     temps = [o.key for o in store.temp_files()]
     assert any(".tmp-lock-" in k for k in temps) and len(temps) >= 2, temps
-    old_temps = [o for o in store.temp_files() if o.mtime < time.time() - 7 * 86400]
+    old_temps = [o for o in store.temp_files()
+                 if o.mtime < time.time() - 7 * 86400 and "the-users-own" not in o.key]  # fmt: skip
     sizes = {o.key: o.size for o in store.list()}
     before = sorted(sizes)
 
@@ -156,6 +160,7 @@ def test_gc_local_removes_old_orphans_keeps_young_and_published(tmp_path):
     assert kinds["temp-file"]["count"] == len(old_temps)
     assert kinds["temp-file"]["bytes"] == sum(o.size for o in old_temps) >= 70
     assert not Path(crashed).exists() and not any(o in store.temp_files() for o in old_temps)
+    assert users.read_bytes() == b"U"
     assert kinds["float-conversion"] == {"count": 1, "bytes": 80}
     assert not dead.exists() and (done / "model.bin").exists()
     assert report.as_dict()["bytes_freed"] == sum(k["bytes"] for k in kinds.values())

@@ -13,15 +13,17 @@ The kinds, and why each is an orphan:
   another attempt (a scorer that died between them and its losing part);
 - ``claim``: a work claim (scoring, feature extraction) left unchanged for longer than
   the lifetime it states (``ledger.claim_lapsed``): its holder has stopped;
-- ``temp-file``: a local store's hidden temp and lock files (``storage.temp_files``);
+- ``temp-file``: a local store's hidden temp and lock files (``storage.temp_files``),
+  outside the drops;
 - ``float-conversion``: a converted OpenVINO float model that died before its rename,
   in this machine's cache directory (``engines.unfinished_conversions``).
 
 Never touched: a model's published attempt and its ``lineage.json``, a published int8
 attempt and its ``gate.json``, champions and decisions, datasets, labels, features, a
 model without ``lineage.json`` (it may still be training), the checkpoints of such a
-model, parts, plans and manifests, side files of a shard without a part, and a claim
-that is not past its lifetime. When in doubt, kept.
+model, an engine without ``gate.json``, parts, plans and manifests, side files of a shard
+without a part, a claim that is not past its lifetime (nor one rewritten since it was
+judged), and anything in a drop. When in doubt, kept.
 
 Age is the newest stored mtime of what would go (S3: ``LastModified``) against this
 machine's clock minus ``CLOCK_SKEW``: a clock behind the store's only keeps more, and
@@ -130,7 +132,7 @@ def _candidates(lake: Lake, cutoff: float, now_s: float, cache_dir: Path | None)
                 yield from _group(lake, "training-attempt", where, objects, cutoff)
         engine = model.engine()
         gate = engine.gate()
-        for attempt in engine.attempts() if gate else []:
+        for attempt in engine.attempts() if gate and gate.get("attempt") else []:
             if attempt != gate.get("attempt"):
                 prefix = engine.attempt_prefix(attempt)
                 yield from _group(lake, "int8-attempt", store.uri_for(prefix.rstrip("/")),
@@ -146,8 +148,8 @@ def _candidates(lake: Lake, cutoff: float, now_s: float, cache_dir: Path | None)
     for holder in lake.claim_holders():
         for name, o in holder.claim_objects().items():
             yield from _lapsed_claim(holder, name, o, cutoff, now_s)
-    for o in store.temp_files():
-        if o.mtime < cutoff:
+    for o in store.temp_files():  # (a drop's hidden files are the user's)
+        if o.mtime < cutoff and not o.key.startswith(lake.drops_prefix()):
             yield Orphan("temp-file", store.uri_for(o.key), o.size,
                          lambda key=o.key: store.remove_temp(key))  # fmt: skip
     for folder in unfinished_conversions(cache_dir):
