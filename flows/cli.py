@@ -476,6 +476,13 @@ def _cmd_prices(args: argparse.Namespace) -> dict:
     return result
 
 
+def _cmd_gc(args: argparse.Namespace) -> dict:
+    from tasks.governance.gc import collect_garbage, parse_age
+
+    age = parse_age(args.older_than)  # a bad age is named before the store is read
+    return collect_garbage(_lake(args, existing=True), age, args.dry_run).as_dict()
+
+
 def _number(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1 else f"{value:,.2f}"
 
@@ -711,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4200, help="port (default 4200)")
     p.set_defaults(func=_cmd_ui, json=False, debug=False)
+
+    p = sub.add_parser("gc", parents=[common], help="remove orphans: losing attempts, "
+                       "stale checkpoints, lapsed claims, temp files")  # fmt: skip
+    p.add_argument("--older-than", default="7d", metavar="AGE",
+                   help="only what is older than this: 30m, 12h, 7d (default 7d)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("champion", parents=[common], help="print the model in service")
     p.add_argument("--line", help=LINE_HELP)

@@ -184,6 +184,18 @@ def ov_predict(compiled, pixels: np.ndarray, batch_size: int = 256) -> np.ndarra
     return out[:n]
 
 
+def float_cache_dir(cache_dir: Path | None = None) -> Path:
+    """Where this machine keeps converted float models, a folder each (under
+    ``cache_dir``, default the settings'). A ``<folder>.<hex>`` beside them is a
+    conversion that died before its rename (``unfinished_conversions``)."""
+    return (cache_dir or load_settings().cache_dir) / "engines" / "openvino-float"
+
+
+def unfinished_conversions(cache_dir: Path | None = None) -> list[Path]:
+    folder = float_cache_dir(cache_dir)
+    return sorted(p for p in folder.glob("*.*") if p.is_dir() and not p.is_symlink())
+
+
 def openvino_float(model: Model):
     """(OpenVINO float model, config) from the stored model.keras, converted once per
     machine: kept under the cache directory by the content hash of model.keras and the
@@ -193,7 +205,7 @@ def openvino_float(model: Model):
     keras_file = cached_model_file(model)
     sha = model.lineage().get("model_sha256") or sha256_file(keras_file)
     where = hashlib.sha256(f"{sha}/{ov.__version__}".encode()).hexdigest()[:24]
-    local = load_settings().cache_dir / "engines" / "openvino-float" / where
+    local = float_cache_dir() / where
     xml = local / model.engine().XML
     if not (xml.is_file() and xml.with_suffix(Path(model.engine().BIN).suffix).is_file()):
         converted = convert(load_stored_model(model))

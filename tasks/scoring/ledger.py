@@ -187,6 +187,14 @@ def take_claim(
     return claim_id if found and found[0]["claim"] == claim_id else None
 
 
+def claim_lapsed(claim: dict, unchanged_seconds: float) -> bool:
+    """Whether a claim left unchanged this long is past the lifetime its holder wrote
+    into it: the holder has stopped working on it (``Lease``) and any worker may take it
+    over (``take_claim``). A claim without a lifetime it states is never lapsed."""
+    seconds = claim.get("seconds") if isinstance(claim, dict) else None
+    return isinstance(seconds, int | float) and unchanged_seconds >= max(float(seconds), 0.0)
+
+
 def renew_claim(run: ScoreRun, name: str, claim_id: str, seconds: float) -> bool:
     """Write the claim again (a new version token), if it is still ours."""
     found = run.read_claim(name)

@@ -334,6 +334,11 @@ class Claims:
     def drop_claim(self, name: str) -> None:
         self.store.delete(self.key(self._claim(name)))
 
+    def claim_objects(self) -> dict[str, ObjectInfo]:
+        """claim name -> its object (size, when it was last written)."""
+        return {o.key[len(self.key("_claims/")) : -len(".json")]: o
+                for o in self.store.list(self.key("_claims/"))}  # fmt: skip
+
     def claims(self) -> dict[str, dict]:
         """The claims held now; one released between the listing and its read is left
         out (other workers take and release claims all the time)."""
@@ -725,8 +730,12 @@ class EngineFiles(Entry):
         """Replace gate.json as given (an operator's verdict, or a test's)."""
         self.put_json(self.MARKER, gate)
 
+    def attempt_prefix(self, attempt: str) -> str:
+        """Where one attempt's files are (relative to the store)."""
+        return f"{self.prefix}attempts/{attempt}/"
+
     def _file(self, attempt: str, name: str) -> str:
-        return f"{self.prefix}attempts/{attempt}/{name}"
+        return self.attempt_prefix(attempt) + name
 
 
 @dataclass(frozen=True)
@@ -1027,6 +1036,20 @@ class ScoreRun(Claims, Entry):
                 continue
         return found
 
+    def losing_side_files(self) -> list[str]:
+        """Side files (rejections, facts) of attempts whose shard's part names another
+        attempt: left by a scorer that died after writing them and before its part lost.
+        A shard without a part keeps all of its attempts' files."""
+        done, winners, found = self.done_shards(), {}, []
+        for name in self.names("_rejected/") + self.names("_shards/"):
+            shard, _, rest = name.split("/", 1)[1].partition("/")
+            if rest and shard in done:
+                if shard not in winners:
+                    winners[shard] = self.attempt(shard)
+                if rest.rsplit(".", 1)[0] != winners[shard]:
+                    found.append(name)
+        return found
+
     def write_rejected(self, table: pa.Table) -> None:
         self.put_bytes("rejected.parquet", parquet_bytes(table))
 
@@ -1105,6 +1128,14 @@ class Lake:
 
     def score_run(self, drop_id: str, model_version: str) -> ScoreRun:
         return ScoreRun(self.store, f"scores/{drop_id}/{model_version}/", drop_id, model_version)
+
+    def score_runs(self) -> list[ScoreRun]:
+        return [self.score_run(d, m) for d in self._children("scores/")
+                for m in self._children(f"scores/{d}/")]  # fmt: skip
+
+    def claim_holders(self) -> list[Claims]:
+        """Every entry whose workers share work by claims: score runs, feature caches."""
+        return [*self.score_runs(), *map(self.shard_features, self._children("features/"))]
 
     def drop(self, drop_id: str) -> DropSource:
         return DropSource(self.store, f"{self.DROPS}{drop_id}/", drop_id)

@@ -19,6 +19,7 @@ is a new version. S3 requests have connect and read timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -97,6 +98,7 @@ class ObjectInfo:
     size: int
     etag: str
     irregular: str = ""  # local only: why this entry is not a file to read ("" for objects)
+    mtime: float = 0.0  # when it was last written (seconds since the epoch): S3's LastModified
 
 
 def _irregular(st: os.stat_result, linked: bool) -> str:
@@ -201,6 +203,13 @@ class Store(ABC):
             n += 1
         return n
 
+    def temp_files(self) -> Iterator[ObjectInfo]:
+        """Hidden files that writes leave behind (LocalStore); S3 writes leave none."""
+        return iter(())
+
+    def remove_temp(self, key: str) -> bool:
+        raise NotImplementedError(f"{self.uri}: holds no temp files")
+
     def check(self, existing: bool = False) -> None:  # noqa: B027 - see LocalStore
         """Fail fast, with one line saying what to do, when the store cannot be used
         (``existing``: for a command that only reads, also when it holds nothing yet)."""
@@ -280,8 +289,7 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         # One writer at a time per key: an exclusive lock on a hidden sibling file
         # (hidden like temp files, so listings never show it).
-        with open(path.parent / f"{TMP_PREFIX}lock-{path.name}", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _locked(path.parent / f"{TMP_PREFIX}lock-{path.name}"):
             try:
                 current = self.sha256(key)
             except ObjectNotFound:
@@ -290,6 +298,38 @@ class LocalStore(Store):
                 return False
             self.put_bytes(key, data)
             return True
+
+    def temp_files(self) -> Iterator[ObjectInfo]:
+        """The hidden files the store's own writes leave behind when a process dies: temp
+        files (renamed into place once whole) and lock files (``put_if_match``); their
+        keys, relative to the root, are only for ``remove_temp``."""
+        for folder, _, files in os.walk(self.root):
+            for name in sorted(n for n in files if n.startswith(TMP_PREFIX)):
+                path = Path(folder) / name
+                try:
+                    st = path.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    key = path.relative_to(self.root).as_posix()
+                    yield ObjectInfo(key, st.st_size, local_etag(st), mtime=st.st_mtime)
+
+    def remove_temp(self, key: str) -> bool:
+        """Remove a hidden file of ``temp_files``; a lock file only while no writer holds
+        it (``_locked`` then opens a new one). False when it was kept."""
+        path = self._path(key)
+        if not path.name.startswith(TMP_PREFIX):
+            raise ValueError(f"{path}: not a temp file of the store")
+        if not path.name.startswith(f"{TMP_PREFIX}lock-"):
+            path.unlink(missing_ok=True)
+            return True
+        try:
+            with open(path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)  # while locked: a waiter sees it gone, reopens
+                return True
+        except (BlockingIOError, FileNotFoundError):
+            return False
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         target = self._path(key)
@@ -409,7 +449,7 @@ class LocalStore(Store):
                 key, 0, f"link-{st.st_ino:x}-{st.st_ctime_ns:x}", _irregular(st, True)
             )
         if stat.S_ISREG(st.st_mode):
-            return ObjectInfo(key, st.st_size, local_etag(st))
+            return ObjectInfo(key, st.st_size, local_etag(st), mtime=st.st_mtime)
         kind = _irregular(st, linked)
         return ObjectInfo(key, 0, f"special-{st.st_ino:x}-{st.st_ctime_ns:x}", kind)
 
@@ -418,6 +458,23 @@ class LocalStore(Store):
 
     def uri_for(self, key: str) -> str:
         return str(self._path(key))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created when missing). Locked again when the file
+    was removed (``remove_temp``) or replaced while waiting: the lock held is always on
+    the file that is at ``path``."""
+    while True:
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield
+                return
 
 
 # --- S3 -------------------------------------------------------------------------
@@ -619,7 +676,8 @@ class S3Store(Store):
         for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) :]
-                yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'))
+                yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'),
+                                 mtime=obj["LastModified"].timestamp())  # fmt: skip
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
