@@ -46,6 +46,21 @@ def test_a_scoring_command_prints_no_start_up_noise(tiny_lake, tmp_path):
     assert "`vggprice ui` keeps one running" in note
 
 
+@pytest.mark.skipif(has_gpu_device(), reason="the CUDA lines are kept where a GPU exists")
+@pytest.mark.parametrize("level", ["2", "0"])
+def test_no_cuda_probe_line_whatever_tf_cpp_min_log_level_the_user_set(level, tmp_path):
+    """`vggprice`'s process set-up, then TensorFlow imported (through Keras) and used, with
+    the user's TF_CPP_MIN_LOG_LEVEL: its failed CUDA probe (an ERROR line) stays out."""
+    code = ("from flows.cli import _quiet_environment; _quiet_environment(); import keras; "
+            "import tensorflow as tf; print(float(tf.constant(1.0) + 1))")  # fmt: skip
+    env = cli_env(str(tmp_path)) | {"TF_CPP_MIN_LOG_LEVEL": level}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.split() == ["2.0"], done.stderr[-3000:]
+    noise = [line for line in done.stderr.splitlines() if "cuInit" in line or "E0000" in line]
+    assert noise == [], noise
+
+
 def test_ui_serves_every_command_of_its_home_and_stops_on_ctrl_c(tmp_path):
     home = prefect_home(tmp_path / "ph")
     env = cli_env(home)
