@@ -141,17 +141,19 @@ def _train_settings(args: argparse.Namespace, catalog: bool = False):
 
 
 def _mlflow(args: argparse.Namespace) -> str | None:
-    """The tracking URI of ``--mlflow`` (or VGGPRICE_MLFLOW_TRACKING_URI); mlflow is
-    imported only when one is set, and must be installed then."""
+    """The tracking URI of ``--mlflow`` (or VGGPRICE_MLFLOW_TRACKING_URI), its
+    credentials moved into this process's environment (never a flow parameter); mlflow
+    is imported only when one is set, and must be installed then."""
     import importlib.util
 
+    from tasks.governance.tracking import credentials_to_environment
     from tasks.settings import load_settings
 
     uri = load_settings(mlflow_tracking_uri=args.mlflow).mlflow_tracking_uri
     if uri and importlib.util.find_spec("mlflow") is None:
         raise ValueError("MLflow tracking is on (--mlflow or VGGPRICE_MLFLOW_TRACKING_URI) but "
                          "mlflow is not installed — pip install 'vggprice[mlflow]'")  # fmt: skip
-    return uri or None
+    return credentials_to_environment(uri) or None
 
 
 def _cmd_run(args: argparse.Namespace) -> dict:

@@ -21,6 +21,7 @@ from flows.label import label_flow
 from flows.train import Extraction, train_flow
 from tasks.data.prices import PriceRule
 from tasks.governance.registry import MARGIN
+from tasks.governance.tracking import credentials_to_environment
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import resolved, version_for, warm_resolved
 from tasks.runtime import get_logger
@@ -110,8 +111,9 @@ def train_evaluate_promote(
     """The stages after the data: train (here, or on ``train_pool``; ``extraction``: who
     else extracts a catalog's frozen features, flows/train.py), evaluate, promote
     (``force``: past the gate, recorded as forced); each brings MLflow up to date when
-    ``mlflow_tracking_uri`` is set."""
-    uri = mlflow_tracking_uri
+    ``mlflow_tracking_uri`` is set (its credentials, if any, in the environment: never a
+    parameter of the runs started here)."""
+    uri = credentials_to_environment(mlflow_tracking_uri)
     if train_pool:
         trained = train_on_pool(train_pool, dataset_version, labels_version, store, settings, uri,
                                 extraction)  # fmt: skip

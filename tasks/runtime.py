@@ -128,10 +128,12 @@ def seeded(seed: int) -> Iterator[None]:
 
 # What TensorFlow's native code prints while it loads on a machine without NVIDIA
 # devices: written to file descriptor 2 before any Python logging exists (so
-# TF_CPP_MIN_LOG_LEVEL does not reach the first two), and nothing a user can act on.
+# TF_CPP_MIN_LOG_LEVEL does not reach the first two), and nothing a user can act on; and
+# its failed CUDA probe (an ERROR line, so a user's TF_CPP_MIN_LOG_LEVEL=2 shows it).
 NATIVE_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|cudart_stub\.cc|Could not find cuda drivers"
     r"|cpu_feature_guard\.cc|To enable the following instructions|oneDNN custom operations"
+    r"|failed call to cuInit"
 )
 
 
@@ -180,6 +182,8 @@ class _QuietFirstImport(importlib.abc.MetaPathFinder):
         def exec_module(module) -> None:
             with native_stderr_filtered():
                 run(module)
+                # The CUDA probe runs with the first devices listed: here, filtered too.
+                module.config.list_physical_devices()
 
         spec.loader.exec_module = exec_module  # this loader instance only
         return spec
@@ -188,7 +192,7 @@ class _QuietFirstImport(importlib.abc.MetaPathFinder):
 def quiet_tensorflow_start() -> None:
     """On a machine without NVIDIA devices, TensorFlow's start-up lines (its CUDA probe,
     CPU flags) are left out when it is first imported, however it is imported (Keras
-    imports it); any other line printed meanwhile is kept. A no-op once TensorFlow is
+    imports it), whatever TF_CPP_MIN_LOG_LEVEL is; any other line printed meanwhile is kept. A no-op once TensorFlow is
     loaded, or where a GPU device exists."""
     if "tensorflow" in sys.modules or has_gpu_device():
         return

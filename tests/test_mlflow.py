@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -179,8 +181,17 @@ def test_mlflow_follows_the_lake_through_a_server_outage(
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 3
 
 
-def test_uris_lose_their_credentials():
-    from tasks.governance.tracking import run_url, safe_uri
+def test_uris_lose_their_credentials(monkeypatch):
+    from tasks.governance.tracking import credentials_to_environment, run_url, safe_uri
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    assert credentials_to_environment("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert "MLFLOW_TRACKING_USERNAME" not in os.environ
+    uri = credentials_to_environment("https://me%40shop:p%3As@mlflow.example:8443/base")
+    assert uri == "https://mlflow.example:8443/base"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "me@shop"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p:s"
 
     assert safe_uri("https://me:s3cret@mlflow.example:8443/base?token=x") == (
         "https://mlflow.example:8443/base"
@@ -188,6 +199,48 @@ def test_uris_lose_their_credentials():
     assert safe_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert run_url("https://me:s3cret@host/", "1", "abc") == "https://host/#/experiments/1/runs/abc"
     assert run_url("sqlite:///mlflow.db", "1", "abc") is None
+
+
+def test_a_password_in_the_uri_reaches_the_run_environment_not_its_parameters(
+    tiny_lake, tmp_path, prefect_server, monkeypatch
+):
+    """`--mlflow http://user:password@host`: Prefect stores (and shows) the run's
+    parameters, so the URI there has no credentials; they are in the run's environment,
+    where MLflow's client reads them. Nothing the run logged has the password either."""
+    from prefect import get_client, tags
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterTags,
+        LogFilter,
+        LogFilterFlowRunId,
+    )  # fmt: skip
+
+    from flows.cli import main
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # and put back as they were after
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    port = free_port()  # no MLflow answers there: tracking logs one warning
+    tag = f"credentials-{port}"
+    with tags(tag):
+        assert main(["promote", tiny_lake.model_version, "--force", "--store", lake.uri,
+                     "--mlflow", f"http://alice:s3cret-pw@127.0.0.1:{port}"]) == 0  # fmt: skip
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+        assert "s3cret" not in json.dumps(run.parameters, default=str)
+        assert run.parameters["mlflow_tracking_uri"] == f"http://127.0.0.1:{port}"
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret-pw"
+        for _ in range(30):  # the run's last logs may reach the server just after it ends
+            messages = [lg.message for lg in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]  # fmt: skip
+            if any(f"MLflow at http://127.0.0.1:{port}" in m for m in messages):
+                break
+            time.sleep(1)
+    assert any(f"MLflow at http://127.0.0.1:{port}" in m for m in messages), messages
+    assert [m for m in messages if "s3cret" in m] == []
 
 
 def test_tracking_off_never_imports_mlflow(tiny_lake, tmp_path):

@@ -6,20 +6,23 @@ do, ``--help``, tables of metrics, the drop report)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from flows.cli import _human, build_parser, main
 from tasks.reports import drop_markdown, plots_markdown
 from tasks.scoring.ledger import ScoreOptions, pending, plan_work
-from tasks.scoring.prices import current_prices, write_prices
+from tasks.scoring.prices import Prices, current_prices, write_prices
 from tasks.scoring.runner import locate_drop, score_drop
-from tasks.scoring.shard import score_shard
+from tasks.scoring.shard import PRICED_SCHEMA, REJECTED_SCHEMA, score_shard
 from tests.conftest import TinyLake, copy_lake
 from tests.test_scoring import _save, bad_files, garment, put_drop
 
@@ -94,6 +97,49 @@ def test_prices_files_read_back_and_bad_out(local_store, tmp_path):
         write_prices(prices, tmp_path / "prices.txt")
     with pytest.raises(ValueError, match="no directory .*nowhere"):
         write_prices(prices, tmp_path / "nowhere" / "prices.csv")
+
+
+def _priced(keys: list[str], prices: list[float]) -> Prices:
+    """A drop's prices as ``current_prices`` returns them, for these keys."""
+    now = datetime.datetime.now(datetime.UTC)
+    n = len(keys)
+    priced = pa.table({"key": keys, "object": keys, "price": prices, "model_version": ["m"] * n,
+                       "scored_at": [now] * n, "engine": ["keras"] * n,
+                       "precision": ["float32"] * n}, schema=PRICED_SCHEMA)  # fmt: skip
+    rejected = pa.table({"key": ["-bad.png"], "object": ["-bad.png"], "reason": ["empty file"],
+                         "model_version": ["m"], "scored_at": [now]}, schema=REJECTED_SCHEMA)  # fmt: skip
+    return Prices("d", "m", "file:///lake/scores", True, priced, rejected, 0)
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_escaped_and_numbers_stay_numbers(tmp_path):
+    keys = ['=HYPERLINK("http://x","y")', "@SUM(1)", "+1", "\tx", "plain.png", "a=b.png"]
+    written = write_prices(_priced(keys, [1.5, -2.25, 3.0, 4.0, 5.0, 6.0]), tmp_path / "p.csv")
+    table = pd.read_csv(written["prices"], keep_default_na=False)
+    assert list(table["key"]) == ["'" + k for k in keys[:4]] + keys[4:]
+    assert list(table["object"]) == list(table["key"])
+    assert list(table["price"]) == [1.5, -2.25, 3.0, 4.0, 5.0, 6.0], "numbers stay numbers"
+    assert list(pd.read_csv(written["rejected"])["key"]) == ["'-bad.png"]
+    parquet = pd.read_parquet(
+        write_prices(_priced(keys, [1.0] * 6), tmp_path / "p.parquet")["prices"]
+    )
+    assert list(parquet["key"]) == keys, "Parquet holds the keys as they are"
+
+
+def test_a_failed_export_leaves_the_previous_file_whole(tmp_path):
+    keys = ["a.png", "b.png"]
+    for suffix in (".csv", ".parquet"):
+        out = tmp_path / f"p{suffix}"
+        write_prices(_priced(keys, [1.0, 2.0]), out)
+        before = out.read_bytes()
+        good = _priced(keys, [3.0, 4.0])
+        # A column neither writer takes (the CSV writer has opened the file by then).
+        broken = good.prices.append_column("bad", pa.array([{}, {}], pa.struct([])))
+        with pytest.raises((pa.ArrowInvalid, pa.ArrowNotImplementedError)):
+            write_prices(dataclasses.replace(good, prices=broken), out)
+        assert out.read_bytes() == before, f"{out.name}: the previous export is intact"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p-rejected.csv", "p-rejected.parquet",
+                                                          "p.csv", "p.parquet"]  # fmt: skip
 
 
 def test_prices_command(local_store, tmp_path, capsys):

@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tasks.runtime import get_logger
 from tasks.store.lake import Lake, Model, line_of
@@ -53,6 +53,22 @@ def safe_uri(uri: str) -> str:
         return uri
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def credentials_to_environment(uri: str | None) -> str | None:
+    """The tracking URI fit for a flow parameter (Prefect stores parameters and shows
+    them): without ``user:password@``, which go instead to this process's environment,
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow's client reads
+    them (and the runs and processes it starts inherit them). Any other URI as it is."""
+    parts = urlsplit(uri or "")
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, has_password, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if has_password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -113,7 +129,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # as Prefect's analytics: off
         from mlflow import MlflowClient
 
-        self.uri = uri
+        self.uri = uri = credentials_to_environment(uri)
         self._probe()
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiment_id: str | None = None

@@ -10,6 +10,8 @@ finished drop or not, and ``finished`` says whether the manifest covers every pl
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,22 +113,49 @@ def check_out(out: str | Path) -> dict[str, Path]:
 
 def write_prices(prices: Prices, out: str | Path) -> dict[str, str]:
     """The prices to ``out`` (.csv or .parquet) and the rejections beside it, in the same
-    format (``check_out``)."""
+    format (``check_out``). Each file is whole or as it was: written to a temporary file
+    beside it and then renamed over it."""
     paths = check_out(out)
     for name, table in (("prices", prices.prices), ("rejected", prices.rejected)):
         _write(table, paths[name])
     return {name: str(path) for name, path in paths.items()}
 
 
+# A text cell starting with one of these runs as a formula when a spreadsheet opens the
+# CSV (OWASP's "CSV injection"): such cells get a leading single quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(table: pa.Table) -> pa.Table:
+    """``table`` with every text cell that a spreadsheet would run as a formula prefixed
+    with ``'``; numbers and other cells as they were."""
+    import pyarrow.compute as pc
+
+    columns = []
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            starts = pc.utf8_slice_codeunits(column, 0, 1)
+            risky = pc.is_in(starts, value_set=pa.array(FORMULA_STARTS, column.type))
+            column = pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
 def _write(table: pa.Table, path: Path) -> None:
-    if path.suffix.lower() == ".csv":
-        import pyarrow.csv as csv
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # the user's umask
+    try:
+        if path.suffix.lower() == ".csv":
+            import pyarrow.csv as csv
 
-        csv.write_csv(table, path)
-    else:
-        import pyarrow.parquet as pq
+            csv.write_csv(spreadsheet_safe(table), tmp)
+        else:
+            import pyarrow.parquet as pq
 
-        pq.write_table(table, path)
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def summary(prices: Prices, rows: int = 5) -> dict:
