@@ -1163,4 +1163,6 @@ class Lake:
         return [v for v in self._children("models/") if self.model(v).complete]
 
     def drop_ids(self) -> list[str]:
-        return self._children(self.DROPS)
+        """The folder names under drops/, as listed (one folder listing): not every one
+        is a drop name (``tasks.scoring.runner.drop_name_problem``)."""
+        return self.store.list_folders(self.DROPS)
