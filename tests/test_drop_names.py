@@ -116,3 +116,22 @@ def test_drops_are_listed_by_folder(s3_uri):
     )
     assert lake.drop_ids() == ["big", "small", "~"]
     assert len(calls) == 1 and calls[0]["Delimiter"] == "/", calls
+
+
+def test_events_name_drops_not_paths(s3_uri):
+    """The bridge makes no event for a folder that is not a drop (its run would fail),
+    '~' is a drop like any other, and notify refuses what cannot be one."""
+    import json
+
+    from tasks.scoring.arrivals import check_drop_id, drops_in_message
+
+    store = open_store(s3_uri)
+    records = [{"eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": store.bucket}, "object": {"key": f"lake/drops/{d}/a.png"}}}
+               for d in (".x", "~", "~root", "a%5Cb")]  # fmt: skip
+    assert drops_in_message(Lake(store), json.dumps({"Records": records})) == {
+        "~": False, "~root": False}  # fmt: skip
+    assert check_drop_id("~") == "~"
+    for name in (".x", "a\\b", "..", "tab\there"):
+        with pytest.raises(ValueError, match="invalid drop id"):
+            check_drop_id(name)

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from urllib.parse import unquote_plus
 
 from tasks.runtime import get_logger
+from tasks.scoring.runner import drop_name_problem, shown
 from tasks.store.lake import Lake
 from tasks.store.storage import S3Store, open_store
 
@@ -49,10 +50,12 @@ def drop_resource(store_uri: str, drop: str) -> dict[str, str]:
 
 
 def check_drop_id(drop: str) -> str:
-    """A drop id: one name under the store's drops/ (ValueError otherwise)."""
+    """A drop id: one folder name under the store's drops/ that can be a drop
+    (``drop_name_problem``; ValueError otherwise)."""
     drop_id = drop.strip("/")
-    if not drop_id or "/" in drop_id or drop_id in (".", ".."):
-        raise ValueError(f"invalid drop id {drop!r}: use the drop's folder name under drops/")
+    if problem := drop_name_problem(drop_id):
+        raise ValueError(f"invalid drop id {drop!r}: {problem} — use the drop's folder name "
+                         "under drops/")  # fmt: skip
     return drop_id
 
 
@@ -124,7 +127,9 @@ def drops_in_message(lake: Lake, body: str) -> dict[str, bool]:
     for bucket, key in s3_objects(body):
         relative = store.key_in_store(bucket, key)
         hit = lake.drop_of_key(relative) if relative else None
-        if hit:
+        if hit and (problem := drop_name_problem(hit[0])):  # no event: it would fail
+            get_logger().info("folder %s is not a drop (%s): no event", shown(hit[0]), problem)
+        elif hit:
             found[hit[0]] = found.get(hit[0], False) or hit[1]
     return found
 
