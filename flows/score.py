@@ -243,7 +243,9 @@ def score_new_drops_flow(
         result["failed"] = failed
         raise ScanIncomplete(result)
     if not scan.todo:
-        result["message"] = nothing_to_price(lake, model_version, line_name)
+        skipped = "; ".join(f"{name} ({why})" for name, why in scan.not_drops.items())
+        result["message"] = nothing_to_price(lake, model_version, line_name) + (
+            f"; skipped, not drops: {skipped}" if skipped else "")  # fmt: skip
     return result
 
 

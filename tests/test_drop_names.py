@@ -61,7 +61,8 @@ def test_score_new_reads_every_drop_from_the_store(scored_store, tmp_path, monke
     # The names are names for every caller but a person's typed argument.
     assert locate_drop(lake, "~").prefix == "drops/~/"
     assert locate_drop(lake, "~", from_user=True).prefix == "drops/~/", "the store has it"
-    assert score_new_drops_flow(store=lake.uri)["scored"] == {}
+    again = score_new_drops_flow(store=lake.uri)
+    assert again["scored"] == {} and "; skipped, not drops: .x (a hidden folder" in again["message"]
 
 
 def test_a_drop_id_is_never_a_path(tmp_path, monkeypatch):
