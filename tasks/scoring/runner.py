@@ -61,7 +61,8 @@ def locate_drop(lake: Lake, drop: str, *, from_user: bool = False) -> DropSource
     if from_user and ("://" in drop or _typed_path(lake, name)):
         path = name if "://" in drop else os.path.abspath(os.path.expanduser(name))
         source = open_store(path)
-        last = name.rsplit("/", 1)[-1] or "drop"
+        last = name.rsplit("/", 1)[-1]
+        last = last if last and last.isprintable() and "\\" not in last else "drop"
         return DropSource(
             source, "", f"{last}-{hashlib.sha256(source.uri.encode()).hexdigest()[:8]}"
         )
