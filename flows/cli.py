@@ -292,7 +292,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
     check(args.engine, args.precision)
     lake = _lake(args, existing=True)
     resolve_model(lake, args.model, args.line)
-    list_drop(lake, locate_drop(lake, args.drop))
+    list_drop(lake, locate_drop(lake, args.drop, from_user=True))
     flow, scorers, api = score_flow, 2, contextlib.nullcontext()
     if args.workers or args.dask_address:
         from prefect_dask import DaskTaskRunner
@@ -325,6 +325,7 @@ def _cmd_score(args: argparse.Namespace) -> dict:
             claim_seconds=args.claim_seconds,
             wait=not args.no_wait,
             line=args.line,
+            from_user=True,
         )
 
 
@@ -332,11 +333,17 @@ def _cmd_score_new(args: argparse.Namespace) -> dict:
     from flows.score import score_new_drops_flow
     from tasks.governance.registry import resolve_model
     from tasks.scoring.engines import check
+    from tasks.scoring.runner import ScanIncomplete
 
     check(args.engine, args.precision)
     resolve_model(_lake(args, existing=True), None, args.line)  # a champion, or why not
-    return score_new_drops_flow(store=args.store, shard_size=args.shard_size, line=args.line,
-                                engine=args.engine, precision=args.precision)  # fmt: skip
+    try:
+        return score_new_drops_flow(store=args.store, shard_size=args.shard_size,
+                                    line=args.line, engine=args.engine,
+                                    precision=args.precision)  # fmt: skip
+    except ScanIncomplete as err:  # what was priced, then a line per drop that was not
+        print(json.dumps(err.result, indent=2) if args.json else _human(err.result))
+        raise
 
 
 def _cmd_notify(args: argparse.Namespace) -> dict:
@@ -470,7 +477,8 @@ def _cmd_prices(args: argparse.Namespace) -> dict:
         from tasks.scoring.prices import check_out
 
         check_out(args.out)
-    prices = current_prices(_lake(args, existing=True), args.drop, args.model_version, args.line)
+    prices = current_prices(_lake(args, existing=True), args.drop, args.model_version, args.line,
+                            from_user=True)  # fmt: skip
     result = summary(prices)
     if args.out:
         result = {k: v for k, v in result.items() if not k.startswith("first_")}
@@ -831,6 +839,12 @@ def _report(err: Exception) -> int:
     if isinstance(err, DropBusy):
         _error(str(err))
         return 3
+    from tasks.scoring.runner import ScanIncomplete
+
+    if isinstance(err, ScanIncomplete):
+        for line in err.lines():
+            _error(line)
+        return 1
     if isinstance(err, (ValueError, FileNotFoundError, KeyError)):
         _error(str(err) or type(err).__name__)
         return 2

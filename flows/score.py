@@ -33,7 +33,14 @@ from tasks.reports import (
 )
 from tasks.runtime import TASK_RETRIES, get_logger
 from tasks.scoring.ledger import ScoreOptions, scorer_name
-from tasks.scoring.runner import Job, drops_needing_scores, score_drop
+from tasks.scoring.runner import (
+    Job,
+    ScanIncomplete,
+    drop_name_problem,
+    one_line,
+    scan_drops,
+    score_drop,
+)
 from tasks.scoring.shard import work
 from tasks.settings import load_settings
 from tasks.store.lake import DropSource, Lake, line_of
@@ -170,15 +177,19 @@ def score_flow(
     claim_seconds: float = SCORE.claim_seconds,
     wait: bool = True,
     line: str | None = None,
+    from_user: bool = False,
 ) -> dict:
     """Price every image of a drop exactly once with the champion of a model line (the
-    store's only line when not named) or a pinned model."""
+    store's only line when not named) or a pinned model. ``drop`` is a drop's folder
+    name under drops/ (as events and scans name it); only ``from_user`` (what a person
+    typed: ``vggprice score``) lets it be an s3:// URI or a directory."""
     lake = Lake(open_store(load_settings(store=store).store))
     options = ScoreOptions(shard_size=shard_size, max_pixels=max_pixels, max_bytes=max_bytes,
                            max_rows_per_object=max_rows_per_object, precision=precision,
                            engine=engine, claim_seconds=claim_seconds, wait=wait)  # fmt: skip
     runner = scorers_on_pool(score_pool, partitions) if score_pool else scorers_as_tasks(scorers)
-    manifest = score_drop(lake, drop, model, options, run_scorers=runner, line=line)
+    manifest = score_drop(lake, drop, model, options, run_scorers=runner, line=line,
+                          from_user=from_user)  # fmt: skip
     if manifest["skipped"]:
         get_logger().info("drop %s was already priced by %s", drop, manifest["model_version"])
     else:
@@ -198,26 +209,27 @@ def score_new_drops_flow(
     precision: str = SCORE.precision,
 ) -> dict:
     """Score every drop that has no complete manifest for the champion of a model line
-    (the store's only line when not named), or that has new files."""
+    (the store's only line when not named), or that has new files. One drop that fails
+    never stops the others: the result names the folders that are not drops
+    (``not_drops``) and the drops not priced (``failed``), and the run then fails with
+    one line per drop (ScanIncomplete)."""
     uri = load_settings(store=store).store
     lake = Lake(open_store(uri))
     model_version = resolve_model(lake, None, line)
-    drops = drops_needing_scores(lake, model_version)
-    get_logger().info(
-        "%d drops to score with %s: %s", len(drops), model_version, ", ".join(drops) or "-"
+    scan = scan_drops(lake, model_version)
+    log = get_logger()
+    log.info(
+        "%d drops to score with %s: %s", len(scan.todo), model_version, ", ".join(scan.todo) or "-"
     )
-    results = {
-        d: score_flow(
-            drop=d,
-            store=uri,
-            shard_size=shard_size,
-            score_pool=score_pool,
-            model=model_version,
-            engine=engine,
-            precision=precision,
-        )  # fmt: skip
-        for d in drops
-    }
+    results, failed = {}, dict(scan.failed)
+    for d in scan.todo:
+        try:
+            results[d] = score_flow(drop=d, store=uri, shard_size=shard_size,
+                                    score_pool=score_pool, model=model_version, engine=engine,
+                                    precision=precision)  # fmt: skip
+        except Exception as err:  # this drop's failure, in its own run: go on with the next
+            failed[d] = one_line(err)
+            log.error("drop %s not priced: %s", d, failed[d])
     line_name = line_of(lake.model(model_version).lineage()["dataset_version"])
     result = {
         "model_version": model_version,
@@ -225,14 +237,22 @@ def score_new_drops_flow(
         "scored": {d: r["counts"] for d, r in results.items()},
         "scores_uri": {d: r["scores_uri"] for d, r in results.items()},
     }
-    if not drops:
-        result["message"] = nothing_to_price(lake, model_version, line_name)
+    if scan.not_drops:
+        result["not_drops"] = scan.not_drops
+    if failed:
+        result["failed"] = failed
+        raise ScanIncomplete(result)
+    if not scan.todo:
+        skipped = "; ".join(f"{name} ({why})" for name, why in scan.not_drops.items())
+        result["message"] = nothing_to_price(lake, model_version, line_name) + (
+            f"; skipped, not drops: {skipped}" if skipped else "")  # fmt: skip
     return result
 
 
 def nothing_to_price(lake: Lake, model_version: str, line: str) -> str:
     """One line for a scan that found nothing to price: which drops the model priced."""
-    priced = [d for d in lake.drop_ids() if lake.drop(d).listing()[0]]
+    priced = [d for d in lake.drop_ids()
+              if not drop_name_problem(d) and lake.drop(d).listing()[0]]  # fmt: skip
     if not priced:
         return (f"nothing to price: {lake.uri} has no drops with images (put them under "
                 f"{lake.drop('<drop-id>').uri()})")  # fmt: skip

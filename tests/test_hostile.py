@@ -177,9 +177,17 @@ def test_pipes_and_devices_are_never_opened(tmp_path):
         ((2000, 20000, 3), images.RGB, 64, "prepared (64, 64, 3)"),
         ((666, 60000), images.GRAY28, 28, "rejected: too long: 60000x666"),
         ((666, 60000, 3), images.RGB, 64, "rejected: too long: 60000x666"),
-        ((40, 2400), images.GRAY28, 28, "rejected: too narrow: 2400x40, aspect ratio 60.0"),
+        ((40, 2400), images.GRAY28, 28, "prepared (28, 28)"),  # a strip: any shape is priced
+        ((10, 20000, 3), images.RGB, 64, "prepared (64, 64, 3)"),
     ],
-    ids=["20000x2000-gray28", "20000x2000-rgb", "60000x666-gray28", "60000x666-rgb", "strip"],
+    ids=[
+        "20000x2000-gray28",
+        "20000x2000-rgb",
+        "60000x666-gray28",
+        "60000x666-rgb",
+        "strip",
+        "20000x10-rgb",
+    ],
 )
 def test_extreme_images_stay_within_memory(tmp_path, shape, mode, size, outcome):
     # Padding these to a square first took 3 GB (20000x2000) and would take ~11 GB

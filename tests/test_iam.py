@@ -135,6 +135,7 @@ def test_worker_policy_allows_every_call_of_the_store(s3_endpoint, bucket, tmp_p
             "uri_for": lambda: store.uri_for("j/x.json"),
             "key_in_store": lambda: store.key_in_store(bucket, f"{PREFIX}/j/x.json"),
             "link_for": lambda: urllib.request.urlopen(store.link_for("j/x.json")).read(),
+            "list_folders": lambda: list(store.list_folders("a/")),
             "temp_files": lambda: list(store.temp_files()),  # S3 writes leave none
             "remove_temp": lambda: pytest.raises(NotImplementedError, store.remove_temp, "x"),
         }  # fmt: skip

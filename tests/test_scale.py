@@ -217,8 +217,8 @@ def test_two_uris_with_one_basename_do_not_collide(tiny_lake, tmp_path):
         (tmp_path / side / "photos").mkdir(parents=True)
         for i in range(2 if side == "a" else 3):
             (tmp_path / side / "photos" / f"{i}.png").write_bytes(png(i))
-    a = score_drop(lake, str(tmp_path / "a" / "photos"))
-    b = score_drop(lake, str(tmp_path / "b" / "photos"))
+    a = score_drop(lake, str(tmp_path / "a" / "photos"), from_user=True)  # a typed path
+    b = score_drop(lake, str(tmp_path / "b" / "photos"), from_user=True)
     assert a["drop_id"] != b["drop_id"] and a["drop_id"].startswith("photos-")
     assert (a["counts"]["priced"], b["counts"]["priced"]) == (2, 3)
 

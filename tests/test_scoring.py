@@ -233,7 +233,7 @@ def test_missing_or_empty_drop_and_bad_model_write_nothing(scored_store, tmp_pat
         score_drop(lake, "nothing-here")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DropError, match="no such drop"):
-        score_drop(lake, str(tmp_path / "empty"))
+        score_drop(lake, str(tmp_path / "empty"), from_user=True)
     lake.store.put_bytes("drops/hidden/.DS_Store", b"x")
     with pytest.raises(DropError, match="is empty: 1 folder markers or hidden files"):
         score_drop(lake, "hidden")

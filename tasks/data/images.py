@@ -4,10 +4,11 @@ Fashion-MNIST images are light garments on a black background, 28x28, gray.
 Any other image is brought to look like that:
 
 1. decoded (PNG, JPEG, BMP, GIF first frame, TIFF first page, WebP), EXIF
-   orientation applied; its pixel count, longest side and aspect ratio checked from
-   the header before decoding; an image whose longest side is over ``WORK_SIDE`` is
-   shrunk to it as it is decoded (JPEG: at a reduced DCT scale), before any padding,
-   so memory follows the output, not the input's square;
+   orientation applied; its pixel count and longest side checked from the header
+   before decoding (within them any shape is priced, a 2016x10 banner too); an image
+   whose longest side is over ``WORK_SIDE`` is shrunk to it as it is decoded (JPEG: at
+   a reduced DCT scale), before any padding, so memory follows the output, not the
+   input's square;
 2. transparency composited onto black, 16-bit and other modes to 8-bit gray;
 3. inverted when its border is mostly light (a product photo on white), so
    the garment is light on dark as in the dataset;
@@ -40,7 +41,6 @@ MAX_SIDE = 256  # catalog datasets store images with their longest side at most 
 FORMATS = {"PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP"}
 DEFAULT_MAX_PIXELS = 40_000_000  # refuse larger images instead of running out of memory
 MAX_LONG_SIDE = 30_000  # refuse images with a longer side (from the header)
-MAX_ASPECT = 50  # refuse images whose longest side is more than this many times the shortest
 WORK_SIDE = 2048  # larger images are shrunk to this longest side before padding
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
 _ORIENT = {
@@ -115,11 +115,6 @@ def _decoded(data: bytes, max_pixels: int, convert) -> np.ndarray:
     if max(w, h) > MAX_LONG_SIDE:
         raise ImageRejected(
             f"too long: {w}x{h}, longest side {max(w, h)} > {MAX_LONG_SIDE} (MAX_LONG_SIDE)"
-        )
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ImageRejected(
-            f"too narrow: {w}x{h}, aspect ratio {max(w, h) / min(w, h):.1f} > {MAX_ASPECT} "
-            "(MAX_ASPECT)"
         )
     try:
         with warnings.catch_warnings():

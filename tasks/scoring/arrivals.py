@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from urllib.parse import unquote_plus
 
 from tasks.runtime import get_logger
-from tasks.store.lake import Lake
+from tasks.store.lake import Lake, drop_name_problem
 from tasks.store.storage import S3Store, open_store, validate_key
 
 DROP_READY = "vggprice.drop.ready"
@@ -49,10 +49,12 @@ def drop_resource(store_uri: str, drop: str) -> dict[str, str]:
 
 
 def check_drop_id(drop: str) -> str:
-    """A drop id: one name under the store's drops/ (ValueError otherwise)."""
+    """A drop id: one folder name under the store's drops/ that can be a drop
+    (``drop_name_problem``; ValueError otherwise)."""
     drop_id = drop.strip("/")
-    if drop_name_problem(drop_id):
-        raise ValueError(f"invalid drop id {drop!r}: use the drop's folder name under drops/")
+    if problem := drop_name_problem(drop_id):
+        raise ValueError(f"invalid drop id {drop!r}: {problem} — use the drop's folder name "
+                         "under drops/")  # fmt: skip
     return drop_id
 
 
@@ -107,17 +109,6 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def drop_name_problem(drop: str) -> str | None:
-    """Why ``drop`` cannot be a drop's name (a store name, never a path), or None."""
-    if drop in ("", ".", ".."):
-        return f"drop {drop!r} is not a name"
-    if "/" in drop or "\\" in drop:
-        return f"drop {_shown(drop)} holds a path separator"
-    if any(ord(c) < 32 or ord(c) == 127 for c in drop):
-        return f"drop {_shown(drop)} holds control characters"
-    return None
-
-
 def _field(obj: object, name: str, kind: type, what: str) -> object:
     value = obj.get(name) if isinstance(obj, dict) else None
     if not isinstance(value, kind):
@@ -159,6 +150,7 @@ def drops_in_message(lake: Lake, body: str) -> dict[str, bool]:
     malformed, about another bucket, or a key no drop can have (``drops/../x``)."""
     store = lake.store
     found: dict[str, bool] = {}
+    not_drops: list[str] = []
     for bucket, key in s3_objects(body):
         if bucket != store.bucket:
             raise BadMessage(f"names an object of bucket {_shown(bucket)}, not {store.bucket}")
@@ -166,13 +158,18 @@ def drops_in_message(lake: Lake, body: str) -> dict[str, bool]:
         hit = lake.drop_of_key(relative) if relative else None
         if not hit:
             continue
-        if problem := drop_name_problem(hit[0]):
-            raise BadMessage(problem)
+        if problem := drop_name_problem(hit[0]):  # no event (its run would fail)
+            not_drops.append(f"folder {_shown(hit[0])} is not a drop: {problem}")
+            continue
         try:
             validate_key(relative)
         except ValueError:
             raise BadMessage(f"key {_shown(key)} is no key of the store") from None
         found[hit[0]] = found.get(hit[0], False) or hit[1]
+    if not_drops and not found:
+        raise BadMessage(not_drops[0])
+    for line in not_drops:  # beside drops of the same message: those still get events
+        get_logger().info("%s: no event", line)
     return found
 
 

@@ -40,13 +40,15 @@ class Prices:
 
 
 def current_prices(
-    lake: Lake, drop: str, model_version: str | None = None, line: str | None = None
-) -> Prices:
-    """The current prices and rejections of ``drop`` (an id under drops/, or the URI a
-    drop was scored from) by ``model_version`` (default: the line's champion).
+    lake: Lake, drop: str, model_version: str | None = None, line: str | None = None,
+    from_user: bool = False,
+) -> Prices:  # fmt: skip
+    """The current prices and rejections of ``drop`` (an id under drops/, or, typed by a
+    person (``from_user``), the URI a drop was scored from) by ``model_version``
+    (default: the line's champion).
     NotInLake, naming what to run, when that model has priced nothing of the drop."""
     mv = resolve_model(lake, model_version, line)
-    drop_id = locate_drop(lake, drop).drop_id
+    drop_id = locate_drop(lake, drop, from_user=from_user).drop_id
     run = lake.score_run(drop_id, mv)
     plans = run.plans()
     done = sorted(run.done_shards())

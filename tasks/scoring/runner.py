@@ -14,6 +14,7 @@ whichever runner does the work.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,24 +26,37 @@ from tasks.runtime import ProgressLog, get_logger, progress
 from tasks.scoring.finish import PlansChanged, finish
 from tasks.scoring.ledger import DropBusy, DropError, ScoreOptions, pending, plan_work
 from tasks.scoring.shard import work
-from tasks.store.lake import DropSource, Lake, ScoreRun
+from tasks.store.lake import DropSource, Lake, ScoreRun, drop_name_problem, shown
 from tasks.store.storage import ObjectInfo, open_store
 
 
-def locate_drop(lake: Lake, drop: str) -> DropSource:
-    """A drop id in the store's drops/, or an explicit s3:// URI or directory (its id
-    is derived from the whole URI, so two URIs with one last segment never collide)."""
-    if "://" in drop or drop.startswith(("/", ".", "~")):
-        uri = drop.rstrip("/")
-        source = open_store(uri)
-        name = uri.rsplit("/", 1)[-1] or "drop"
+def locate_drop(lake: Lake, drop: str, *, from_user: bool = False) -> DropSource:
+    """The drop named ``drop``: a folder under the store's drops/ (what listings, events
+    and queue messages name; DropError for a name that cannot be a drop). Only what a
+    person typed (``from_user``) may name another place: an explicit s3:// URI, or a
+    directory path (one that is no drop name of the store). Its id is derived from the
+    whole URI, so two URIs with one last segment never collide."""
+    name = drop.rstrip("/") or drop
+    if from_user and ("://" in drop or _typed_path(lake, name)):
+        path = name if "://" in drop else os.path.abspath(os.path.expanduser(name))
+        source = open_store(path)
+        last = name.rsplit("/", 1)[-1]
+        last = last if last and last.isprintable() and "\\" not in last else "drop"
         return DropSource(
-            source, "", f"{name}-{hashlib.sha256(source.uri.encode()).hexdigest()[:8]}"
+            source, "", f"{last}-{hashlib.sha256(source.uri.encode()).hexdigest()[:8]}"
         )
-    drop_id = drop.strip("/")
-    if not drop_id or "/" in drop_id:
-        raise DropError(f"invalid drop id {drop!r}: use a single name or a URI")
-    return lake.drop(drop_id)
+    if problem := drop_name_problem(name):
+        raise DropError(f"invalid drop id {drop!r}: {problem} — use the drop's folder "
+                        "name under drops/")  # fmt: skip
+    return lake.drop(name)
+
+
+def _typed_path(lake: Lake, name: str) -> bool:
+    """Whether a typed DROP names a directory: not a drop name, or '~'/'~user' when the
+    store has no drop of that name."""
+    if drop_name_problem(name):
+        return True
+    return name.startswith("~") and name not in lake.drop_ids()
 
 
 def list_drop(lake: Lake, source: DropSource) -> tuple[list[ObjectInfo], int]:
@@ -54,7 +68,7 @@ def list_drop(lake: Lake, source: DropSource) -> tuple[list[ObjectInfo], int]:
     if skipped:
         raise DropError(f"drop {source.drop_id} ({where}) is empty: {skipped} folder markers "
                         "or hidden files, no images")  # fmt: skip
-    known = ", ".join(lake.drop_ids()[:10]) or "none"
+    known = ", ".join([d for d in lake.drop_ids() if not drop_name_problem(d)][:10]) or "none"
     raise DropError(f"no such drop {source.drop_id!r} at {where} (drops in the store: {known})")
 
 
@@ -134,14 +148,16 @@ def score_drop(
     options: ScoreOptions | None = None,
     run_scorers: ScorerRunner | None = None,
     line: str | None = None,
+    from_user: bool = False,
 ) -> dict:
     """Price every image of a drop exactly once, joining any scorers already at it;
-    returns the manifest (``skipped``: it was finished before this run)."""
+    returns the manifest (``skipped``: it was finished before this run). ``drop`` is a
+    drop's name in the store; ``from_user``: what a person typed (``locate_drop``)."""
     options = options or ScoreOptions()
     run_scorers = run_scorers or in_threads()
     log = get_logger()
     mv = resolve_model(lake, model_version, line)
-    source = locate_drop(lake, drop)
+    source = locate_drop(lake, drop, from_user=from_user)
     listing, skipped = list_drop(lake, source)
     run = lake.score_run(source.drop_id, mv)
     t0 = time.time()
@@ -191,16 +207,69 @@ def _score_until_finished(
         todo = pending(run, plans)
 
 
-def drops_needing_scores(lake: Lake, model_version: str) -> list[str]:
+@dataclass
+class DropScan:
+    """What a look at drops/ found: the drops to price, the folder names that are not
+    drops and the drops that could not be looked at (name -> why, one line each)."""
+
+    todo: list[str]
+    not_drops: dict[str, str]
+    failed: dict[str, str]
+
+
+def scan_drops(lake: Lake, model_version: str) -> DropScan:
     """Drops with images and no complete manifest for this model, or with objects added
-    or overwritten since it was written."""
-    todo = []
+    or overwritten since it was written; one listing of drops/'s folders, then one of
+    each drop. A name that is not a drop, or a drop that cannot be read, is recorded
+    and logged, never raised."""
+    log, scan = get_logger(), DropScan([], {}, {})
     for drop_id in lake.drop_ids():
-        listing, _ = lake.drop(drop_id).listing()
-        if not listing:
+        if problem := drop_name_problem(drop_id):
+            scan.not_drops[shown(drop_id)] = problem
+            log.info("folder %s skipped, not a drop: %s", shown(drop_id), problem)
             continue
-        manifest = lake.score_run(drop_id, model_version).manifest()
+        try:
+            listing, _ = lake.drop(drop_id).listing()
+            if not listing:
+                continue
+            manifest = lake.score_run(drop_id, model_version).manifest()
+        except Exception as err:  # one drop's trouble: the others are still looked at
+            scan.failed[drop_id] = one_line(err)
+            log.error("drop %s not looked at: %s", drop_id, scan.failed[drop_id])
+            continue
         scored = {k: etag for k, _, etag in (manifest or {}).get("listing", [])}
         if any(scored.get(o.key) != o.etag for o in listing):
-            todo.append(drop_id)
-    return todo
+            scan.todo.append(drop_id)
+    return scan
+
+
+def drops_needing_scores(lake: Lake, model_version: str) -> list[str]:
+    """The drops that ``scan_drops`` finds to price."""
+    return scan_drops(lake, model_version).todo
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: its message's first line (with its type, unless it is bad
+    input, which says what it is)."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    return lines[0] if isinstance(err, (ValueError, FileNotFoundError)) else (
+        f"{type(err).__name__}: {lines[0]}")  # fmt: skip
+
+
+class ScanIncomplete(RuntimeError):
+    """A scan priced every drop it could; ``result`` is its summary, whose ``failed``
+    names each drop it could not price and why."""
+
+    def __init__(self, result: dict):
+        self.result = result
+        failed = result["failed"]
+        super().__init__("\n".join([f"{len(failed)} drops not priced (every other drop was):",
+                                    *self.lines()]))  # fmt: skip
+
+    def lines(self) -> list[str]:
+        return [f"drop {d}: not priced: {why}" for d, why in self.result["failed"].items()]
+
+    def __reduce__(self):
+        return type(self), (self.result,)

@@ -852,6 +852,27 @@ class Registry(Entry):
         return [self.get_json(n) for n in self.names("decisions/")]
 
 
+def drop_name_problem(name: str) -> str | None:
+    """Why a folder name under drops/ is not a drop (None: it is one). A drop id is a
+    name in the store, never a path: '~' and '~root' are drops like any other; names
+    that cannot be one folder, and hidden folders (an editor's checkpoints, rsync's
+    partial transfers, a snapshot), are not drops."""
+    if name in ("", ".", ".."):
+        return "not a folder name" if name else "an empty name"
+    if "/" in name or "\\" in name:
+        return "holds a slash or backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if name.startswith("."):
+        return "a hidden folder (tools' folders such as .ipynb_checkpoints are not drops)"
+    return None
+
+
+def shown(name: str) -> str:
+    """A folder name as it can be printed on one line."""
+    return name if name.isprintable() else ascii(name)
+
+
 def is_image_key(key: str) -> bool:
     """Not a folder marker (a key ending in '/', as S3 consoles create them) nor a hidden
     name (.DS_Store and the like): an object that may hold images."""
@@ -1194,4 +1215,6 @@ class Lake:
         return [v for v in self._children("models/") if self.model(v).complete]
 
     def drop_ids(self) -> list[str]:
-        return self._children(self.DROPS)
+        """The folder names under drops/, as listed (one folder listing): not every one
+        is a drop name (``tasks.scoring.runner.drop_name_problem``)."""
+        return self.store.list_folders(self.DROPS)

@@ -178,6 +178,12 @@ class Store(ABC):
         saying what they are; objects that vanish while listing are left out."""
 
     @abstractmethod
+    def list_folders(self, prefix: str) -> list[str]:
+        """The names of the folders right under ``prefix`` (which ends with '/'), sorted:
+        one delimiter listing on S3 (its common prefixes), one directory read locally
+        (real folders only: links are not followed)."""
+
+    @abstractmethod
     def delete(self, key: str) -> None: ...
 
     @abstractmethod
@@ -434,6 +440,15 @@ class LocalStore(Store):
         for key in sorted(found):
             yield found[key]
 
+    def list_folders(self, prefix: str) -> list[str]:
+        validate_prefix(prefix)
+        try:
+            with os.scandir(self.root / prefix if prefix else self.root) as it:
+                return sorted(e.name for e in it if not e.name.startswith(TMP_PREFIX)
+                              and e.is_dir(follow_symlinks=False))  # fmt: skip
+        except OSError:  # not there (yet), or not a folder: no folders
+            return []
+
     @staticmethod
     def _info(key: str, entry: os.DirEntry) -> ObjectInfo | None:
         """One directory entry: a regular file (or a link to one) as an object, anything
@@ -678,6 +693,17 @@ class S3Store(Store):
                 key = obj["Key"][len(self.prefix) :]
                 yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'),
                                  mtime=obj["LastModified"].timestamp())  # fmt: skip
+
+    def list_folders(self, prefix: str) -> list[str]:
+        validate_prefix(prefix)
+        full = self.prefix + prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full, Delimiter="/"
+        )
+        found = {
+            p["Prefix"][len(full) : -1] for page in pages for p in page.get("CommonPrefixes", [])
+        }
+        return sorted(found)
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
