@@ -22,6 +22,7 @@ import pytest
 
 from tests.own_process import OwnProcessRunner, in_child
 from tests.servers import copy_sqlite, free_port, migrated_prefect_db, running_prefect_server
+from tests.tiers import UNIT, mark_tiers, unit_guard
 
 if TYPE_CHECKING:
     from tasks.store.lake import Lake
@@ -63,6 +64,35 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.pop(var, None)
     # Tests marked own_process run in fresh pytest processes (tests/own_process.py).
     config.pluginmanager.register(OwnProcessRunner(config, prepare=_servers_for), "own-process")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` picks a tier
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test marked with its tier (tests/tiers.py); none may lack one."""
+    mark_tiers(items, REPO / "tests")
+
+
+_violations = pytest.StashKey[list[str]]()  # what a unit test did that only integration may
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """A unit test runs (setup, call, teardown) under the unit tier's guard."""
+    if item.get_closest_marker(UNIT) is None:
+        yield
+        return
+    with unit_guard(item.stash.setdefault(_violations, [])):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A unit test fails for what the guard refused, even where the code caught it."""
+    report = (yield).get_result()
+    if item.stash.get(_violations, None) and not report.failed:
+        report.outcome = "failed"
+        report.longrepr = "\n".join(dict.fromkeys(item.stash[_violations]))
+    item.stash.get(_violations, []).clear()
 
 
 def _servers_for(batch: list[pytest.Item]) -> None:
