@@ -22,7 +22,7 @@ import pytest
 
 from tests.own_process import OwnProcessRunner, in_child
 from tests.servers import copy_sqlite, free_port, migrated_prefect_db, running_prefect_server
-from tests.tiers import UNIT, mark_tiers, unit_guard
+from tests.tiers import TIERS, UNIT, mark_tiers, unit_guard
 
 if TYPE_CHECKING:
     from tasks.store.lake import Lake
@@ -62,6 +62,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tests never use the user's store or data source by accident.
     for var in ("VGGPRICE_STORE", "VGGPRICE_DATA_SOURCE", "FASHION_MNIST_DIR", "AWS_ENDPOINT_URL"):
         os.environ.pop(var, None)
+    for tier, what in TIERS.items():  # tests/tiers.py gives every test one
+        config.addinivalue_line("markers", f"{tier}: {what}")
     # Tests marked own_process run in fresh pytest processes (tests/own_process.py).
     config.pluginmanager.register(OwnProcessRunner(config, prepare=_servers_for), "own-process")
 

@@ -29,7 +29,11 @@ from pathlib import Path
 import pytest
 
 UNIT, INTEGRATION, SYSTEM = "unit", "integration", "system"
-TIERS = (UNIT, INTEGRATION, SYSTEM)
+TIERS = {  # lowest first
+    UNIT: "plain functions on the local store and tiny arrays: no process, server or fit",
+    INTEGRATION: "an S3 endpoint, a Prefect server, tiny trainings, subprocesses",
+    SYSTEM: "deployed workers, Docker, the whole pipeline, real data",
+}
 
 # Each file's tier: its tests' unless TESTS names them. A new test file goes here.
 FILES: dict[str, str] = {
@@ -111,7 +115,7 @@ MARKERS: dict[str, str] = {
 
 
 def _highest(*tiers: str) -> str:
-    return max(tiers, key=TIERS.index)
+    return max(tiers, key=list(TIERS).index)
 
 
 def stale_entries(tests_dir: Path, files=FILES, tests=TESTS) -> list[str]:
