@@ -8,12 +8,15 @@ from __future__ import annotations
 import logging
 import threading
 
-from tasks.scoring.finish import finish
+import pyarrow as pa
+
+from tasks.scoring.finish import GENERATIONS, finish
 from tasks.scoring.ledger import ScoreOptions, current_shards, plan_work
 from tasks.scoring.prices import current_prices
 from tasks.scoring.runner import locate_drop, score_drop
 from tasks.scoring.shard import work
-from tasks.store.lake import Lake
+from tasks.store.lake import Lake, parquet_bytes
+from tasks.store.storage import open_store
 from tests.conftest import copy_lake
 from tests.test_scale import assert_exactly_once, png, put_images
 
@@ -95,6 +98,9 @@ def test_an_older_finisher_paused_between_reading_and_writing_changes_nothing(st
     )
     assert score_drop(lake, "race", options=options)["skipped"] is True
     assert run.manifest() == final, "a re-run changes nothing"
+    assert not [n for n in run.names(GENERATIONS) if n.startswith(f"{GENERATIONS}00000002-")], (
+        "the paused finisher removed what it wrote, which no manifest names"
+    )
     assert_exactly_once(lake, "race", mv, keys)
 
 
@@ -161,3 +167,39 @@ def test_a_planned_part_that_is_not_there_leaves_the_drop_unfinished(store_uri, 
     assert manifest["skipped"] is False and manifest["last_plan"] == 2
     assert manifest["counts"] == {"listed": 4, "priced": 4, "rejected": 0}
     assert_exactly_once(lake, "gap", mv, keys)
+
+
+def test_readers_read_what_the_newest_manifest_names(store_uri):
+    """The parts, rejections and superseded rows are those the manifest names; a manifest
+    from before it named them reads the fixed names, as before."""
+    run = Lake(open_store(store_uri)).score_run("names", "m-1")
+
+    def put(name: str, keys: list[str]) -> None:
+        table = pa.table(
+            {"key": pa.array(keys, pa.string()), "object": pa.array(keys, pa.string())}
+        )
+        run.put_bytes(name, parquet_bytes(table))
+
+    # finished before manifests named their files: part 1 rewritten in place
+    put("part-1.parquet", ["a"])
+    put("part-2.parquet", ["b"])
+    put("rejected.parquet", ["c"])
+    put("superseded.parquet", ["b"])
+    run.write_manifest({"last_plan": 2, "parts": ["part-1.parquet", "part-2.parquet"]})
+    assert run.prices()["key"].to_pylist() == ["a", "b"]
+    assert run.rejected()["key"].to_pylist() == ["c"]
+    assert run.superseded()["key"].to_pylist() == ["b"]
+    # plan 3 prices a again; its finisher names part 1 without a, under its own folder
+    put("part-3.parquet", ["a"])
+    ours = f"{GENERATIONS}00000003-c/"
+    put(f"{ours}part-1.parquet", [])
+    put(f"{ours}rejected.parquet", ["c"])
+    put(f"{ours}superseded.parquet", ["a", "b"])
+    names = [f"{ours}part-1.parquet", "part-2.parquet", "part-3.parquet"]
+    run.write_manifest({"last_plan": 3, "parts": names, "rejected": f"{ours}rejected.parquet",
+                        "superseded": f"{ours}superseded.parquet"})  # fmt: skip
+    assert sorted(run.prices()["key"].to_pylist()) == ["a", "b"], "each key once"
+    assert run.rejected()["key"].to_pylist() == ["c"]
+    assert run.superseded()["key"].to_pylist() == ["a", "b"]
+    run.write_manifest(run.manifest() | {"superseded": None})
+    assert run.superseded() is None, "the manifest names none"

@@ -193,7 +193,10 @@ def finish(
                                  superseded.num_rows, {s: _attempt(p) for s, p in parts.items()})  # fmt: skip
             manifest |= names | {"timings": timings, "completed_at": datetime.now(UTC).isoformat()}
             lease.check()
-            return publish(run, manifest, claim_id)
+            published = publish(run, manifest, claim_id)
+            if published["skipped"]:  # a manifest of the same or a later plan won
+                run.store.delete_prefix(run.key(folder))  # ours: no manifest names it
+            return published
         except ShardGivenUp as why:
             log.warning("%s: stopped finishing %s: %s", owner, run.uri(run.MARKER), why)
             return None
