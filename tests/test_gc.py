@@ -18,12 +18,13 @@ import pytest
 from tasks.governance.gc import collect_garbage, parse_age
 from tasks.scoring.engines import float_cache_dir
 from tasks.scoring.ledger import take_claim
-from tasks.store.lake import Lake
+from tasks.store.lake import Lake, parquet_bytes
 from tasks.store.storage import TMP_PREFIX, open_store
 from tests.test_cli import vggprice
 
 SHARD, OTHER = "00000001-00000", "00000001-00001"
-STORE_KINDS = {"training-attempt", "int8-attempt", "checkpoints", "score-side-file", "claim"}
+STORE_KINDS = {"training-attempt", "int8-attempt", "checkpoints", "score-side-file", "claim",
+               "generation"}  # fmt: skip
 
 
 def make_state(lake: Lake, tag: str, tmp: Path) -> dict:
@@ -57,7 +58,13 @@ def make_state(lake: Lake, tag: str, tmp: Path) -> dict:
     # a scorer that died after its side files, before its part lost
     run.write_shard_rejections(SHARD, "scorelose", rejected)
     run.write_shard_rejections(OTHER, "nopart", rejected)  # no part yet: kept
-    run.write_manifest({"parts": [run.part_name(SHARD)], "last_plan": 1})
+    # finishers' folders: one that lost (older plan, not named), the one the manifest
+    # names, and one of a newer plan still being finished
+    table = parquet_bytes(rejected)
+    for folder in (run.generation(1, "lost"), run.generation(2, "won"), run.generation(3, "busy")):
+        run.put_bytes(folder + "rejected.parquet", table)
+    run.write_manifest({"parts": [run.part_name(SHARD)], "last_plan": 2,
+                        "rejected": run.generation(2, "won") + "rejected.parquet"})  # fmt: skip
     assert take_claim(run, OTHER, "dead:1", 60)  # its holder died
     assert take_claim(run, "finish-00000001", "live:2", 30 * 24 * 3600)  # a long lifetime
     features = lake.shard_features(f"ft-{tag}")
@@ -69,6 +76,7 @@ def make_state(lake: Lake, tag: str, tmp: Path) -> dict:
         "checkpoints": lake.store.keys(model.checkpoints().prefix),
         "score-side-file": [run.key(n) for n in run.losing_side_files()],
         "claim": [run.claim_objects()[OTHER].key, features.claim_objects()["px-shard"].key],
+        "generation": lake.store.keys(run.key(run.generation(1, "lost"))),
     }
     assert all(len(v) >= 1 for v in orphans.values()), orphans
     assert len(orphans["claim"]) == 2 and len(orphans["score-side-file"]) == 1, orphans
@@ -96,6 +104,8 @@ def assert_intact(lake: Lake, state: dict, tmp: Path) -> None:
     assert run.shard_rejections(OTHER, "nopart").num_rows == 1
     assert run.read_claim("finish-00000001")[0]["owner"] == "live:2"
     assert run.plan(1)["writer"] == "w"
+    assert run.rejected().num_rows == 1  # what the manifest names
+    assert lake.store.keys(run.key(run.generation(3, "busy"))), "a newer plan's finisher's"
 
 
 def age_everything(root: Path, days: float) -> None:

@@ -11,6 +11,9 @@ The kinds, and why each is an orphan:
   them again after the winner removed them);
 - ``score-side-file``: a scoring attempt's rejections or facts whose shard's part names
   another attempt (a scorer that died between them and its losing part);
+- ``generation``: a finisher's ``_generations/<plan>-<claim>/`` of an older plan than
+  the drop's newest manifest covers, which that manifest does not name (a finisher that
+  lost, or lapsed before publishing);
 - ``claim``: a work claim (scoring, feature extraction) left unchanged for longer than
   the lifetime it states (``ledger.claim_lapsed``): its holder has stopped;
 - ``temp-file``: a local store's hidden temp and lock files (``storage.temp_files``),
@@ -145,6 +148,9 @@ def _candidates(lake: Lake, cutoff: float, now_s: float, cache_dir: Path | None)
         for o in store.list(run.prefix) if side else []:
             if o.key[len(run.prefix) :] in side:
                 yield from _group(lake, "score-side-file", store.uri_for(o.key), [o], cutoff)
+        for folder, objects in run.stale_generations().items():
+            where = store.uri_for(run.key(folder).rstrip("/"))
+            yield from _group(lake, "generation", where, objects, cutoff)
     for holder in lake.claim_holders():
         for name, o in holder.claim_objects().items():
             yield from _lapsed_claim(holder, name, o, cutoff, now_s)

@@ -2,9 +2,10 @@
 
 Every listed object of a drop is in exactly one current row, priced (the parts) or
 rejected (each shard's rejections). An object overwritten in place is planned again, and
-its row in the newer shard is the current one; the older row is superseded (the finisher
-moves it into ``superseded.parquet``; while a newer plan is still being priced it is
-still in its older part, and is left out here). So the tables hold one row per image,
+its row in the newer shard is the current one; the older row is superseded (it stays in
+its older part, which is never rewritten, and is left out here). A finished drop is read
+as its manifest names it: the parts without superseded rows, the rejections and the
+superseded rows of its generation (``finish.py``). So the tables hold one row per image,
 finished drop or not, and ``finished`` says whether the manifest covers every plan.
 """
 
@@ -57,26 +58,35 @@ def current_prices(
             f"{run.uri()}: drop {drop_id!r} has no prices by {mv} yet — run "
             f"'vggprice score {drop}" + (f" --model {mv}'" if model_version else "'")
         )
+    manifest = run.manifest()
+    finished = manifest is not None and manifest.get("last_plan", 0) >= max(plans, default=0)
+    if finished and "rejected" in manifest:  # it names exactly the rows it covers
+        old = manifest["superseded"]
+        return Prices(drop_id, mv, run.uri(), True,
+                      _concat(PRICED_SCHEMA, [run.read_tables(manifest["parts"])]),
+                      _concat(REJECTED_SCHEMA, [run.read_tables([manifest["rejected"]])]),
+                      run.read_tables([old], ["key"]).num_rows if old else 0)  # fmt: skip
+    earlier = run.superseded()
     owner = _owners(plans, set(done))
-    priced, rejected, left_out = [], [], 0
+    priced, rejected = [], []
+    left_out = set(zip(*(earlier[c].to_pylist() for c in ("key", "shard")), strict=True)) \
+        if earlier is not None else set()  # fmt: skip
     for shard in done:
         attempt = run.attempt(shard)
         for table, into in ((run.part(shard), priced),
                             (run.shard_rejections(shard, attempt), rejected)):  # fmt: skip
             objects = np.asarray(table["object"].to_pylist(), dtype=object)
             keep = np.array([owner.get(o) == shard for o in objects], dtype=bool)
-            left_out += int((~keep).sum())
+            left_out |= {(k, shard) for k in table.filter(pa.array(~keep))["key"].to_pylist()}
             into.append(table.filter(pa.array(keep, pa.bool_())))
-    earlier = run.superseded()
-    manifest = run.manifest()
     return Prices(
         drop_id=drop_id,
         model_version=mv,
         uri=run.uri(),
-        finished=manifest is not None and manifest.get("last_plan", 0) >= max(plans, default=0),
+        finished=finished,
         prices=_concat(PRICED_SCHEMA, priced),
         rejected=_concat(REJECTED_SCHEMA, rejected),
-        superseded=left_out + (earlier.num_rows if earlier is not None else 0),
+        superseded=len(left_out),  # each older row once, moved by a finisher or not
     )
 
 

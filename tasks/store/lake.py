@@ -32,7 +32,9 @@ registry/lines/<name>/{champion.json, decisions/<time>-<model>.json}  (a catalog
 drops/<drop>/...                  (.ready: an optional marker, "this drop is complete"; hidden, so
                                     never priced: the S3 bridge emits the drop's event on it)
 scores/<drop>/<model>/{_plans/, _claims/, _shards/, _rejected/, part-*.parquet,
-                       superseded.parquet, rejected.parquet, plots/, _manifest.json}
+                       _generations/<plan>-<claim>/, plots/, _manifest.json}
+                                   (the manifest names the parts, rejected.parquet and
+                                    superseded.parquet it covers)
 ```
 
 The file named last in each entry is its completion marker: it is written
@@ -922,9 +924,10 @@ class ScoreRun(Claims, Entry):
     unchanged for a claim lifetime), writes its attempt's ``_rejected/<shard>/<attempt>``
     and ``_shards/<shard>/<attempt>`` and last creates ``part-<shard>.parquet``, the
     shard's completion marker, conditionally: the first part wins, and names (in its
-    Parquet metadata) the attempt whose side files are the shard's. Finishing writes
-    ``superseded.parquet``, ``rejected.parquet`` and, by compare-and-swap,
-    ``_manifest.json`` last.
+    Parquet metadata) the attempt whose side files are the shard's; parts are never
+    rewritten. Finishing writes its own ``_generations/<plan>-<claim>/`` (parts without
+    superseded rows, ``rejected.parquet``, ``superseded.parquet``) and, by
+    compare-and-swap, ``_manifest.json`` last, naming them: readers read what it names.
     """
 
     drop_id: str = ""
@@ -932,6 +935,31 @@ class ScoreRun(Claims, Entry):
     MARKER = "_manifest.json"
     PART = re.compile(r"^part-(.+)\.parquet$")
     PLAN = re.compile(r"^_plans/(\d+)\.json$")
+    GENERATIONS = "_generations/"
+
+    def generation(self, last_plan: int, claim_id: str) -> str:
+        """The folder (relative) of one finisher's outputs for plans up to ``last_plan``."""
+        return f"{self.GENERATIONS}{last_plan:08d}-{claim_id}/"
+
+    @staticmethod
+    def generation_table(folder: str, what: str) -> str:
+        """A finisher's table (``rejected``, ``superseded``) in its folder."""
+        return f"{folder}{what}.parquet"
+
+    def stale_generations(self) -> dict[str, list[ObjectInfo]]:
+        """Finishers' folders that the newest manifest does not name and that are of an
+        older plan than it covers (a lost or lapsed finisher's), with their objects."""
+        manifest = self.manifest() or {}
+        named = {n for n in [*manifest.get("parts", []), manifest.get("rejected"),
+                             manifest.get("superseded")] if n}  # fmt: skip
+        last = int(manifest.get("last_plan") or 0)
+        found: dict[str, list[ObjectInfo]] = {}
+        for o in self.store.list(self.key(self.GENERATIONS)):
+            rel = o.key[len(self.prefix) :]
+            found.setdefault(rel[: rel.index("/", len(self.GENERATIONS)) + 1], []).append(o)
+        return {folder: objects for folder, objects in found.items()
+                if int(folder[len(self.GENERATIONS) :].split("-", 1)[0] or 0) < last
+                and not any(n.startswith(folder) for n in named)}  # fmt: skip
 
     def manifest(self) -> dict | None:
         return self.marker()
@@ -1022,11 +1050,6 @@ class ScoreRun(Claims, Entry):
         value = (pq.read_schema(pa.BufferReader(body)).metadata or {}).get(self.ATTEMPT)
         return value.decode() if value else None
 
-    def write_part(self, shard: str, prices: pa.Table) -> None:
-        """Rewrite a finished shard's part (the finisher: without superseded rows); the
-        table keeps the metadata that names its attempt."""
-        self.put_bytes(f"part-{shard}.parquet", parquet_bytes(prices))
-
     def part(self, shard: str) -> pa.Table:
         return read_parquet(self.get_bytes(f"part-{shard}.parquet"))
 
@@ -1042,7 +1065,8 @@ class ScoreRun(Claims, Entry):
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def prices(self, columns: list[str] | None = None) -> pa.Table | None:
-        return self.read_tables(self.part_names(), columns)
+        """The parts the newest manifest names (before a manifest: every part)."""
+        return self.read_tables((self.manifest() or {}).get("parts") or self.part_names(), columns)
 
     def shard_facts(self, attempts: dict[str, str | None] | None = None) -> dict[str, dict]:
         """shard -> the facts of the attempt whose part won (``attempts``: shard ->
@@ -1071,20 +1095,21 @@ class ScoreRun(Claims, Entry):
                     found.append(name)
         return found
 
-    def write_rejected(self, table: pa.Table) -> None:
-        self.put_bytes("rejected.parquet", parquet_bytes(table))
+    def named(self, what: str) -> str | None:
+        """The file the newest manifest names for ``what`` (rejected, superseded; None:
+        none); before manifests named them, ``<what>.parquet``."""
+        manifest = self.manifest() or {}
+        return manifest.get(what, f"{what}.parquet")
 
     def rejected(self) -> pa.Table:
-        return read_parquet(self.get_bytes("rejected.parquet"))
+        return read_parquet(self.get_bytes(self.named("rejected")))
 
     def superseded(self) -> pa.Table | None:
+        name = self.named("superseded")
         try:
-            return read_parquet(self.get_bytes("superseded.parquet"))
+            return read_parquet(self.get_bytes(name)) if name else None
         except ObjectNotFound:
             return None
-
-    def write_superseded(self, table: pa.Table) -> None:
-        self.put_bytes("superseded.parquet", parquet_bytes(table))
 
 
 # --- the catalog ---------------------------------------------------------------------
