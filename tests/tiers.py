@@ -52,6 +52,7 @@ FILES: dict[str, str] = {
     "test_fencing.py": INTEGRATION,
     "test_flows_ingest_label.py": INTEGRATION,
     "test_frozen_engine.py": INTEGRATION,  # OpenVINO's convert_model sends telemetry from a process
+    "test_generations.py": UNIT,
     "test_gc.py": UNIT,
     "test_hostile.py": UNIT,
     "test_iam.py": INTEGRATION,
@@ -71,6 +72,7 @@ FILES: dict[str, str] = {
     "test_storage.py": UNIT,
     "test_tiers.py": UNIT,
     "test_training.py": UNIT,
+    "test_ui_capture.py": UNIT,
     "test_warm_start.py": INTEGRATION,  # trains
 }
 
