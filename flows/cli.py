@@ -488,9 +488,11 @@ def _cmd_prices(args: argparse.Namespace) -> dict:
 
 def _cmd_gc(args: argparse.Namespace) -> dict:
     from tasks.governance.gc import collect_garbage, parse_age
+    from tasks.scoring.engines import unfinished_conversions
 
     age = parse_age(args.older_than)  # a bad age is named before the store is read
-    return collect_garbage(_lake(args, existing=True), age, args.dry_run).as_dict()
+    lake = _lake(args, existing=True)
+    return collect_garbage(lake, age, args.dry_run, conversions=unfinished_conversions()).as_dict()
 
 
 def _number(value: float) -> str:

@@ -32,7 +32,7 @@ from tasks.reports import (
     publish_table,
 )
 from tasks.runtime import TASK_RETRIES, get_logger
-from tasks.scoring.ledger import ScoreOptions, scorer_name
+from tasks.scoring.ledger import ScoreOptions
 from tasks.scoring.runner import (
     Job,
     ScanIncomplete,
@@ -43,6 +43,7 @@ from tasks.scoring.runner import (
 )
 from tasks.scoring.shard import work
 from tasks.settings import load_settings
+from tasks.store.claims import worker_name
 from tasks.store.lake import DropSource, Lake, line_of
 from tasks.store.storage import open_store
 
@@ -125,7 +126,7 @@ def score_partition_flow(
 ) -> dict:
     """One partition of a drop on a work pool: a scorer that claims whole shards."""
     scored = _scorer(store, drop_id, model_version, source, options, start)
-    return {"scorer": scorer_name(), "shards": len(scored)}
+    return {"scorer": worker_name(), "shards": len(scored)}
 
 
 def publish_drop(lake: Lake, manifest: dict) -> None:

@@ -15,17 +15,10 @@ from pathlib import Path
 import pytest
 
 from tasks.scoring.finish import finish, publish
-from tasks.scoring.ledger import (
-    ClaimWatch,
-    Heartbeat,
-    ScoreOptions,
-    pending,
-    plan_work,
-    scorer_name,
-    take_claim,
-)
+from tasks.scoring.ledger import ScoreOptions, pending, plan_work
 from tasks.scoring.runner import in_threads, locate_drop, score_drop
 from tasks.scoring.shard import work
+from tasks.store.claims import ClaimWatch, Heartbeat, take_claim, worker_name
 from tasks.store.lake import Lake
 from tasks.store.storage import open_store
 from tests.conftest import copy_lake
@@ -71,7 +64,7 @@ def test_a_paused_scorer_cannot_write_after_losing_its_claim(store_uri, tiny_lak
         assert shard not in run.done_shards()
         manifest = score_drop(lake, "paused", options=ScoreOptions(shard_size=2, claim_seconds=TTL))
         assert manifest["skipped"] is False
-        assert run.shard_facts()[shard]["scorer"] == scorer_name(), "taken over by this scorer"
+        assert run.shard_facts()[shard]["scorer"] == worker_name(), "taken over by this scorer"
         proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -87,7 +80,7 @@ def test_a_paused_scorer_cannot_write_after_losing_its_claim(store_uri, tiny_lak
     assert final["finisher"] == manifest["finisher"], "the manifest is the finisher's"
     assert final["counts"] == {"listed": 4, "priced": 4, "rejected": 0}
     assert final["last_plan"] == max(run.plans()) == 1
-    assert set(final["scorers"].values()) == {scorer_name()}
+    assert set(final["scorers"].values()) == {worker_name()}
     assert len(run.names("_shards/")) == len(run.names("_rejected/")) == 2, (
         "the late attempt's side files are gone: one set per shard"
     )

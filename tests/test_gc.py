@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 
 from tasks.governance.gc import collect_garbage, parse_age
-from tasks.scoring.engines import float_cache_dir
-from tasks.scoring.ledger import take_claim
+from tasks.scoring.engines import float_cache_dir, unfinished_conversions
+from tasks.store.claims import take_claim
 from tasks.store.lake import Lake, parquet_bytes
 from tasks.store.storage import TMP_PREFIX, open_store
 from tests.test_cli import vggprice
@@ -154,10 +154,14 @@ def test_gc_local_removes_old_orphans_keeps_young_and_published(tmp_path):
     sizes = {o.key: o.size for o in store.list()}
     before = sorted(sizes)
 
-    dry = collect_garbage(lake, timedelta(days=7), dry_run=True, cache_dir=cache)
+    def collect(**kw):  # the conversions listed again at each call, as the CLI does
+        return collect_garbage(lake, timedelta(days=7), conversions=unfinished_conversions(cache),
+                               **kw)  # fmt: skip
+
+    dry = collect(dry_run=True)
     assert sorted(o.key for o in store.list()) == before, "a dry run removes nothing"
     assert Path(crashed).exists() and dead.exists()
-    report = collect_garbage(lake, timedelta(days=7), cache_dir=cache)
+    report = collect()
     assert report.as_dict()["items"] == dry.as_dict()["items"]
 
     kinds = summary(report)
@@ -179,7 +183,7 @@ def test_gc_local_removes_old_orphans_keeps_young_and_published(tmp_path):
     # what stays is what was there, less exactly what the report names
     gone = {k for keys in old["orphans"].values() for k in keys}
     assert sorted(o.key for o in store.list()) == sorted(set(before) - gone)
-    assert collect_garbage(lake, timedelta(days=7), cache_dir=cache).removed == []
+    assert collect().removed == []
 
 
 def test_gc_s3(s3_uri, tmp_path):
@@ -187,11 +191,11 @@ def test_gc_s3(s3_uri, tmp_path):
     state = make_state(lake, "s3", tmp_path)
     sizes = {o.key: o.size for o in lake.store.list()}
     now = datetime.now(UTC)
-    assert collect_garbage(lake, timedelta(hours=1), now=now, cache_dir=tmp_path).removed == []
+    assert collect_garbage(lake, timedelta(hours=1), now=now).removed == []
     later = now + timedelta(days=1)
-    dry = collect_garbage(lake, timedelta(0), dry_run=True, now=later, cache_dir=tmp_path)
+    dry = collect_garbage(lake, timedelta(0), dry_run=True, now=later)
     assert sorted(o.key for o in lake.store.list()) == sorted(sizes)
-    report = collect_garbage(lake, timedelta(0), now=later, cache_dir=tmp_path)
+    report = collect_garbage(lake, timedelta(0), now=later)
     assert report.as_dict()["items"] == dry.as_dict()["items"]
     kinds = summary(report)
     assert set(kinds) == STORE_KINDS
@@ -206,12 +210,18 @@ def test_cli_gc(tmp_path):
     store = str(tmp_path / "lake")
     lake = Lake(open_store(store))
     state = make_state(lake, "cli", tmp_path)
+    cache = tmp_path / "cache"  # the CLI lists this machine's unfinished conversions
+    (float_cache_dir(cache) / ("c" * 24 + ".0123abcd")).mkdir(parents=True)
     age_everything(tmp_path / "lake", days=2)
+    age_everything(cache, days=2)
     before = sorted(lake.store.keys())
-    code, err, out = vggprice("gc", "--dry-run", "--json", "--older-than", "1d", "--store", store)
+    env = os.environ | {"VGGPRICE_CACHE_DIR": str(cache)}
+    code, err, out = vggprice("gc", "--dry-run", "--json", "--older-than", "1d", "--store", store,
+                              env=env)  # fmt: skip
     assert code == 0, err
     printed = json.loads(out)
     assert printed["dry_run"] is True and set(STORE_KINDS) <= set(printed["kinds"])
+    assert printed["kinds"]["float-conversion"]["count"] == 1, printed["kinds"]
     assert printed["kinds"]["training-attempt"]["count"] == 1
     assert printed["removed"] == len(printed["items"]) and printed["bytes_freed"] > 0
     assert sorted(lake.store.keys()) == before

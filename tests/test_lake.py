@@ -158,11 +158,11 @@ def test_no_key_is_built_outside_the_lake():
     assert offenders == [], "keys built outside tasks/store/lake.py:\n" + "\n".join(offenders)
 
 
-# What the learning code may import beside itself: what it stores through, the
-# process-wide helpers, and the ledger's claims (which extractor computes a feature
-# shard, never what it holds). None of these decide what a cache or a model holds.
+# What the learning code may import beside itself: what it stores through (the store's
+# work claims among it: which extractor computes a feature shard, never what it holds)
+# and the process-wide helpers. None of these decide what a cache or a model holds.
 BENEATH = {"tasks", "tasks.store", "tasks.store.lake", "tasks.store.storage", "tasks.settings",
-           "tasks.runtime", "tasks.reports", "tasks.scoring.ledger"}  # fmt: skip
+           "tasks.runtime", "tasks.reports", "tasks.store.claims"}  # fmt: skip
 
 
 def is_module(name: str) -> bool:

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from tasks.model.export import cached_model_file
-from tasks.scoring.ledger import ScoreOptions, plan_work, take_claim
+from tasks.scoring.ledger import ScoreOptions, plan_work
 from tasks.scoring.runner import locate_drop, score_drop
+from tasks.store.claims import take_claim
 from tasks.store.lake import Lake
 from tasks.store.storage import S3Store
 from tests.conftest import TinyLake, copy_lake, prefect_home

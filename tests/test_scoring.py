@@ -15,18 +15,11 @@ from flows.score import score_flow, score_new_drops_flow
 from tasks.data.images import ImageRejected, to_pixels
 from tasks.data.loading import load_data
 from tasks.model.export import cached_model_file
-from tasks.scoring.ledger import (
-    DropBusy,
-    DropError,
-    ScoreOptions,
-    pending,
-    plan_work,
-    scorer_name,
-    take_claim,
-)
+from tasks.scoring.ledger import DropBusy, DropError, ScoreOptions, pending, plan_work
 from tasks.scoring.runner import locate_drop, score_drop
 from tasks.scoring.shard import score_shard
 from tasks.settings import load_settings
+from tasks.store.claims import take_claim, worker_name
 from tasks.store.lake import Lake
 from tests.conftest import TinyLake, copy_lake
 
@@ -185,7 +178,7 @@ def test_crashed_scorer_costs_one_claim_lifetime(scored_store):
     assert {o.key: o.etag for o in lake.store.list(run.prefix + "part-")}.items() >= etag.items()
     priced, rejected = outputs(lake, "d2", mv)
     assert sorted(priced) == sorted(files) and rejected == {}
-    assert set(result["scorers"].values()) == {"dead-host:1", scorer_name()}
+    assert set(result["scorers"].values()) == {"dead-host:1", worker_name()}
 
 
 def test_concurrent_runs_make_no_duplicates(tiny_lake, tmp_path):

@@ -15,11 +15,13 @@ The kinds, and why each is an orphan:
   the drop's newest manifest covers, which that manifest does not name (a finisher that
   lost, or lapsed before publishing);
 - ``claim``: a work claim (scoring, feature extraction) left unchanged for longer than
-  the lifetime it states (``ledger.claim_lapsed``): its holder has stopped;
+  the lifetime it states (``claims.claim_lapsed``): its holder has stopped;
 - ``temp-file``: a local store's hidden temp and lock files (``storage.temp_files``),
   outside the drops;
 - ``float-conversion``: a converted OpenVINO float model that died before its rename,
-  in this machine's cache directory (``engines.unfinished_conversions``).
+  in this machine's cache directory: the caller lists them (``conversions``; the CLI
+  passes ``engines.unfinished_conversions``), so governance does not reach up into
+  scoring.
 
 Never touched: a model's published attempt and its ``lineage.json``, a published int8
 attempt and its ``gate.json``, champions and decisions, datasets, labels, features, a
@@ -38,13 +40,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tasks.scoring.engines import unfinished_conversions
-from tasks.scoring.ledger import claim_lapsed
+from tasks.store.claims import claim_lapsed
 from tasks.store.lake import Lake
 from tasks.store.storage import ObjectInfo
 
@@ -96,14 +97,14 @@ class GcReport:
 
 def collect_garbage(
     lake: Lake, older_than: timedelta, dry_run: bool = False, now: datetime | None = None,
-    cache_dir: Path | None = None,
+    conversions: Iterable[Path] = (),
 ) -> GcReport:  # fmt: skip
     """Remove (``dry_run``: only list) the orphans older than ``older_than`` at ``now``
-    (default: this machine's clock); ``cache_dir``: the local cache (default the
-    settings')."""
+    (default: this machine's clock); ``conversions``: this machine's unfinished float
+    conversions (folders), judged by the same age."""
     now_s = (now or datetime.now(UTC)).timestamp() - CLOCK_SKEW.total_seconds()
     cutoff = now_s - older_than.total_seconds()
-    found = list(_candidates(lake, cutoff, now_s, cache_dir))
+    found = list(_candidates(lake, cutoff, now_s, conversions))
     removed = found if dry_run else [o for o in found if o.remove()]
     return GcReport(dry_run, older_than, sorted(removed, key=lambda o: (o.kind, o.where)))
 
@@ -121,7 +122,7 @@ def _group(lake: Lake, kind: str, where: str, objects: list[ObjectInfo], cutoff:
         yield Orphan(kind, where, sum(o.size for o in objects), remove)
 
 
-def _candidates(lake: Lake, cutoff: float, now_s: float, cache_dir: Path | None):
+def _candidates(lake: Lake, cutoff: float, now_s: float, conversions: Iterable[Path]):
     store = lake.store
     for version in lake.model_versions():
         model = lake.model(version)
@@ -158,7 +159,7 @@ def _candidates(lake: Lake, cutoff: float, now_s: float, cache_dir: Path | None)
         if o.mtime < cutoff and not o.key.startswith(lake.drops_prefix()):
             yield Orphan("temp-file", store.uri_for(o.key), o.size,
                          lambda key=o.key: store.remove_temp(key))  # fmt: skip
-    for folder in unfinished_conversions(cache_dir):
+    for folder in conversions:
         yield from _conversion(folder, cutoff)
 
 

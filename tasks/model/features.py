@@ -25,8 +25,8 @@ import numpy as np
 from tasks.data.images import GRAY28, model_input, prepare_batch
 from tasks.data.loading import group_by_shard, pixel_means
 from tasks.runtime import ProgressLog, get_logger, progress
-from tasks.scoring.ledger import ClaimWatch, Lease, scorer_name, work_in_turn
 from tasks.settings import load_settings
+from tasks.store.claims import ClaimWatch, Lease, work_in_turn, worker_name
 from tasks.store.lake import CatalogPixels, FeatureCache, ShardFeatures, feature_key
 
 DTYPE = np.float16  # half the bytes; bf16 features lose nothing more by it
@@ -209,7 +209,7 @@ def extract_work(
     conditional create and release it, until none is left unclaimed; returns the shards
     it stored. A shard another extractor holds is left to it. ``start`` spreads
     extractors over the list; ``watch``: what this process saw of other claims (tests)."""
-    worker = scorer_name()
+    worker = worker_name()
     done = cache.done(shards)
     stored = []
 

@@ -35,8 +35,8 @@ from tasks.model.train_settings import TrainSettings
 from tasks.model.weights import build_vgg, weights_identity
 from tasks.reports import TrainingProgress, loss_plot
 from tasks.runtime import TASK_RETRIES, ProgressLog, get_logger, keras_precision, seeded
-from tasks.scoring.ledger import scorer_name
 from tasks.settings import load_settings
+from tasks.store.claims import worker_name
 from tasks.store.lake import Lake, Model, attempt_id, code_fingerprint, line_of, model_version
 from tasks.store.storage import sha256_file
 
@@ -511,7 +511,7 @@ def extract_features(
     settings = resolved(settings)
     work = _feature_work(lake, dataset_version, labels_version, settings)
     if work is None:
-        return {"extractor": scorer_name(), "stored": []}
+        return {"extractor": worker_name(), "stored": []}
     key, shards = work
     with keras_precision(settings.precision):
         frozen, _ = build_graphs(settings, build_vgg(settings))
@@ -520,7 +520,7 @@ def extract_features(
                           recipe_of(settings), settings.preprocess, settings.input_size,
                           claim_seconds=load_settings().extract_claim_seconds,
                           start=start)  # fmt: skip
-    return {"extractor": scorer_name(), "key": key, "stored": stored}
+    return {"extractor": worker_name(), "key": key, "stored": stored}
 
 
 def train(

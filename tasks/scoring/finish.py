@@ -32,16 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.runtime import get_logger
-from tasks.scoring.ledger import (
-    WATCH,
-    ClaimWatch,
-    Heartbeat,
-    ShardGivenUp,
-    current_shards,
-    scorer_name,
-    take_claim,
-)
+from tasks.scoring.ledger import current_shards
 from tasks.scoring.shard import _ROW, _STAMP, REJECTED_SCHEMA
+from tasks.store.claims import WATCH, ClaimWatch, Heartbeat, ShardGivenUp, take_claim, worker_name
 from tasks.store.lake import Lake, ScoreRun, parquet_bytes
 from tasks.store.storage import ObjectInfo, ObjectNotFound
 
@@ -164,7 +157,7 @@ def finish(
     if found is not None and found.get("last_plan", 0) >= last:
         return found | {"skipped": True}
     watch = watch or WATCH
-    name, owner = run.finish_name(last), scorer_name()
+    name, owner = run.finish_name(last), worker_name()
     log = get_logger()
     with Heartbeat(run, seconds, watch.clock) as heartbeat:
         since = watch.clock()

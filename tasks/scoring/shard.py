@@ -24,15 +24,8 @@ from tasks.data.images import ImageRejected, pixel_shape, prepare
 from tasks.model.export import preprocess_of
 from tasks.runtime import get_logger
 from tasks.scoring.engines import get_engine
-from tasks.scoring.ledger import (
-    ClaimWatch,
-    Lease,
-    ScoreOptions,
-    ShardGivenUp,
-    pending,
-    scorer_name,
-    work_in_turn,
-)
+from tasks.scoring.ledger import ScoreOptions, pending
+from tasks.store.claims import ClaimWatch, Lease, ShardGivenUp, work_in_turn, worker_name
 from tasks.store.lake import DropSource, Lake, ScoreRun
 from tasks.store.storage import NotRegularFile, ObjectNotFound, TooLarge
 
@@ -219,7 +212,7 @@ def work(
     the facts of the shards it scored. ``start`` spreads scorers over the list;
     ``watch`` holds what this process saw of other claims and its clock (the seam for
     tests; default: the process's, on time.monotonic)."""
-    scorer, log = scorer_name(), get_logger()
+    scorer, log = worker_name(), get_logger()
     todo = pending(run, run.plans())
     scored = []
 

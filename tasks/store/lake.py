@@ -87,8 +87,8 @@ LABELS_FORMAT = 1  # bump when the same rule and seed draw other prices
 
 # The code that decides what a feature cache or a model holds: every module under
 # these packages (see code_fingerprint). tests/test_lake.py checks that their modules
-# import nothing else of tasks/ but the store, settings, runtime, reports and the
-# ledger (tasks.scoring.ledger: who computes a shard, never what it holds).
+# import nothing else of tasks/ but the store (its claims among it: who computes a
+# shard, never what it holds), settings, runtime and reports.
 LEARNING_CODE = ("tasks.data", "tasks.model")
 
 
@@ -316,8 +316,8 @@ class Entry:
 
 
 class Claims:
-    """``_claims/<name>.json`` under an entry: the work claims of the ledger
-    (``tasks.scoring.ledger``: conditional create, heartbeats, compare-and-swap takeover),
+    """``_claims/<name>.json`` under an entry: the work claims (``tasks.store.claims``:
+    conditional create, heartbeats, compare-and-swap takeover),
     for whatever its workers share out (a drop's shards, a catalog's feature shards)."""
 
     @staticmethod
