@@ -52,6 +52,7 @@ FILES: dict[str, str] = {
     "test_fencing.py": INTEGRATION,
     "test_flows_ingest_label.py": INTEGRATION,
     "test_frozen_engine.py": INTEGRATION,  # OpenVINO's convert_model sends telemetry from a process
+    "test_floors.py": UNIT,
     "test_generations.py": UNIT,
     "test_gc.py": UNIT,
     "test_hostile.py": UNIT,
