@@ -170,9 +170,9 @@ def compiled_precision(compiled, precision: str) -> str:
 
 def ov_predict(compiled, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Prices for prepared uint8 pixels, in whole batches (padded: one shape), as many
-    batches at once as the THROUGHPUT hint has streams."""
-    import openvino as ov
-
+    batches at once as the THROUGHPUT hint has streams. No Python callbacks: OpenVINO's
+    threads never wait for the GIL (an AsyncInferQueue callback could deadlock a compiled
+    model released with the GIL held, seen inside a Prefect flow)."""
     n = len(pixels)
     if n == 0:
         return np.zeros(0)
@@ -182,15 +182,24 @@ def ov_predict(compiled, pixels: np.ndarray, batch_size: int = 256) -> np.ndarra
     x = model_input(padded)
     out = np.zeros(batches * batch_size, np.float64)
     jobs = max(1, min(batches, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    queue = ov.AsyncInferQueue(compiled, jobs)
+    requests = [compiled.create_infer_request() for _ in range(jobs)]
+    running: list[int | None] = [None] * jobs  # the batch each request is pricing
 
-    def done(request, i):
-        out[i * batch_size : (i + 1) * batch_size] = request.get_output_tensor(0).data.reshape(-1)
+    def collect(r: int) -> None:
+        if (i := running[r]) is not None:
+            requests[r].wait()
+            out[i * batch_size : (i + 1) * batch_size] = (
+                requests[r].get_output_tensor(0).data.reshape(-1)
+            )
+            running[r] = None
 
-    queue.set_callback(done)
     for i in range(batches):
-        queue.start_async({0: x[i * batch_size : (i + 1) * batch_size]}, userdata=i)
-    queue.wait_all()
+        r = i % jobs
+        collect(r)
+        requests[r].start_async({0: x[i * batch_size : (i + 1) * batch_size]})
+        running[r] = i
+    for r in range(jobs):
+        collect(r)
     return out[:n]
 
 
