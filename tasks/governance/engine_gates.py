@@ -11,8 +11,8 @@ float32 on the same images (nothing is made but the verdict).
 **The gate** allows the larger of ``int8_max_drop_fraction`` of float32's RMSE and
 ``int8_max_drop_price`` (never looser than the defaults). Before anything is compared,
 float32's RMSE (the baseline) is checked against the model's stored evaluation (its RMSE
-on the test split: within ``BASELINE_EXACT`` when the gate saw the whole split, else
-``BASELINE_SAMPLED``): a damaged conversion never becomes the baseline.
+on the test split: within ``BASELINE_EXACT`` when the gate saw as many images as the
+evaluation (the same ones), else ``BASELINE_SAMPLED``): a damaged conversion never becomes the baseline.
 
 gate.json records the context the verdict depends on (``engines.gate_context``), both
 RMSEs, the verdict and (int8) the files' hashes; it is published by a conditional create
@@ -90,7 +90,7 @@ def check_baseline(model: Model, rmse_float32: float, n: int) -> None:
     if not metrics:
         raise GateError(f"model {model.version} has no evaluation to check float32 against: "
                         "evaluate it (vggprice evaluate)")  # fmt: skip
-    tolerance = BASELINE_EXACT if n >= metrics["n"] else BASELINE_SAMPLED
+    tolerance = BASELINE_EXACT if n == metrics["n"] else BASELINE_SAMPLED  # the same images
     if abs(rmse_float32 - metrics["rmse"]) > tolerance * metrics["rmse"] + 1e-6:
         raise GateError(f"OpenVINO float32 RMSE {rmse_float32:.4f} on {n} test images is not "
                         f"the evaluation's {metrics['rmse']:.4f} on {metrics['n']} (within "
