@@ -37,7 +37,9 @@ def promote_flow(
     int8 engine (and bf16 verdict) are made here too (``engines`` in the result)."""
     s = load_settings(store=store, mlflow_tracking_uri=mlflow_tracking_uri)
     decision = promote_model(s.store, model_version, margin, force, s.mlflow_tracking_uri)
-    if decision["promoted"] or decision["reason"] == "already the champion":
+    if s.engines_at_promotion and (
+        decision["promoted"] or decision["reason"] == "already the champion"
+    ):
         decision["engines"] = champion_engines(s.store, model_version)
     return decision
 

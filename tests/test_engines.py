@@ -302,9 +302,10 @@ def test_a_gate_of_other_settings_or_an_error_is_made_again(tiny_lake, tmp_path,
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_promotion_makes_the_int8_engine_for_the_first_drop(tiny_lake, tmp_path):
+def test_promotion_makes_the_int8_engine_for_the_first_drop(tiny_lake, tmp_path, monkeypatch):
     from flows.evaluate import promote_flow
 
+    monkeypatch.setenv("VGGPRICE_ENGINES_AT_PROMOTION", "true")  # the default (conftest: off)
     lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
     mv = tiny_lake.model_version
     assert int8_gate(lake.model(mv), ScoreOptions(), make=False) is None
