@@ -157,7 +157,7 @@ def publish_drop(lake: Lake, manifest: dict) -> None:
 
 def _summary(manifest: dict) -> dict:
     keys = ("drop_id", "model_version", "counts", "rejections", "prices", "drift", "timings",
-            "scorer_counts", "engines", "skipped")  # fmt: skip
+            "scorer_counts", "engines", "engine_reasons", "skipped")  # fmt: skip
     return {k: manifest[k] for k in keys if k in manifest}
 
 

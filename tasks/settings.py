@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         description="a training's frozen features up to this size are gathered in memory and "
         "batched from there (fastest); larger ones stream from their shards (bounded memory)",
     )
+    engines_at_promotion: bool = Field(
+        True,
+        description="promotion makes the champion's int8 engine and bf16 verdict on this "
+        "worker (tasks/governance/engine_gates.py), so its first drop is priced at their speed",
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -55,6 +55,9 @@ def pytest_configure(config: pytest.Config) -> None:
             VGGPRICE_CACHE_DIR=str(_scratch / "cache"),
             VGGPRICE_TEST_TINY_LAKE=str(_scratch / "tiny"),
             VGGPRICE_TEST_PREFECT_DB=str(_scratch / "prefect-migrated.db"),  # servers.py
+            # quantizing at every promotion would slow the flow tests by minutes; the
+            # engine tests turn it on (tests/test_engines.py)
+            VGGPRICE_ENGINES_AT_PROMOTION="false",
         )
         os.environ.pop(PREFECT_URL, None)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,5 +1,7 @@
 """Scoring engines: OpenVINO float32 against Keras, the int8 model and its accuracy gate
-(made once, reused, never used when it failed), and what every row and manifest says."""
+(made once, reused, never used when it failed, made again under other settings or after
+an error), verified local caches, bf16 in ``auto``, the int8 engine made at promotion,
+and what every row and manifest says."""
 
 from __future__ import annotations
 
@@ -17,8 +19,17 @@ from PIL import Image
 from flows.cli import main
 from flows.score import score_flow
 from tasks.data.loading import load_data
+from tasks.governance.engine_gates import allowed_drop
 from tasks.model.export import load_stored_model, predict_prices, preprocess_of
-from tasks.scoring.engines import allowed_drop, get_engine, int8_gate, openvino_float, rmse
+from tasks.scoring.engines import (
+    gate_context,
+    gate_files,
+    get_engine,
+    int8_gate,
+    native_bf16,
+    openvino_float,
+    rmse,
+)
 from tasks.scoring.ledger import ScoreOptions
 from tasks.scoring.runner import score_drop
 from tasks.store.storage import sha256_file
@@ -101,7 +112,7 @@ def test_two_makers_publish_one_int8_model(engine_lake, tmp_path):
     """Two scorers that both found no int8 model make one at once: both quantize,
     one gate.json stands, and both use the one it names."""
     lake, mv = engine_lake.lake, engine_lake.model_version
-    files = lake.model(mv).engine()
+    files = gate_files(lake.model(mv), "int8", ScoreOptions())[0]
     assert files.gate() is None
     openvino_float(lake.model(mv))  # converted once on this machine (the makers' cache)
     go = tmp_path / "go"
@@ -142,7 +153,7 @@ def test_int8_prices_stay_within_the_gate(engine_lake):
     """The published int8 model scores (not made again), its prices of the held-out
     test images within the gate of float32's; ``auto`` picks it once it passed."""
     lake, mv = engine_lake.lake, engine_lake.model_version
-    files = lake.model(mv).engine()
+    files = gate_files(lake.model(mv), "int8", ScoreOptions())[0]
     before = files.attempts()  # the makers' (this test alone: made now, once)
     gate = int8_gate(lake.model(mv), ScoreOptions(), make=True)
     if not gate["passed"]:
@@ -172,9 +183,9 @@ def test_int8_prices_stay_within_the_gate(engine_lake):
 def test_failed_gate_falls_back_with_one_line(tiny_lake, tmp_path, caplog):
     lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
     mv = tiny_lake.model_version
-    files = lake.model(mv).engine()
+    files, context, _ = gate_files(lake.model(mv), "int8", ScoreOptions())
     files.write_gate({"model_version": mv, "attempt": "handmade", "passed": False,
-                      "reason": "int8 RMSE 9.0 > float32 1.0 + 0.5"})  # fmt: skip
+                      "reason": "int8 RMSE 9.0 > float32 1.0 + 0.5", "context": context})  # fmt: skip
     images = _test_split(lake, mv).images[:6]
     _png_drop(lake, "fallback", images)
     options = ScoreOptions(engine="openvino", precision="int8", shard_size=2, batch_size=2)
@@ -194,3 +205,140 @@ def test_engine_choice_errors_are_one_line(tiny_lake, capsys):
                  "--precision", "int8"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "keras engine has no int8: use --engine openvino" in err[0]
+
+
+def _float_cache(lake, mv: str) -> Path:
+    """The local OpenVINO float32 conversion of the model (made if need be)."""
+    import hashlib
+
+    import openvino as ov
+
+    from tasks.settings import load_settings
+
+    openvino_float(lake.model(mv))
+    sha = lake.model(mv).lineage()["model_sha256"]
+    where = hashlib.sha256(f"{sha}/{ov.__version__}".encode()).hexdigest()[:24]
+    return load_settings().cache_dir / "engines" / "openvino-float" / where
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same-size"])
+def test_a_damaged_local_cache_is_made_again(tiny_lake, tmp_path, damage):
+    """A truncated or same-size-changed model.bin of the float32 conversion (and a
+    truncated cached model.keras) is made again by the next scorer: the same prices."""
+    from tasks.model.export import cached_model_file
+
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))  # its own scorer engines
+    mv = tiny_lake.model_version
+    images = _test_split(lake, mv).images[:6]
+    options = ScoreOptions(engine="openvino", precision="float32", batch_size=4)
+    intact = get_engine(tiny_lake.lake.model(mv), options)  # loaded before the damage
+    expected = intact.predict(images, 4)
+    weights = _float_cache(lake, mv) / "model.bin"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # zeroed weights, same size
+    _replace(weights, bytes(data))  # a new file: this process's engine keeps its mapping
+    if damage == "truncated":
+        keras_file = cached_model_file(lake.model(mv))
+        _replace(keras_file, keras_file.read_bytes()[:100])
+    _png_drop(lake, "damaged", images)
+    out = score_drop(lake, "damaged", options=options)
+    assert out["engines"] == {"openvino/float32": 1}
+    rows = _prices(lake, "damaged", mv)
+    assert [rows[k][0] for k in sorted(rows)] == expected.tolist(), "priced as intact"
+    assert weights.read_bytes() != bytes(data), "made again"
+    sha = lake.model(mv).lineage()["model_sha256"]
+    assert sha256_file(cached_model_file(lake.model(mv))) == sha
+
+
+def test_a_gate_of_other_settings_or_an_error_is_made_again(tiny_lake, tmp_path, caplog):
+    """A gate.json recording a looser tolerance, fewer images or another OpenVINO is
+    not trusted and is made again; an error while making it (no calibration images)
+    records nothing, logs one line, and the next run makes it."""
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
+    model = lake.model(mv)
+    today = ScoreOptions()
+    files, context, _ = gate_files(model, "int8", today)
+    loose = ScoreOptions(int8_max_drop_price=100.0, int8_validation_images=8)
+    assert gate_context(model, "int8", loose) == context, "options never loosen the gate"
+    other = [
+        context | {"max_drop": {"fraction": 0.02, "price": 100.0}},
+        context | {"validation": context["validation"] | {"images": 8}},
+        context | {"versions": context["versions"] | {"openvino": "2023.0.0"}},
+    ]
+    for recorded in other:
+        files.write_gate({"model_version": mv, "attempt": "old", "passed": True,
+                          "context": recorded})  # fmt: skip
+        assert gate_files(model, "int8", today)[2] is None, recorded
+        assert int8_gate(model, today, make=False) is None
+    images = _test_split(lake, mv).images[:4]
+    _png_drop(lake, "broken", images)
+    broken = ScoreOptions(engine="openvino", precision="int8", int8_calibration_images=0)
+    with caplog.at_level(logging.INFO, logger="vggprice"):
+        out = score_drop(lake, "broken", options=broken)
+    lines = [r.getMessage() for r in caplog.records if "making its int8 gate failed" in r.message]
+    assert len(lines) == 1 and "made again on the next try" in lines[0], lines
+    assert out["engines"] == {"openvino/float32": 1}, "not scored with the old gate"
+    assert files.gate()["attempt"] == "old" and files.attempts() == [], "nothing recorded"
+    _png_drop(lake, "retried", images)  # the next run: another process, the CLI
+    run = subprocess.run(["vggprice", "score", "retried", "--store", lake.uri, "--engine",
+                          "openvino", "--precision", "int8"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    gate = files.gate()
+    assert gate["attempt"] != "old" and gate["context"] == context, "made again"
+    assert files.attempts() == [gate["attempt"]]
+    want = "openvino/int8" if gate["passed"] else "openvino/float32"
+    assert lake.score_run("retried", mv).manifest()["engines"] == {want: 1}
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_promotion_makes_the_int8_engine_for_the_first_drop(tiny_lake, tmp_path, monkeypatch):
+    from flows.evaluate import promote_flow
+
+    monkeypatch.setenv("VGGPRICE_ENGINES_AT_PROMOTION", "true")  # the default (conftest: off)
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
+    assert int8_gate(lake.model(mv), ScoreOptions(), make=False) is None
+    decision = promote_flow(model_version=mv, store=lake.uri, force=True)
+    gate = int8_gate(lake.model(mv), ScoreOptions(), make=False)
+    assert gate is not None, decision
+    assert decision["engines"]["int8"] == gate["passed"]
+    _png_drop(lake, "first", _test_split(lake, mv).images[:4])
+    manifest = score_drop(lake, "first")
+    ((picked, reason),) = manifest["engine_reasons"].items()
+    assert manifest["engines"] == {picked: 1}
+    if gate["passed"]:
+        assert picked == "openvino/int8" and "int8 passed its gate" in reason
+    else:
+        assert picked != "openvino/int8" and "int8 failed its gate" in reason, reason
+    assert lake.score_run("first", mv).manifest()["engine_reasons"] == {picked: reason}
+
+
+def test_auto_picks_bf16_on_a_cpu_with_native_bf16(tiny_lake, tmp_path):
+    """No int8 engine: ``auto`` scores in bf16 where the CPU has avx512_bf16 or
+    amx_bf16 (its gate made and passed), else in float32; the manifest says why."""
+    lake = copy_lake(tiny_lake.lake, str(tmp_path / "lake"))
+    mv = tiny_lake.model_version
+    _png_drop(lake, "auto", _test_split(lake, mv).images[:4])
+    manifest = score_drop(lake, "auto", options=ScoreOptions(batch_size=4))
+    ((picked, reason),) = manifest["engine_reasons"].items()
+    assert "no int8 engine made" in reason
+    bf16 = gate_files(lake.model(mv), "bf16", ScoreOptions())[2]
+    if native_bf16():
+        assert bf16 is not None and bf16["passed"], bf16
+        assert bf16["rmse_bf16"] <= bf16["rmse_float32"] + bf16["allowed_drop"]
+        assert manifest["engines"] == {"openvino/bf16": 1} and "bf16: native" in reason
+    else:
+        assert bf16 is None
+        assert manifest["engines"] == {"openvino/float32": 1} and "no native bf16" in reason
+    assert {p for _, _, p in _prices(lake, "auto", mv).values()} == {picked.split("/")[1]}

@@ -43,8 +43,10 @@ ZONES = ("datasets/", "labels/", "features/", "models/", "checkpoints/", "regist
          "eval/", "finish-", "attempts/")  # fmt: skip
 OBJECT_NAME = re.compile(r"^[\w.-]+\.(json|parquet|npz|npy|keras|txt|png)$")
 OWNERS = {"tasks/store/lake.py", "tasks/store/storage.py"}
-# names files of infra/ in the repository; the local UI's announcement under PREFECT_HOME
-NOT_THE_LAKE = {"tasks/deploy/pools.py", "tasks/deploy/local_ui.py"}
+# names files of infra/ in the repository; the local UI's announcement under PREFECT_HOME;
+# the hashes beside a cache folder on this machine
+NOT_THE_LAKE = {"tasks/deploy/pools.py", "tasks/deploy/local_ui.py",
+                "tasks/model/verified_cache.py"}  # this machine's cache folders  # fmt: skip
 
 
 def dataset_digest() -> str:

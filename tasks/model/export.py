@@ -13,10 +13,10 @@ import numpy as np
 from tasks.data.images import GRAY28, SIZE, model_input
 from tasks.model.graphs import build_inference
 from tasks.model.train_settings import TrainSettings
+from tasks.model.verified_cache import CacheError, ensure
 from tasks.runtime import keras_precision
 from tasks.settings import load_settings
 from tasks.store.lake import Model, digest
-from tasks.store.storage import sha256_file
 
 
 class ExportError(RuntimeError):
@@ -116,21 +116,22 @@ def load_inference_model(path: Path, config: dict, precision: str = "auto"):
 def cached_model_file(model: Model) -> Path:
     """model.keras on this machine, under the cache directory, keyed by the store and
     the file's content hash (recorded in lineage.json): one store's model is never
-    taken for another's, and a file whose bytes differ is fetched again. The file is the
-    one lineage.json publishes (its attempt's)."""
+    taken for another's. The local copy is checked before every use
+    (``verified_cache``: against lineage.json's hash) and fetched again when it differs.
+    The file is the one lineage.json publishes (its attempt's)."""
     lineage = model.lineage()
     files = model.files(lineage)
     sha = lineage.get("model_sha256")
     if sha is None:  # written before hashes were recorded: key by the listed ETag
         sha = digest(files.file_info().etag, 64)
     where = f"{digest(model.store.uri)}/{model.version}-{sha[:16]}"
-    local = load_settings().cache_dir / "models" / where / model.FILE
-    if not local.is_file():
-        files.download(local)
-        if "model_sha256" in lineage and sha256_file(local) != sha:
-            local.unlink()
-            raise ExportError(f"{files.file_uri()}: content does not match lineage.json")
-    return local
+    folder = load_settings().cache_dir / "models" / where
+    expected = {model.FILE: sha} if "model_sha256" in lineage else None
+    try:
+        ensure(folder, lambda new: files.download(new / model.FILE), expected)
+    except CacheError as err:
+        raise ExportError(f"{files.file_uri()}: content does not match lineage.json") from err
+    return folder / model.FILE
 
 
 _MODELS: OrderedDict[tuple, tuple] = OrderedDict()

@@ -1,39 +1,44 @@
-"""Scoring engines: which runtime prices the pixels, at which precision.
+"""Scoring engines: which runtime prices the pixels, at which precision. Scoring only
+loads engines; the int8 engine and the gates are made in ``governance/engine_gates.py``.
 
 - ``keras``: the stored model.keras in Keras (float32, or rebuilt at bfloat16 / float16
   with its weights: ``export.load_inference_model``);
 - ``openvino``: the same model converted by ``openvino.convert_model`` from the loaded
   Keras model (its pre-processing layers included, so it takes the same uint8 pixels),
   compiled for the CPU with the THROUGHPUT hint; ``float32`` and ``bf16`` set OpenVINO's
-  inference precision hint, ``int8`` runs the model's int8 artifact (below).
+  inference precision hint, ``int8`` runs the model's int8 engine.
 
-**The int8 artifact** is derived once per model version: NNCF's accuracy-controlled
-post-training quantization (``nncf.quantize_with_accuracy_control``), calibrated on a
-seeded sample of the model's train split and validated on its test split with RMSE in
-price units. The gate allows the larger of ``int8_max_drop_fraction`` of float32's RMSE
-and ``int8_max_drop_price`` (``ScoreOptions``; default +2 % or +0.5), measured here on
-the same images for both precisions. The files and ``gate.json`` (hashes, both RMSEs,
-the verdict) go to ``lake.EngineFiles``, published by a conditional create: makers that
-race both quantize, one publishes, every scorer uses the published one. A model whose
-int8 failed its gate is never scored in int8: the scorer says so in one log line and
-uses float32.
+**Local caches** (the float32 conversion, the downloaded int8 engine) are checked
+against their hashes before every use and made again when they differ
+(``model/verified_cache.py``): a damaged cache is replaced, never used.
 
-``auto`` picks per worker: Keras on a GPU; else OpenVINO, in int8 when the model's int8
-artifact exists and passed its gate, else float32 (``auto`` never quantizes: asking for
-``int8`` once makes the artifact).
+**Gates.** int8 (NNCF-quantized) and bf16 are used only where a verdict says they price
+within the tolerance of float32 on the model's test images. A verdict depends on its
+*context* (``gate_context``): the model's hash, the tolerance and validation images
+(``gate_settings``: the options', never looser than the defaults), the validation set's
+identity, the OpenVINO and NNCF versions and the CPU class. Each context has its own
+``models/<v>/engines/openvino-<kind>-<context digest>/gate.json`` (``lake.EngineFiles``,
+published by a conditional create); a gate.json recording another context is made
+again. A verdict that could not be made (an error) is not recorded: the next try makes
+it again.
+
+``auto`` picks per worker: Keras on a GPU; else OpenVINO in int8 when the model's int8
+engine for this context passed its gate (``auto`` never quantizes: promotion makes it,
+as does asking for ``int8``), else bf16 where the CPU has native bf16 (avx512_bf16,
+amx_bf16) and bf16 passed its gate (made on first use: no quantizing), else float32.
+Every engine carries ``reason``: why it is the one; the drop's manifest records it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import shutil
-import tempfile
 import threading
-import uuid
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +48,26 @@ from tasks.data.images import model_input
 from tasks.model.export import (
     MODELS_KEPT,
     cached_model_file,
+    cpu_flags,
     get_model,
     load_stored_model,
     predict_prices,
-    preprocess_of,
     resolve_precision,
 )
+from tasks.model.verified_cache import CacheError, ensure
 from tasks.runtime import get_logger
+from tasks.scoring.ledger import ScoreOptions
 from tasks.settings import load_settings
-from tasks.store.lake import Lake, Model
+from tasks.store.lake import EngineFiles, Model, digest
 from tasks.store.storage import sha256_file
 
 ENGINES = ("auto", "keras", "openvino")
 PRECISIONS = ("auto", "float32", "bf16", "int8")
 KERAS_PRECISION = {"float32": "float32", "bf16": "mixed_bfloat16", "float16": "mixed_float16"}
 _OV_HINT = {"float32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest in f32
-CALIBRATION_BATCH = 32
+CPU_CLASS_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
 SEED = 0
+RETRY_SECONDS = 600.0  # a worker whose gate could not be made tries again this much later
 
 
 class EngineError(ValueError):
@@ -76,6 +84,8 @@ class Engine:
     net: Any
     config: dict
     lock: threading.Lock = field(default_factory=threading.Lock)
+    reason: str = ""  # why this engine and precision (the drop's manifest says it)
+    retry_at: float = math.inf  # a gate could not be made: loaded again after this
 
     def predict(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         if self.engine == "keras":
@@ -160,9 +170,9 @@ def compiled_precision(compiled, precision: str) -> str:
 
 def ov_predict(compiled, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Prices for prepared uint8 pixels, in whole batches (padded: one shape), as many
-    batches at once as the THROUGHPUT hint has streams."""
-    import openvino as ov
-
+    batches at once as the THROUGHPUT hint has streams. No Python callbacks: OpenVINO's
+    threads never wait for the GIL (an AsyncInferQueue callback could deadlock a compiled
+    model released with the GIL held, seen inside a Prefect flow)."""
     n = len(pixels)
     if n == 0:
         return np.zeros(0)
@@ -172,15 +182,24 @@ def ov_predict(compiled, pixels: np.ndarray, batch_size: int = 256) -> np.ndarra
     x = model_input(padded)
     out = np.zeros(batches * batch_size, np.float64)
     jobs = max(1, min(batches, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    queue = ov.AsyncInferQueue(compiled, jobs)
+    requests = [compiled.create_infer_request() for _ in range(jobs)]
+    running: list[int | None] = [None] * jobs  # the batch each request is pricing
 
-    def done(request, i):
-        out[i * batch_size : (i + 1) * batch_size] = request.get_output_tensor(0).data.reshape(-1)
+    def collect(r: int) -> None:
+        if (i := running[r]) is not None:
+            requests[r].wait()
+            out[i * batch_size : (i + 1) * batch_size] = (
+                requests[r].get_output_tensor(0).data.reshape(-1)
+            )
+            running[r] = None
 
-    queue.set_callback(done)
     for i in range(batches):
-        queue.start_async({0: x[i * batch_size : (i + 1) * batch_size]}, userdata=i)
-    queue.wait_all()
+        r = i % jobs
+        collect(r)
+        requests[r].start_async({0: x[i * batch_size : (i + 1) * batch_size]})
+        running[r] = i
+    for r in range(jobs):
+        collect(r)
     return out[:n]
 
 
@@ -199,132 +218,110 @@ def unfinished_conversions(cache_dir: Path | None = None) -> list[Path]:
 def openvino_float(model: Model):
     """(OpenVINO float model, config) from the stored model.keras, converted once per
     machine: kept under the cache directory by the content hash of model.keras and the
-    OpenVINO version (converting costs seconds, reading it back a fraction of one)."""
+    OpenVINO version (converting costs seconds, reading it back a fraction of one), its
+    files checked against their hashes before every use and converted again when they
+    differ (``verified_cache``)."""
     import openvino as ov
 
     keras_file = cached_model_file(model)
     sha = model.lineage().get("model_sha256") or sha256_file(keras_file)
     where = hashlib.sha256(f"{sha}/{ov.__version__}".encode()).hexdigest()[:24]
     local = float_cache_dir() / where
-    xml = local / model.engine().XML
-    if not (xml.is_file() and xml.with_suffix(Path(model.engine().BIN).suffix).is_file()):
-        converted = convert(load_stored_model(model))
-        tmp = local.with_name(f"{where}.{uuid.uuid4().hex}")  # whole, then renamed
-        ov.save_model(converted, tmp / xml.name, compress_to_fp16=False)
-        try:
-            tmp.rename(local)
-        except OSError:  # another process put it there first: the same model
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not xml.is_file():
-            return converted, model.config()
-    return _core().read_model(xml), model.config()
+    xml = model.engine().XML
+
+    def make(folder: Path) -> None:
+        ov.save_model(convert(load_stored_model(model)), folder / xml, compress_to_fp16=False)
+
+    return _core().read_model(ensure(local, make) / xml), model.config()
 
 
 def rmse(prices: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(prices) - np.asarray(truth)) ** 2)))
 
 
-def gate_data(model: Model, options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(calibration pixels: a seeded sample of the train split, validation pixels: the
-    test split (at most ``int8_validation_images``, seeded), their prices)."""
-    from tasks.data.loading import load_data
-
-    lineage = model.lineage()
-    mode, size = preprocess_of(model.config())
-    data = load_data(Lake(model.store), lineage["dataset_version"], lineage["labels_version"],
-                     {"train": options.int8_calibration_images,
-                      "test": options.int8_validation_images}, SEED, mode, size)  # fmt: skip
-    return data.train.images, data.test.images, data.test.price
+# --- the gates: which verdict counts for this model, these settings, this machine ------
 
 
-def allowed_drop(rmse_float32: float, options) -> float:
-    """The gate: the larger of a fraction of float32's RMSE and a price difference."""
-    return max(options.int8_max_drop_fraction * rmse_float32, options.int8_max_drop_price)
+def cpu_class() -> str:
+    """What the CPU offers the engines: its bf16, int8 and vector extensions."""
+    return "+".join(sorted(cpu_flags() & CPU_CLASS_FLAGS)) or "baseline"
 
 
-def make_int8(model: Model, options) -> dict:
-    """Quantize the model with accuracy control, store this attempt's files and publish
-    its gate.json unless another maker did first; the gate that stands."""
-    import nncf
+def native_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def gate_settings(options) -> dict:
+    """The tolerance and validation images a gate is made and trusted with: the options',
+    never looser than the defaults (options reach scorers from flow parameters)."""
+    d = ScoreOptions()
+    images = (options.int8_validation_images, d.int8_validation_images)
+    return {
+        "max_drop": {"fraction": min(options.int8_max_drop_fraction, d.int8_max_drop_fraction),
+                     "price": min(options.int8_max_drop_price, d.int8_max_drop_price)},
+        "validation_images": None if None in images else max(images),
+    }  # fmt: skip
+
+
+def gate_context(model: Model, kind: str, options) -> dict:
+    """Everything a gate's verdict depends on; a gate counts only where it is today's."""
     import openvino as ov
 
-    files = model.engine()
-    ov_float, _ = openvino_float(model)
-    calibration, images, truth = gate_data(model, options)
-    batch = options.batch_size
-    f32 = compile_ov(ov_float, "float32")
-    rmse_float32 = rmse(ov_predict(f32, images, batch), truth)
-    allowed = allowed_drop(rmse_float32, options)
-    items = [(images[i : i + batch], truth[i : i + batch]) for i in range(0, len(images), batch)]
-    inputs = model_input(calibration.astype(np.float32))
-    batches = [inputs[i : i + CALIBRATION_BATCH] for i in range(0, len(inputs), CALIBRATION_BATCH)]
-
-    def validate(compiled, data) -> float:  # NNCF maximises: minus the RMSE
-        pairs = list(data)
-        predicted = np.concatenate(
-            [
-                np.asarray(compiled(model_input(x.astype(np.float32)))[0]).reshape(-1)
-                for x, _ in pairs
-            ]
-        )
-        return -rmse(predicted, np.concatenate([y for _, y in pairs]))
-
-    reason = None
+    lineage = model.lineage()
+    settings = gate_settings(options)
     try:
-        quantized = nncf.quantize_with_accuracy_control(
-            ov_float, nncf.Dataset(batches), nncf.Dataset(items), validation_fn=validate,
-            max_drop=allowed, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(batches),
-        )  # fmt: skip
-        rmse_int8 = rmse(ov_predict(compile_ov(quantized, "int8"), images, batch), truth)
-    except Exception as err:  # no int8 model: the verdict says why
-        quantized, rmse_int8 = None, None
-        reason = f"quantization failed: {type(err).__name__}: {err}"
-    passed = rmse_int8 is not None and rmse_int8 <= rmse_float32 + allowed
-    if reason is None and not passed:
-        reason = f"int8 RMSE {rmse_int8:.4f} > float32 {rmse_float32:.4f} + {allowed:.4f}"
-    attempt = uuid.uuid4().hex[:12]
-    gate = {
+        nncf = metadata.version("nncf")
+    except metadata.PackageNotFoundError:
+        nncf = None
+    return {
+        "engine": f"openvino-{kind}",
         "model_version": model.version,
-        "attempt": attempt,
-        "passed": bool(passed),
-        "reason": reason,
-        "rmse_float32": rmse_float32,
-        "rmse_int8": rmse_int8,
-        "allowed_drop": allowed,
-        "max_drop": {
-            "fraction": options.int8_max_drop_fraction,
-            "price": options.int8_max_drop_price,
-        },  # fmt: skip
-        "validation_images": len(images),
-        "calibration_images": len(calibration),
-        "method": "nncf.quantize_with_accuracy_control",
-        "versions": {"openvino": ov.__version__, "nncf": nncf.__version__},
-        "made_at": datetime.now(UTC).isoformat(),
-    }
-    if quantized is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            xml = Path(tmp) / files.XML
-            ov.save_model(quantized, xml, compress_to_fp16=False)
-            weights = xml.with_suffix(Path(files.BIN).suffix)
-            gate["sha256"] = {files.XML: sha256_file(xml), files.BIN: sha256_file(weights)}
-            files.write_files(attempt, xml, weights)
-    stands = files.publish(gate)
-    if stands["attempt"] != attempt:
-        get_logger().info("model %s: int8 published by another maker first; using theirs",
-                          model.version)  # fmt: skip
-    return stands
+        "model_sha256": lineage.get("model_sha256") or model.files(lineage).file_info().etag,
+        "max_drop": settings["max_drop"],
+        "validation": {"dataset_version": lineage["dataset_version"],
+                       "labels_version": lineage["labels_version"], "split": "test",
+                       "seed": SEED, "images": settings["validation_images"]},
+        "versions": {"openvino": ov.__version__, "nncf": nncf},
+        "cpu": cpu_class(),
+    }  # fmt: skip
+
+
+def gate_files(model: Model, kind: str, options) -> tuple[EngineFiles, dict, dict | None]:
+    """(where the gate for today's context lives, the context, its gate when it was made
+    in exactly this context: a gate recorded with other settings is None, to make again)."""
+    context = gate_context(model, kind, options)
+    files = model.engine(f"openvino-{kind}-{digest(context)}")
+    gate = files.gate()
+    if gate is not None and gate.get("context") != context:
+        get_logger().info("model %s: its %s gate was made with other settings; making it again",
+                          model.version, kind)  # fmt: skip
+        gate = None
+    return files, context, gate
 
 
 def int8_gate(model: Model, options, make: bool) -> dict | None:
-    """The model's published int8 gate; made now when there is none and ``make``."""
-    gate = model.engine().gate()
+    """The model's int8 gate for today's context; made now when there is none and
+    ``make`` (None when making it failed: made again on the next try)."""
+    gate = gate_files(model, "int8", options)[2]
     if gate is None and make:
+        from tasks.governance.engine_gates import make_int8
+
         gate = make_int8(model, options)
     return gate
 
 
-def _load_int8(model: Model, gate: dict):
-    files = model.engine()
+def bf16_gate(model: Model, options) -> dict | None:
+    """The model's bf16 gate for today's context, made now when there is none (no
+    quantizing: float32 and bf16 on the gate's images)."""
+    gate = gate_files(model, "bf16", options)[2]
+    if gate is None:
+        from tasks.governance.engine_gates import make_bf16
+
+        gate = make_bf16(model, options)
+    return gate
+
+
+def _load_int8(model: Model, files: EngineFiles, gate: dict):
     local = (
         load_settings().cache_dir
         / "engines"
@@ -332,16 +329,12 @@ def _load_int8(model: Model, gate: dict):
             f"{model.store.uri}/{model.version}/{gate['attempt']}".encode()
         ).hexdigest()[:24]
     )
-    xml = local / files.XML
-    expected = gate.get("sha256", {})
-    if not (xml.is_file() and (local / files.BIN).is_file()):
-        files.download(gate, local)
-    for name in (files.XML, files.BIN):
-        if expected.get(name) and sha256_file(local / name) != expected[name]:
-            (local / name).unlink()
-            raise EngineError(f"{files.file_uri(gate)}: {name} does not match gate.json; "
-                              "delete the engine's files to make them again")  # fmt: skip
-    return _core().read_model(xml)
+    try:
+        ensure(local, lambda folder: files.download(gate, folder), gate.get("sha256") or None)
+    except CacheError as err:
+        raise EngineError(f"{files.file_uri(gate)}: its files do not match gate.json; "
+                          "delete the engine's files to make them again") from err  # fmt: skip
+    return _core().read_model(local / files.XML)
 
 
 # --- one engine per process, store, model, engine and precision -----------------------
@@ -352,11 +345,11 @@ _LOCK = threading.Lock()
 
 def get_engine(model: Model, options) -> Engine:
     """The engine that scores for ``options`` (engine, precision) on this worker,
-    loaded once per process; a model whose int8 failed its gate scores in float32 (one
-    log line says why)."""
+    loaded once per process (again after RETRY_SECONDS when a gate could not be made); a
+    model whose int8 failed its gate scores in float32 (one log line says why)."""
     key = (model.store.uri, model.version, options.engine, _normal(options.precision))
     with _LOCK:
-        if key not in _ENGINES:
+        if key not in _ENGINES or _ENGINES[key].retry_at < time.monotonic():
             _ENGINES[key] = _load(model, options)
             while len(_ENGINES) > MODELS_KEPT:
                 _ENGINES.popitem(last=False)
@@ -368,24 +361,55 @@ def _load(model: Model, options) -> Engine:
     engine, precision = requested(options.engine, options.precision)
     if engine == "keras":
         net, config, lock = get_model(model, KERAS_PRECISION[precision])
-        return Engine("keras", precision, net, config, lock)
+        why = "as asked" if options.engine == "keras" else "auto: a GPU"
+        return Engine("keras", precision, net, config, lock, why)
     log = get_logger()
+    why, retry = "as asked", False
     if precision in ("auto", "int8"):
-        gate = int8_gate(model, options, make=precision == "int8")
+        files, _, gate = gate_files(model, "int8", options)
+        if gate is None and precision == "int8":
+            gate = int8_gate(model, options, make=True)
+            retry = gate is None
         if gate is not None and gate["passed"]:
-            compiled = compile_ov(_load_int8(model, gate), "int8")
-            return Engine("openvino", "int8", compiled, model.config())
+            compiled = compile_ov(_load_int8(model, files, gate), "int8")
+            why = (f"int8 passed its gate: RMSE {gate['rmse_int8']:.4f} vs float32 "
+                   f"{gate['rmse_float32']:.4f} + {gate['allowed_drop']:.4f}")  # fmt: skip
+            return Engine("openvino", "int8", compiled, model.config(), reason=why)
         if gate is not None:
             log.warning("model %s: int8 failed its accuracy gate (%s; %s); scoring with "
-                        "openvino float32", model.version, gate.get("reason"),
-                        model.engine().uri(model.engine().MARKER))  # fmt: skip
-        elif precision == "int8":  # (not reached: int8 makes the gate)
-            raise EngineError(f"model {model.version}: no int8 gate")
-        precision = "float32"
+                        "openvino %s", model.version, gate.get("reason"),
+                        files.uri(files.MARKER), "float32" if precision == "int8" else "auto")  # fmt: skip
+            why = f"int8 failed its gate ({gate.get('reason')})"
+        else:
+            why = "no int8 engine made for this model, settings and CPU"
+        if precision == "int8":
+            precision, why = "float32", f"{why}; float32 (asked int8)"
+        else:
+            precision, why, retry = _auto_float(model, options, why)
     ov_float, config = openvino_float(model)
     compiled = compile_ov(ov_float, precision)
     ran = compiled_precision(compiled, precision)
     if ran != precision:
         log.warning("openvino: this CPU has no %s; scoring model %s in %s", precision,
                     model.version, ran)  # fmt: skip
-    return Engine("openvino", ran, compiled, config)
+        why = f"{why}; this CPU has no {precision}"
+    retry_at = time.monotonic() + RETRY_SECONDS if retry else math.inf
+    return Engine("openvino", ran, compiled, config, reason=why, retry_at=retry_at)
+
+
+def _auto_float(model: Model, options, why: str) -> tuple[str, str, bool]:
+    """``auto`` without int8: bf16 where the CPU has it natively and it passed its gate
+    (checked against float32 on the gate's images), else float32; why; whether to retry
+    (the bf16 gate could not be made)."""
+    if not native_bf16():
+        return (
+            "float32",
+            f"{why}; float32: this CPU has no native bf16 (avx512_bf16, amx_bf16)",
+            False,
+        )
+    gate = bf16_gate(model, options)
+    if gate is not None and gate["passed"]:
+        return "bf16", (f"{why}; bf16: native on this CPU, passed its gate (RMSE "
+                        f"{gate['rmse_bf16']:.4f} vs float32 {gate['rmse_float32']:.4f})"), False  # fmt: skip
+    verdict = "no bf16 gate (making it failed)" if gate is None else gate.get("reason")
+    return "float32", f"{why}; float32: bf16 did not pass its gate ({verdict})", gate is None

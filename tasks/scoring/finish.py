@@ -270,4 +270,10 @@ def summarise(run: ScoreRun, plans, priced, rejected, listing, skipped, moved, a
                 if s in facts
             )
         ),  # fmt: skip
+        # and why each was the one (``auto``'s choice, a gate's verdict)
+        "engine_reasons": {
+            f"{facts[s]['engine']}/{facts[s]['precision']}": facts[s]["engine_reason"]
+            for s in done
+            if s in facts and facts[s].get("engine_reason")
+        },
     }

@@ -180,6 +180,7 @@ def score_shard(
         "seconds": round(time.time() - t0, 3),
         "engine": engine.engine,
         "precision": engine.precision,
+        "engine_reason": engine.reason,
     }
     check(len(rows) + len(rejected))
     won = run.write_shard(

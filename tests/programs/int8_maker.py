@@ -22,8 +22,8 @@ def main(store: str, model_version: str, ready: str, go: str) -> None:
 
     import nncf  # noqa: F401 - loaded before the start
 
+    from tasks.governance.engine_gates import make_int8
     from tasks.model.export import cached_model_file
-    from tasks.scoring.engines import make_int8
     from tasks.scoring.ledger import ScoreOptions
     from tasks.store.lake import Lake
     from tasks.store.storage import open_store
