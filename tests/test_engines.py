@@ -290,7 +290,7 @@ def test_a_gate_of_other_settings_or_an_error_is_made_again(tiny_lake, tmp_path,
     assert out["engines"] == {"openvino/float32": 1}, "not scored with the old gate"
     assert files.gate()["attempt"] == "old" and files.attempts() == [], "nothing recorded"
     _png_drop(lake, "retried", images)  # the next run: another process, the CLI
-    run = subprocess.run(["vggprice", "score", "retried", "--store", lake.uri, "--engine",
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "score", "retried", "--store", lake.uri, "--engine",
                           "openvino", "--precision", "int8"], cwd=REPO, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
