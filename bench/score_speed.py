@@ -35,12 +35,13 @@ from _common import prepared_store
 from PIL import Image
 
 from tasks.data.loading import load_data
-from tasks.governance.engine_gates import make_engines
+from tasks.governance.engine_gates import int8_gate, make_engines
 from tasks.governance.registry import promote
 from tasks.model.export import load_stored_model
+from tasks.model.ov_runtime import compile_ov, rmse
 from tasks.model.train_settings import TrainSettings
 from tasks.model.training import train
-from tasks.scoring.engines import compile_ov, get_engine, int8_gate, rmse
+from tasks.scoring.engines import get_engine
 from tasks.scoring.ledger import ScoreOptions
 from tasks.scoring.runner import score_drop
 

@@ -488,7 +488,7 @@ def _cmd_prices(args: argparse.Namespace) -> dict:
 
 def _cmd_gc(args: argparse.Namespace) -> dict:
     from tasks.governance.gc import collect_garbage, parse_age
-    from tasks.scoring.engines import unfinished_conversions
+    from tasks.model.ov_runtime import unfinished_conversions
 
     age = parse_age(args.older_than)  # a bad age is named before the store is read
     lake = _lake(args, existing=True)

@@ -49,10 +49,11 @@ def champion_engines(store_uri: str, model_version: str) -> dict | str:
     drop is priced at their speed; a failure logs one line and never blocks the promotion."""
     try:
         from tasks.governance.engine_gates import make_engines
+        from tasks.scoring.ledger import ScoreOptions
         from tasks.store.lake import Lake
         from tasks.store.storage import open_store
 
-        return make_engines(Lake(open_store(store_uri)).model(model_version))
+        return make_engines(Lake(open_store(store_uri)).model(model_version), ScoreOptions())
     except Exception as err:  # the promotion stands; scorers run float32 or bf16 meanwhile
         get_logger().warning("model %s: its engines were not made at promotion (%s: %s)",
                              model_version, type(err).__name__, err)  # fmt: skip

@@ -19,17 +19,10 @@ from PIL import Image
 from flows.cli import main
 from flows.score import score_flow
 from tasks.data.loading import load_data
-from tasks.governance.engine_gates import allowed_drop
+from tasks.governance.engine_gates import allowed_drop, gate_context, gate_files, int8_gate
 from tasks.model.export import load_stored_model, predict_prices, preprocess_of
-from tasks.scoring.engines import (
-    gate_context,
-    gate_files,
-    get_engine,
-    int8_gate,
-    native_bf16,
-    openvino_float,
-    rmse,
-)
+from tasks.model.ov_runtime import native_bf16, openvino_float, rmse
+from tasks.scoring.engines import get_engine
 from tasks.scoring.ledger import ScoreOptions
 from tasks.scoring.runner import score_drop
 from tasks.store.storage import sha256_file

@@ -33,13 +33,7 @@ FLOORS = {
     "flows": "flows",
 }
 # (importer, imported) pairs allowed to climb, each with its reason. None today.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    # Engine making left scoring for governance, but the OpenVINO mechanics it shares with
-    # the scorers (convert, compile, predict, the float cache, the gate's context) and the
-    # gate's tolerances (ScoreOptions) still live in scoring: they move to the model floor.
-    ("tasks.governance.engine_gates", "tasks.scoring.engines"): "OpenVINO mechanics",
-    ("tasks.governance.engine_gates", "tasks.scoring.ledger"): "ScoreOptions' tolerances",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def floor_of(module: str) -> str | None:

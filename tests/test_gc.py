@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from tasks.governance.gc import collect_garbage, parse_age
-from tasks.scoring.engines import float_cache_dir, unfinished_conversions
+from tasks.model.ov_runtime import float_cache_dir, unfinished_conversions
 from tasks.store.claims import take_claim
 from tasks.store.lake import Lake, parquet_bytes
 from tasks.store.storage import TMP_PREFIX, open_store

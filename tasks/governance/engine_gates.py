@@ -14,7 +14,7 @@ float32's RMSE (the baseline) is checked against the model's stored evaluation (
 on the test split: within ``BASELINE_EXACT`` when the gate saw as many images as the
 evaluation (the same ones), else ``BASELINE_SAMPLED``): a damaged conversion never becomes the baseline.
 
-gate.json records the context the verdict depends on (``engines.gate_context``), both
+gate.json records the context the verdict depends on (``gate_context``), both
 RMSEs, the verdict and (int8) the files' hashes; it is published by a conditional create
 (makers that race both quantize, one publishes, every scorer uses the published one), or
 replaces a gate.json that records another context. An error while making (the data, the
@@ -29,31 +29,98 @@ from __future__ import annotations
 import tempfile
 import uuid
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from tasks.data.images import model_input
 from tasks.model.export import preprocess_of
-from tasks.runtime import get_logger
-from tasks.scoring.engines import (
-    SEED,
+from tasks.model.ov_runtime import (
     compile_ov,
     compiled_precision,
-    gate_files,
-    gate_settings,
+    cpu_class,
     native_bf16,
     openvino_float,
     ov_predict,
     rmse,
 )
-from tasks.scoring.ledger import ScoreOptions
-from tasks.store.lake import Lake, Model
+from tasks.runtime import get_logger
+from tasks.store.lake import EngineFiles, Lake, Model, digest
 from tasks.store.storage import sha256_file
 
 CALIBRATION_BATCH = 32
 BASELINE_EXACT = 0.005  # float32's RMSE on the whole test split vs the evaluation's
 BASELINE_SAMPLED = 0.15  # ... on a sample of it
+
+
+SEED = 0  # the seeded samples of the gates
+
+
+def gate_settings(options) -> dict:
+    """The tolerance and validation images a gate is made and trusted with: the options',
+    never looser than the defaults (options reach scorers from flow parameters)."""
+    d = type(options)()  # the defaults of the options' own kind (ScoreOptions)
+    images = (options.int8_validation_images, d.int8_validation_images)
+    return {
+        "max_drop": {"fraction": min(options.int8_max_drop_fraction, d.int8_max_drop_fraction),
+                     "price": min(options.int8_max_drop_price, d.int8_max_drop_price)},
+        "validation_images": None if None in images else max(images),
+    }  # fmt: skip
+
+
+def gate_context(model: Model, kind: str, options) -> dict:
+    """Everything a gate's verdict depends on; a gate counts only where it is today's."""
+    import openvino as ov
+
+    lineage = model.lineage()
+    settings = gate_settings(options)
+    try:
+        nncf = metadata.version("nncf")
+    except metadata.PackageNotFoundError:
+        nncf = None
+    return {
+        "engine": f"openvino-{kind}",
+        "model_version": model.version,
+        "model_sha256": lineage.get("model_sha256") or model.files(lineage).file_info().etag,
+        "max_drop": settings["max_drop"],
+        "validation": {"dataset_version": lineage["dataset_version"],
+                       "labels_version": lineage["labels_version"], "split": "test",
+                       "seed": SEED, "images": settings["validation_images"]},
+        "versions": {"openvino": ov.__version__, "nncf": nncf},
+        "cpu": cpu_class(),
+    }  # fmt: skip
+
+
+def gate_files(model: Model, kind: str, options) -> tuple[EngineFiles, dict, dict | None]:
+    """(where the gate for today's context lives, the context, its gate when it was made
+    in exactly this context: a gate recorded with other settings is None, to make again)."""
+    context = gate_context(model, kind, options)
+    files = model.engine(f"openvino-{kind}-{digest(context)}")
+    gate = files.gate()
+    if gate is not None and gate.get("context") != context:
+        get_logger().info("model %s: its %s gate was made with other settings; making it again",
+                          model.version, kind)  # fmt: skip
+        gate = None
+    return files, context, gate
+
+
+def int8_gate(model: Model, options, make: bool) -> dict | None:
+    """The model's int8 gate for today's context; made now when there is none and
+    ``make`` (None when making it failed: made again on the next try)."""
+    gate = gate_files(model, "int8", options)[2]
+    if gate is None and make:
+        gate = make_int8(model, options)
+    return gate
+
+
+def bf16_gate(model: Model, options) -> dict | None:
+    """The model's bf16 gate for today's context, made now when there is none (no
+    quantizing: float32 and bf16 on the gate's images)."""
+    gate = gate_files(model, "bf16", options)[2]
+    if gate is None:
+        gate = make_bf16(model, options)
+    return gate
 
 
 class GateError(RuntimeError):
@@ -216,12 +283,9 @@ def _identity(images: np.ndarray, truth: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def make_engines(model: Model, options=None) -> dict:
+def make_engines(model: Model, options) -> dict:
     """The model's int8 engine and bf16 verdict for this worker (made unless they exist
     for today's context): what promotion runs. {kind: passed, or None when not made}."""
-    from tasks.scoring.engines import bf16_gate, int8_gate
-
-    options = options or ScoreOptions()
     made = {"int8": int8_gate(model, options, make=True)}
     if native_bf16():
         made["bf16"] = bf16_gate(model, options)

@@ -20,7 +20,7 @@ The kinds, and why each is an orphan:
   outside the drops;
 - ``float-conversion``: a converted OpenVINO float model that died before its rename,
   in this machine's cache directory: the caller lists them (``conversions``; the CLI
-  passes ``engines.unfinished_conversions``), so governance does not reach up into
+  passes ``ov_runtime.unfinished_conversions``), so governance does not reach up into
   scoring.
 
 Never touched: a model's published attempt and its ``lineage.json``, a published int8

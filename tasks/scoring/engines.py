@@ -33,40 +33,37 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.data.images import model_input
+from tasks.governance.engine_gates import bf16_gate, gate_files, int8_gate
 from tasks.model.export import (
     MODELS_KEPT,
-    cached_model_file,
-    cpu_flags,
     get_model,
-    load_stored_model,
     predict_prices,
     resolve_precision,
 )
+from tasks.model.ov_runtime import (
+    _core,
+    compile_ov,
+    compiled_precision,
+    native_bf16,
+    openvino_float,
+    ov_predict,
+)
 from tasks.model.verified_cache import CacheError, ensure
 from tasks.runtime import get_logger
-from tasks.scoring.ledger import ScoreOptions
 from tasks.settings import load_settings
-from tasks.store.lake import EngineFiles, Model, digest
-from tasks.store.storage import sha256_file
+from tasks.store.lake import EngineFiles, Model
 
 ENGINES = ("auto", "keras", "openvino")
 PRECISIONS = ("auto", "float32", "bf16", "int8")
 KERAS_PRECISION = {"float32": "float32", "bf16": "mixed_bfloat16", "float16": "mixed_float16"}
-_OV_HINT = {"float32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest in f32
-CPU_CLASS_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
-SEED = 0
 RETRY_SECONDS = 600.0  # a worker whose gate could not be made tries again this much later
 
 
@@ -132,193 +129,6 @@ def requested(engine: str, precision: str, gpu: bool | None = None) -> tuple[str
     if engine == "keras" and precision == "auto":
         precision = _normal(resolve_precision("auto"))
     return engine, precision
-
-
-# --- OpenVINO ----------------------------------------------------------------------
-
-
-def _core():
-    import openvino as ov
-
-    return ov.Core()
-
-
-def convert(keras_model):
-    """The OpenVINO model of a loaded Keras model: pixels in, prices out."""
-    import openvino as ov
-
-    return ov.convert_model(keras_model)
-
-
-def compile_ov(ov_model, precision: str):
-    """Compiled for the CPU with the THROUGHPUT hint at ``precision`` (float32 is asked
-    for explicitly: on CPUs with bf16 OpenVINO would default to it). A scorer limited to
-    some cores (``--workers N`` sets TF_NUM_INTRAOP_THREADS) keeps to them here too."""
-    config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": _OV_HINT[precision]}
-    if threads := os.environ.get("TF_NUM_INTRAOP_THREADS"):
-        config["INFERENCE_NUM_THREADS"] = str(max(1, int(threads)))
-    return _core().compile_model(ov_model, "CPU", config)
-
-
-def compiled_precision(compiled, precision: str) -> str:
-    """What the CPU runs: bf16 asked for on a CPU without it runs float32."""
-    if precision != "bf16":
-        return precision
-    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    return "bf16" if "bf16" in hint or "bfloat16" in hint else "float32"
-
-
-def ov_predict(compiled, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Prices for prepared uint8 pixels, in whole batches (padded: one shape), as many
-    batches at once as the THROUGHPUT hint has streams. No Python callbacks: OpenVINO's
-    threads never wait for the GIL (an AsyncInferQueue callback could deadlock a compiled
-    model released with the GIL held, seen inside a Prefect flow)."""
-    n = len(pixels)
-    if n == 0:
-        return np.zeros(0)
-    batches = (n + batch_size - 1) // batch_size
-    padded = np.zeros((batches * batch_size, *pixels.shape[1:]), np.float32)
-    padded[:n] = pixels
-    x = model_input(padded)
-    out = np.zeros(batches * batch_size, np.float64)
-    jobs = max(1, min(batches, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    requests = [compiled.create_infer_request() for _ in range(jobs)]
-    running: list[int | None] = [None] * jobs  # the batch each request is pricing
-
-    def collect(r: int) -> None:
-        if (i := running[r]) is not None:
-            requests[r].wait()
-            out[i * batch_size : (i + 1) * batch_size] = (
-                requests[r].get_output_tensor(0).data.reshape(-1)
-            )
-            running[r] = None
-
-    for i in range(batches):
-        r = i % jobs
-        collect(r)
-        requests[r].start_async({0: x[i * batch_size : (i + 1) * batch_size]})
-        running[r] = i
-    for r in range(jobs):
-        collect(r)
-    return out[:n]
-
-
-def float_cache_dir(cache_dir: Path | None = None) -> Path:
-    """Where this machine keeps converted float models, a folder each (under
-    ``cache_dir``, default the settings'). A ``<folder>.<hex>`` beside them is a
-    conversion that died before its rename (``unfinished_conversions``)."""
-    return (cache_dir or load_settings().cache_dir) / "engines" / "openvino-float"
-
-
-def unfinished_conversions(cache_dir: Path | None = None) -> list[Path]:
-    folder = float_cache_dir(cache_dir)
-    return sorted(p for p in folder.glob("*.*") if p.is_dir() and not p.is_symlink())
-
-
-def openvino_float(model: Model):
-    """(OpenVINO float model, config) from the stored model.keras, converted once per
-    machine: kept under the cache directory by the content hash of model.keras and the
-    OpenVINO version (converting costs seconds, reading it back a fraction of one), its
-    files checked against their hashes before every use and converted again when they
-    differ (``verified_cache``)."""
-    import openvino as ov
-
-    keras_file = cached_model_file(model)
-    sha = model.lineage().get("model_sha256") or sha256_file(keras_file)
-    where = hashlib.sha256(f"{sha}/{ov.__version__}".encode()).hexdigest()[:24]
-    local = float_cache_dir() / where
-    xml = model.engine().XML
-
-    def make(folder: Path) -> None:
-        ov.save_model(convert(load_stored_model(model)), folder / xml, compress_to_fp16=False)
-
-    return _core().read_model(ensure(local, make) / xml), model.config()
-
-
-def rmse(prices: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(prices) - np.asarray(truth)) ** 2)))
-
-
-# --- the gates: which verdict counts for this model, these settings, this machine ------
-
-
-def cpu_class() -> str:
-    """What the CPU offers the engines: its bf16, int8 and vector extensions."""
-    return "+".join(sorted(cpu_flags() & CPU_CLASS_FLAGS)) or "baseline"
-
-
-def native_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def gate_settings(options) -> dict:
-    """The tolerance and validation images a gate is made and trusted with: the options',
-    never looser than the defaults (options reach scorers from flow parameters)."""
-    d = ScoreOptions()
-    images = (options.int8_validation_images, d.int8_validation_images)
-    return {
-        "max_drop": {"fraction": min(options.int8_max_drop_fraction, d.int8_max_drop_fraction),
-                     "price": min(options.int8_max_drop_price, d.int8_max_drop_price)},
-        "validation_images": None if None in images else max(images),
-    }  # fmt: skip
-
-
-def gate_context(model: Model, kind: str, options) -> dict:
-    """Everything a gate's verdict depends on; a gate counts only where it is today's."""
-    import openvino as ov
-
-    lineage = model.lineage()
-    settings = gate_settings(options)
-    try:
-        nncf = metadata.version("nncf")
-    except metadata.PackageNotFoundError:
-        nncf = None
-    return {
-        "engine": f"openvino-{kind}",
-        "model_version": model.version,
-        "model_sha256": lineage.get("model_sha256") or model.files(lineage).file_info().etag,
-        "max_drop": settings["max_drop"],
-        "validation": {"dataset_version": lineage["dataset_version"],
-                       "labels_version": lineage["labels_version"], "split": "test",
-                       "seed": SEED, "images": settings["validation_images"]},
-        "versions": {"openvino": ov.__version__, "nncf": nncf},
-        "cpu": cpu_class(),
-    }  # fmt: skip
-
-
-def gate_files(model: Model, kind: str, options) -> tuple[EngineFiles, dict, dict | None]:
-    """(where the gate for today's context lives, the context, its gate when it was made
-    in exactly this context: a gate recorded with other settings is None, to make again)."""
-    context = gate_context(model, kind, options)
-    files = model.engine(f"openvino-{kind}-{digest(context)}")
-    gate = files.gate()
-    if gate is not None and gate.get("context") != context:
-        get_logger().info("model %s: its %s gate was made with other settings; making it again",
-                          model.version, kind)  # fmt: skip
-        gate = None
-    return files, context, gate
-
-
-def int8_gate(model: Model, options, make: bool) -> dict | None:
-    """The model's int8 gate for today's context; made now when there is none and
-    ``make`` (None when making it failed: made again on the next try)."""
-    gate = gate_files(model, "int8", options)[2]
-    if gate is None and make:
-        from tasks.governance.engine_gates import make_int8
-
-        gate = make_int8(model, options)
-    return gate
-
-
-def bf16_gate(model: Model, options) -> dict | None:
-    """The model's bf16 gate for today's context, made now when there is none (no
-    quantizing: float32 and bf16 on the gate's images)."""
-    gate = gate_files(model, "bf16", options)[2]
-    if gate is None:
-        from tasks.governance.engine_gates import make_bf16
-
-        gate = make_bf16(model, options)
-    return gate
 
 
 def _load_int8(model: Model, files: EngineFiles, gate: dict):
