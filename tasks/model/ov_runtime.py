@@ -23,7 +23,7 @@ _OV_HINT = {"float32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest i
 CPU_CLASS_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
 
 
-def _core():
+def ov_core():
     import openvino as ov
 
     return ov.Core()
@@ -43,7 +43,7 @@ def compile_ov(ov_model, precision: str):
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": _OV_HINT[precision]}
     if threads := os.environ.get("TF_NUM_INTRAOP_THREADS"):
         config["INFERENCE_NUM_THREADS"] = str(max(1, int(threads)))
-    return _core().compile_model(ov_model, "CPU", config)
+    return ov_core().compile_model(ov_model, "CPU", config)
 
 
 def compiled_precision(compiled, precision: str) -> str:
@@ -118,7 +118,7 @@ def openvino_float(model: Model):
     def make(folder: Path) -> None:
         ov.save_model(convert(load_stored_model(model)), folder / xml, compress_to_fp16=False)
 
-    return _core().read_model(ensure(local, make) / xml), model.config()
+    return ov_core().read_model(ensure(local, make) / xml), model.config()
 
 
 def rmse(prices: np.ndarray, truth: np.ndarray) -> float:

@@ -49,11 +49,11 @@ from tasks.model.export import (
     resolve_precision,
 )
 from tasks.model.ov_runtime import (
-    _core,
     compile_ov,
     compiled_precision,
     native_bf16,
     openvino_float,
+    ov_core,
     ov_predict,
 )
 from tasks.model.verified_cache import CacheError, ensure
@@ -144,7 +144,7 @@ def _load_int8(model: Model, files: EngineFiles, gate: dict):
     except CacheError as err:
         raise EngineError(f"{files.file_uri(gate)}: its files do not match gate.json; "
                           "delete the engine's files to make them again") from err  # fmt: skip
-    return _core().read_model(local / files.XML)
+    return ov_core().read_model(local / files.XML)
 
 
 # --- one engine per process, store, model, engine and precision -----------------------
