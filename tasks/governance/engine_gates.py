@@ -26,6 +26,7 @@ quantizer, the baseline check) logs one line and records nothing: the next try m
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import uuid
 from datetime import UTC, datetime
@@ -212,6 +213,7 @@ def make_int8(model: Model, options) -> dict | None:
         import nncf
         import openvino as ov
 
+        nncf.set_log_level(logging.WARNING)  # its INFO lines are for NNCF's developers
         ov_float, _ = openvino_float(model)
         calibration, images, truth = gate_data(model, options)
         if len(calibration) == 0 or len(images) == 0:
